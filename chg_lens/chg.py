@@ -1,0 +1,318 @@
+"""Causal Head Gating: fit G0, G+ and G- on a frozen model, and the result object.
+
+Example::
+
+    import chg_lens
+    model = chg_lens.load_model("smollm2-135m-instruct")
+    train, val = chg_lens.tasks.ioi(model, n_prompts=256)
+    result = chg_lens.fit_chg(model, train, n_seeds=4, updates=100, reg_updates=100, validation=val)
+    result.scores()            # one row per (seed, layer, head): scores and role
+    result.save("runs/ioi")    # safetensors + JSON; CHGResult.load("runs/ioi") is exact
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from . import models, taxonomy
+from .data import TaskDataset
+from .fitting import Checkpointer, Stage, StageResult, StageSpec, clipped_logit_mean, run_stages, uniform_gate_logits
+from .logprobs import evaluate, row_logprobs
+from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+
+STAGES = ("g0", "g_plus", "g_minus")
+
+
+@dataclass
+class CHGConfig:
+    """Every fitting option, with the paper's appendix defaults."""
+
+    n_seeds: int = 10
+    updates: int = 500
+    reg_updates: int = 500
+    batch_size: int = 64
+    lam: float = 0.1
+    seed: int = 0
+    lr: float = 0.1
+    lr_end: float = 0.01
+    reg_lr: float = 0.5
+    reg_lr_end: float = 0.1
+    clip: float = 4.0
+    grad_accum: int = 1
+    joint: bool = True
+    snapshot_every: int = 10
+
+    def check(self) -> None:
+        for name in ("n_seeds", "updates", "reg_updates", "batch_size", "grad_accum", "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.lam < 0:
+            raise ValueError(
+                f"lam must be >= 0 (got {self.lam}): its sign is set per stage, pushing G+ toward 1 "
+                "and G- toward 0"
+            )
+        if self.clip <= 0:
+            raise ValueError(f"clip must be positive; got {self.clip}")
+
+
+@dataclass
+class CHGResult:
+    """Fitted gates of every seed, traces of the fit, and the metadata to reproduce it.
+
+    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1].
+    """
+
+    logits: dict[str, Float[Tensor, "seeds layer head"]]
+    traces: dict[str, dict[str, Float[Tensor, "updates seeds"]]]
+    snapshots: dict[str, Float[Tensor, "snaps seeds layer head"]]
+    snapshot_steps: dict[str, Tensor]
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    validation: pd.DataFrame | None = None
+
+    @property
+    def g0(self) -> Tensor:
+        return torch.sigmoid(self.logits["g0"])
+
+    @property
+    def g_plus(self) -> Tensor:
+        return torch.sigmoid(self.logits["g_plus"])
+
+    @property
+    def g_minus(self) -> Tensor:
+        return torch.sigmoid(self.logits["g_minus"])
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.logits["g0"].shape[0])
+
+    def gates(self, stage: str) -> Tensor:
+        return torch.sigmoid(self.logits[stage])
+
+    # ------------------------------------------------------------------ analysis
+    def scores(self) -> pd.DataFrame:
+        """One row per (seed, layer, head): ``g_plus``, ``g_minus``, the three scores and ``role``."""
+        frame = taxonomy.scores_frame(self.g_plus, self.g_minus)
+        frame.insert(0, "task", self.meta.get("task", "custom"))
+        frame.insert(0, "model", self.meta.get("model", "model"))
+        return frame
+
+    def aggregate(self) -> pd.DataFrame:
+        """Per head, "always" (min over seeds) and "any" (max over seeds) of each score."""
+        return taxonomy.aggregate(self.scores())
+
+    def percent_above(self, threshold: float = 0.5) -> pd.DataFrame:
+        """The paper's Table 2 for this result: percent of heads with score >= threshold."""
+        return taxonomy.percent_above(self.scores(), threshold)
+
+    def trajectories(self) -> pd.DataFrame:
+        """Gate snapshots as a long frame (stage, update, seed, layer, head, gate); G+/G- updates
+        continue the count after G0's, as in the paper's Figure 1b."""
+        frames = []
+        offset = {"g0": 0, "g_plus": self.config["updates"], "g_minus": self.config["updates"]}
+        for stage in STAGES:
+            snaps, steps = self.snapshots[stage], self.snapshot_steps[stage]
+            n, s, L, H = snaps.shape
+            idx = torch.cartesian_prod(torch.arange(n), torch.arange(s), torch.arange(L), torch.arange(H))
+            frames.append(pd.DataFrame({
+                "stage": stage, "update": (steps[idx[:, 0]] + offset[stage]).numpy(),
+                "seed": idx[:, 1].numpy(), "layer": idx[:, 2].numpy(), "head": idx[:, 3].numpy(),
+                "gate": snaps.flatten().double().numpy(),
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+    def trace_frame(self) -> pd.DataFrame:
+        """Per-update traces (nll, reg, loss) as a long frame: stage, update, seed, name, value."""
+        rows = []
+        for stage, named in self.traces.items():
+            for name, t in named.items():
+                u, s = t.shape
+                rows.append(pd.DataFrame({
+                    "stage": stage, "update": torch.arange(u).repeat_interleave(s).numpy(),
+                    "seed": torch.arange(s).repeat(u).numpy(), "name": name, "value": t.flatten().double().numpy(),
+                }))
+        return pd.concat(rows, ignore_index=True)
+
+    def summary(self) -> str:
+        """A few lines: model, task, budget, final NLLs, validation, and the share of each role."""
+        lines = [f"CHG on {self.meta.get('model')} / {self.meta.get('task')}: {self.n_seeds} seeds, "
+                 f"{self.config['updates']} + {self.config['reg_updates']} updates, batch {self.config['batch_size']}, "
+                 f"lambda {self.config['lam']}"]
+        for stage in STAGES:
+            nll = self.traces[stage].get("nll")
+            if nll is not None:
+                lines.append(f"  final NLL {stage:8s} mean over seeds {float(nll[-1].mean()):.4f}")
+        if self.validation is not None:
+            v = self.validation.groupby("gates", sort=False)[["logprob", "accuracy"]].mean()
+            for name, row in v.iterrows():
+                lines.append(f"  validation {name:8s} logprob {row.logprob:8.4f}  accuracy {row.accuracy:.3f}")
+        pct = self.percent_above().iloc[0]
+        lines.append("  heads with score >= 0.5 (always / any seed): " + ", ".join(
+            f"{s} {pct['always_' + s]:.1f}% / {pct['any_' + s]:.1f}%" for s in taxonomy.SCORES))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ io
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tensors.safetensors``, ``meta.json`` and ``scores.csv`` to the folder ``path``."""
+        tensors = {f"logits/{k}": v for k, v in self.logits.items()}
+        for stage, named in self.traces.items():
+            tensors.update({f"trace/{stage}/{k}": v for k, v in named.items()})
+        tensors.update({f"snapshots/{k}": v for k, v in self.snapshots.items()})
+        tensors.update({f"snapshot_steps/{k}": v for k, v in self.snapshot_steps.items()})
+        meta = {"kind": "chg", "config": self.config, "meta": self.meta,
+                "validation": None if self.validation is None else frame_to_json(self.validation)}
+        path = save_bundle(path, tensors, meta)
+        self.scores().to_csv(path / "scores.csv", index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CHGResult":
+        tensors, meta = load_bundle(path)
+        if meta.get("kind") != "chg":
+            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a CHG result")
+        pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        traces: dict[str, dict[str, Tensor]] = {}
+        for k, v in pick("trace/").items():
+            stage, name = k.split("/", 1)
+            traces.setdefault(stage, {})[name] = v
+        val = meta.get("validation")
+        return cls(
+            logits=pick("logits/"), traces=traces, snapshots=pick("snapshots/"),
+            snapshot_steps=pick("snapshot_steps/"), config=meta["config"], meta=meta["meta"],
+            validation=None if val is None else frame_from_json(val),
+        )
+
+
+def fit_chg(
+    model: Any,
+    data: TaskDataset,
+    n_seeds: int = 10,
+    updates: int = 500,
+    reg_updates: int = 500,
+    batch_size: int = 64,
+    lam: float = 0.1,
+    seed: int = 0,
+    *,
+    validation: TaskDataset | None = None,
+    lr: float = 0.1,
+    lr_end: float = 0.01,
+    reg_lr: float = 0.5,
+    reg_lr_end: float = 0.1,
+    clip: float = 4.0,
+    grad_accum: int = 1,
+    joint: bool = True,
+    snapshot_every: int = 10,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    task: str | None = None,
+    progress: bool = True,
+) -> CHGResult:
+    """Fit Causal Head Gating: G0 (lambda = 0), then G+ and G- from G0's logits.
+
+    Gates are ``sigmoid(logits)``, logits initialised from U(0, 1) gates drawn from ``seed``. G0 runs
+    ``updates`` Adam steps at a learning rate decaying linearly from ``lr`` to ``lr_end``; G+ and G-
+    run ``reg_updates`` steps from ``reg_lr`` to ``reg_lr_end`` with ``lam * mean(clamp(logits,
+    -clip, clip))`` subtracted from the loss for G+ (toward 1) and added for G- (toward 0). The NLL is
+    the mean over target tokens of each row, then over rows. The ``n_seeds`` masks share every
+    forward pass; with ``joint`` G+ and G- do too (the same batches either way). ``grad_accum``
+    splits each batch into micro-batches with the same gradient. No gradient reaches the weights.
+
+    With ``checkpoint_dir`` the fit writes its state every ``checkpoint_every`` updates and, when
+    called again with the same arguments, resumes where it stopped.
+
+    Example::
+
+        result = fit_chg(model, train, n_seeds=10, validation=val)
+        result.g_plus.shape       # [10, n_layers, n_heads]
+    """
+    cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, lr, lr_end, reg_lr,
+                    reg_lr_end, clip, grad_accum, joint, snapshot_every)
+    cfg.check()
+    model = models.as_model(model)
+    if not isinstance(data, TaskDataset):
+        raise TypeError(f"data must be a TaskDataset; got {type(data).__name__} (a task returns (train, validation))")
+    data.check_model(model)
+    if validation is not None:
+        validation.check_model(model)
+    L, H = models.n_layers(model), models.n_heads(model)
+    S = n_seeds
+
+    def data_loss(gates: Tensor, rows: Tensor):
+        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates)
+        return out.nll, {"nll": out.nll}
+
+    def reg(sign: Tensor):
+        def regularizer(logits: Tensor):
+            r = clipped_logit_mean(logits, clip)
+            return sign.to(r.device) * lam * r, {"reg": r}
+        return regularizer
+
+    plus, minus = -torch.ones(S), torch.ones(S)
+    g0 = Stage("g0", updates, lr, lr_end)
+    specs = [StageSpec(g0, lambda done: uniform_gate_logits((S, L, H), seed))]
+    if joint:
+        specs.append(StageSpec(Stage("g_pm", reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
+                               lambda done: done["g0"].logits.repeat(2, 1, 1), reg(torch.cat([plus, minus]))))
+    else:
+        for name, sign in (("g_plus", plus), ("g_minus", minus)):
+            specs.append(StageSpec(Stage(name, reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
+                                   lambda done: done["g0"].logits, reg(sign)))
+    ckpt = None
+    if checkpoint_dir is not None:
+        key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+        ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
+
+    with models.frozen(model):
+        done = run_stages(specs, data_loss, len(data), batch_size, seed, grad_accum, snapshot_every, ckpt, progress)
+
+    stages = _split_joint(done, S) if joint else done
+    meta = {
+        "model": models.model_name(model), "task": task or data.name, "n_layers": L, "n_heads": H,
+        "n_train": len(data), "data_fingerprint": data.fingerprint(), "versions": library_versions(),
+        "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
+    }
+    result = CHGResult(
+        logits={k: stages[k].logits for k in STAGES},
+        traces={k: stages[k].traces for k in STAGES},
+        snapshots={k: stages[k].snapshots for k in STAGES},
+        snapshot_steps={k: stages[k].snapshot_steps for k in STAGES},
+        config=asdict(cfg), meta=meta,
+    )
+    if validation is not None:
+        result.validation = validate(model, result, validation)
+        result.meta["n_validation"] = len(validation)
+    return result
+
+
+def validate(model: Any, result: CHGResult, data: TaskDataset, batch_size: int = 32) -> pd.DataFrame:
+    """Target log-probability (summed over each row's targets, mean over rows) and accuracy (all
+    targets argmax-correct) for the ungated model and for G0, G+ and G- of every seed."""
+    model = models.as_model(model)
+    S = result.n_seeds
+    configs = torch.cat([torch.ones(1, *result.g0.shape[1:]), result.g0, result.g_plus, result.g_minus])
+    scores = evaluate(model, data, configs, batch_size=batch_size)
+    labels = [("none", -1)] + [(stage, s) for stage in STAGES for s in range(S)]
+    return pd.DataFrame({
+        "gates": [l for l, _ in labels], "seed": [s for _, s in labels],
+        "logprob": scores.logprob_sum.mean(dim=1).double().numpy(),
+        "accuracy": scores.correct.float().mean(dim=1).double().numpy(),
+    })
+
+
+def _split_joint(done: dict[str, StageResult], S: int) -> dict[str, StageResult]:
+    pm = done["g_pm"]
+    out = {"g0": done["g0"]}
+    for name, part in (("g_plus", slice(0, S)), ("g_minus", slice(S, 2 * S))):
+        out[name] = StageResult(
+            logits=pm.logits[part], traces={k: v[:, part] for k, v in pm.traces.items()},
+            snapshots=pm.snapshots[:, part], snapshot_steps=pm.snapshot_steps, seconds=pm.seconds,
+        )
+    return out

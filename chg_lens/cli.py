@@ -1,0 +1,143 @@
+"""The ``chg-lens`` command line.
+
+    chg-lens fit                      # SmolLM2 (offline) on IOI, a few minutes on 2 CPU cores
+    chg-lens fit --model gpt2 --task ioi --n-seeds 10 --updates 500 --reg-updates 500 --out runs/ioi
+    chg-lens tasks                    # the tasks --task accepts
+
+Subcommands live in small functions registered in ``COMMANDS``; each adds its own arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def command(name: str, help: str):
+    """Register ``(add_arguments, run)`` under ``name``; used as ``@command(...)`` on a pair holder."""
+
+    def wrap(pair):
+        COMMANDS[name] = (pair.add_arguments, pair.run, help)
+        return pair
+
+    return wrap
+
+
+def parse_task_options(items: list[str]) -> dict:
+    """``--task-option key=value`` pairs; values are parsed as JSON when they can be."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--task-option expects key=value; got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def build_task(model, name: str, n_prompts: int | None, seed: int, data_dir: str | None, options: dict):
+    """Call a registered task with the options it accepts; unknown options are an error."""
+    from . import tasks
+
+    fn = tasks.get_task(name)
+    params = inspect.signature(fn).parameters
+    kwargs = dict(options)
+    if n_prompts is not None:
+        kwargs["n_prompts"] = n_prompts
+    kwargs.setdefault("seed", seed)
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise SystemExit(f"task '{name}' does not take {', '.join(unknown)}; it takes: "
+                         f"{', '.join(p for p in list(params)[1:])}")
+    return fn(model, **kwargs)
+
+
+@command("fit", "fit CHG (G0, G+, G-) on a task and write a results folder")
+class Fit:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="smollm2-135m-instruct",
+                       help="offline alias, .gguf file, local folder or hub name (default: %(default)s)")
+        p.add_argument("--task", default="ioi", help="a task from `chg-lens tasks` (default: %(default)s)")
+        p.add_argument("--data-dir", default=None, help="folder with the task's data files")
+        p.add_argument("--n-prompts", type=int, default=None, help="rows to build (task default if unset)")
+        p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other task argument, e.g. --task-option n_shots=10")
+        p.add_argument("--n-seeds", type=int, default=2)
+        p.add_argument("--updates", type=int, default=30)
+        p.add_argument("--reg-updates", type=int, default=30)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--lam", type=float, default=0.1)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--grad-accum", type=int, default=1)
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+        p.add_argument("--out", default="runs/chg", help="results folder (default: %(default)s)")
+        p.add_argument("--checkpoint-every", type=int, default=25,
+                       help="write a resumable checkpoint to OUT/checkpoint every N updates")
+        p.add_argument("--no-progress", action="store_true")
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from . import fit_chg, load_model
+
+        n_prompts = a.n_prompts if a.n_prompts is not None else (80 if a.task == "ioi" else None)
+        out = Path(a.out)
+        t0 = time.time()
+        model = load_model(a.model, device=a.device, dtype=a.dtype)
+        train, val = build_task(model, a.task, n_prompts, a.seed, a.data_dir, parse_task_options(a.task_option))
+        print(f"loaded {a.model} in {time.time() - t0:.0f}s; task {a.task}: {len(train)} train / {len(val)} validation rows")
+        result = fit_chg(model, train, n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates,
+                         batch_size=a.batch_size, lam=a.lam, seed=a.seed, grad_accum=a.grad_accum,
+                         validation=val, checkpoint_dir=out / "checkpoint", checkpoint_every=a.checkpoint_every,
+                         task=a.task, progress=not a.no_progress)
+        result.meta["model"] = a.model
+        result.save(out)
+        summary = result.summary()
+        (out / "summary.txt").write_text(summary + "\n")
+        print(summary)
+        print(f"wrote {out}/ (tensors.safetensors, meta.json, scores.csv, summary.txt) in {time.time() - t0:.0f}s")
+        return 0
+
+
+@command("tasks", "list the tasks that --task accepts")
+class Tasks:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        pass
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from . import tasks
+
+        for name, desc in tasks.list_tasks().items():
+            print(f"{name:24s} {desc}")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chg-lens", description="Causal Head Gating on TransformerLens models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _, help_) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"chg-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The gate-fitting loop shared by CHG and contrastive CHG.
+
+Gates are ``sigmoid(logits)`` with one logit tensor ``[n_configs, n_layers, n_heads]`` fitted by
+Adam. Adam is element-wise, so configurations (seeds, G+ and G-) batched together in one tensor
+are fitted exactly as if each had its own optimizer, while sharing every forward pass.
+
+An objective gives a per-configuration data loss for a set of rows (the loop splits each update's
+batch into ``grad_accum`` micro-batches, weighting them so the sum equals the full-batch loss) and
+a per-configuration regulariser on the logits. Batches are drawn from a generator seeded by
+``(seed, stage, update)``, so a fit resumed from a checkpoint makes exactly the same updates as one
+that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .results import load_bundle, save_bundle
+
+DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
+"""``(gates, row_index) -> (loss [configs], traces {name: [configs]})``: mean over the rows given."""
+Regularizer = Callable[[Float[Tensor, "configs layer head"]], tuple[Tensor, dict[str, Tensor]]]
+"""``logits -> (loss [configs], traces {name: [configs]})``."""
+
+
+@dataclass
+class Stage:
+    """One fitting stage: ``updates`` Adam steps, learning rate linear from ``lr_start`` to ``lr_end``."""
+
+    name: str
+    updates: int
+    lr_start: float
+    lr_end: float
+    batch_key: str = ""  # stages with the same key draw the same batches (default: the name)
+
+    def lr(self, step: int) -> float:
+        if self.updates <= 1:
+            return self.lr_start
+        return self.lr_start + (self.lr_end - self.lr_start) * step / (self.updates - 1)
+
+
+@dataclass
+class StageResult:
+    logits: Float[Tensor, "configs layer head"]
+    traces: dict[str, Float[Tensor, "updates configs"]]
+    snapshots: Float[Tensor, "snaps configs layer head"]
+    snapshot_steps: Int[Tensor, "snaps"]
+    seconds: float = 0.0
+
+
+def uniform_gate_logits(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Logits whose sigmoid is U(0, 1), drawn reproducibly from ``seed``."""
+    g = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = g.clamp(1e-4, 1 - 1e-4)
+    return torch.log(g / (1 - g)).float()
+
+
+def clipped_logit_mean(logits: Tensor, clip: float = 4.0) -> Float[Tensor, "configs"]:
+    """``mean(clamp(logits, -clip, clip))`` per configuration: the paper's clipped inverse sigmoid."""
+    return logits.clamp(-clip, clip).flatten(1).mean(dim=1)
+
+
+def batch_rows(n_rows: int, batch_size: int, seed: int, stage: str, step: int) -> Int[Tensor, "batch"]:
+    """The rows of update ``step`` of ``stage``: a pure function of its arguments."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}/{stage}/{step}".encode()).digest()[:8], "little")
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(key))
+    return perm[: min(batch_size, n_rows)]
+
+
+@dataclass
+class Checkpointer:
+    """Writes the fit state every ``every`` updates to ``path``; ``key`` ties it to one fit's settings."""
+
+    path: Path
+    key: dict
+    every: int = 50
+    _digest: str = field(init=False, default="")
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        self._digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def load(self) -> tuple[dict[str, Tensor], dict] | None:
+        if not (self.path / "meta.json").exists():
+            return None
+        tensors, meta = load_bundle(self.path)
+        if meta.get("digest") != self._digest:
+            raise ValueError(
+                f"the checkpoint in {self.path} was written by a fit with other settings or data; "
+                "use another checkpoint folder, or delete it to start over"
+            )
+        return tensors, meta
+
+    def save(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        save_bundle(self.path, tensors, {**meta, "digest": self._digest, "key": self.key})
+
+
+def run_stage(
+    stage: Stage,
+    logits: Float[Tensor, "configs layer head"],
+    data_loss: DataLoss,
+    regularizer: Regularizer | None,
+    n_rows: int,
+    batch_size: int,
+    seed: int,
+    grad_accum: int = 1,
+    snapshot_every: int = 10,
+    checkpoint: Checkpointer | None = None,
+    carry: dict[str, Tensor] | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Fit ``logits`` for one stage and return them with per-update traces and snapshots.
+
+    ``carry`` holds tensors of earlier stages that a checkpoint of this stage must keep.
+    """
+    param = torch.nn.Parameter(logits.detach().clone().float())
+    opt = torch.optim.Adam([param], lr=stage.lr_start)
+    traces: dict[str, list[Tensor]] = {}
+    snaps, snap_steps = [], []
+    start, elapsed = 0, 0.0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None and state[1].get("stage") == stage.name:
+        t, meta = state
+        start, elapsed = int(meta["step"]), float(meta["seconds"])
+        with torch.no_grad():
+            param.copy_(t["stage/logits"])
+        if start > 0:
+            opt.state[param] = {"step": torch.tensor(float(start)), "exp_avg": t["stage/exp_avg"].clone(),
+                                "exp_avg_sq": t["stage/exp_avg_sq"].clone()}
+        traces = {k[len("stage/trace/"):]: list(v) for k, v in t.items() if k.startswith("stage/trace/")}
+        if "stage/snapshots" in t:
+            snaps, snap_steps = list(t["stage/snapshots"]), t["stage/snapshot_steps"].tolist()
+
+    def save_checkpoint(step: int) -> None:
+        exp = opt.state.get(param, {})
+        tensors = {"stage/logits": param.detach()}
+        if exp:
+            tensors.update({"stage/exp_avg": exp["exp_avg"], "stage/exp_avg_sq": exp["exp_avg_sq"]})
+        tensors.update({f"stage/trace/{k}": torch.stack(v) for k, v in traces.items() if v})
+        if snaps:
+            tensors.update({"stage/snapshots": torch.stack(snaps), "stage/snapshot_steps": torch.tensor(snap_steps)})
+        tensors.update(carry or {})
+        checkpoint.save(tensors, {"stage": stage.name, "step": step, "seconds": elapsed + time.perf_counter() - t0})
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, stage.updates), desc=f"CHG {stage.name}", disable=not progress,
+               initial=start, total=stage.updates, leave=True)
+    for step in bar:
+        if step % snapshot_every == 0:
+            snaps.append(torch.sigmoid(param.detach()).clone())
+            snap_steps.append(step)
+        for group in opt.param_groups:
+            group["lr"] = stage.lr(step)
+        opt.zero_grad(set_to_none=True)
+        rows = batch_rows(n_rows, batch_size, seed, stage.batch_key or stage.name, step)
+        step_traces: dict[str, Tensor] = {}
+        data_total = torch.zeros(param.shape[0])
+        for chunk in rows.chunk(max(1, min(grad_accum, len(rows)))):
+            weight = len(chunk) / len(rows)
+            loss, parts = data_loss(torch.sigmoid(param), chunk)
+            (weight * loss.sum()).backward()
+            data_total += weight * loss.detach().cpu()
+            for k, v in parts.items():
+                step_traces[k] = step_traces.get(k, 0) + weight * v.detach().cpu()
+        step_traces["loss"] = data_total
+        if regularizer is not None:
+            reg_loss, reg_parts = regularizer(param)
+            reg_loss.sum().backward()
+            step_traces["loss"] = data_total + reg_loss.detach().cpu()
+            step_traces.update({k: v.detach().cpu() for k, v in reg_parts.items()})
+        opt.step()
+        for k, v in step_traces.items():
+            traces.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
+        if progress:
+            bar.set_postfix(loss=f"{float(step_traces['loss'].mean()):.4f}")
+        if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < stage.updates:
+            save_checkpoint(step + 1)
+    bar.close()
+    snaps.append(torch.sigmoid(param.detach()).clone())
+    snap_steps.append(stage.updates)
+    return StageResult(
+        logits=param.detach().clone(),
+        traces={k: torch.stack(v) for k, v in traces.items()},
+        snapshots=torch.stack(snaps),
+        snapshot_steps=torch.tensor(snap_steps),
+        seconds=elapsed + time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class StageSpec:
+    """A stage, how its starting logits follow from the stages done before it, and its regulariser."""
+
+    stage: Stage
+    init: Callable[[dict[str, StageResult]], Tensor]
+    regularizer: Regularizer | None = None
+
+
+def run_stages(
+    specs: list[StageSpec],
+    data_loss: DataLoss,
+    n_rows: int,
+    batch_size: int,
+    seed: int,
+    grad_accum: int = 1,
+    snapshot_every: int = 10,
+    checkpoint: Checkpointer | None = None,
+    progress: bool = True,
+) -> dict[str, StageResult]:
+    """Run stages in order; with a checkpoint, finished stages are kept and a cut fit resumes."""
+    done: dict[str, StageResult] = {}
+    if checkpoint is not None:
+        state = checkpoint.load()
+        if state is not None:
+            done = _unpack_done(state[0])
+    for spec in specs:
+        if spec.stage.name in done:
+            continue
+        result = run_stage(
+            spec.stage, spec.init(done), data_loss, spec.regularizer, n_rows, batch_size, seed,
+            grad_accum=grad_accum, snapshot_every=snapshot_every, checkpoint=checkpoint,
+            carry=_pack_done(done), progress=progress,
+        )
+        done[spec.stage.name] = result
+        if checkpoint is not None:
+            checkpoint.save(_pack_done(done), {"stage": f"{spec.stage.name}:done", "step": 0, "seconds": 0.0})
+    return done
+
+
+def _pack_done(done: dict[str, StageResult]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, r in done.items():
+        out[f"done/{name}/logits"] = r.logits
+        out[f"done/{name}/snapshots"] = r.snapshots
+        out[f"done/{name}/snapshot_steps"] = r.snapshot_steps
+        out[f"done/{name}/seconds"] = torch.tensor(r.seconds, dtype=torch.float64)
+        out.update({f"done/{name}/trace/{k}": v for k, v in r.traces.items()})
+    return out
+
+
+def _unpack_done(tensors: dict[str, Tensor]) -> dict[str, StageResult]:
+    names = {k.split("/")[1] for k in tensors if k.startswith("done/")}
+    done = {}
+    for n in names:
+        p = f"done/{n}/"
+        done[n] = StageResult(
+            logits=tensors[p + "logits"], snapshots=tensors[p + "snapshots"],
+            snapshot_steps=tensors[p + "snapshot_steps"], seconds=float(tensors[p + "seconds"]),
+            traces={k[len(p + "trace/"):]: v for k, v in tensors.items() if k.startswith(p + "trace/")},
+        )
+    return done

@@ -1,0 +1,52 @@
+"""Tasks: each returns :class:`~chg_lens.data.TaskSplits` (train, validation) for a model's tokenizer.
+
+Tasks register themselves by name, so the command line and sweeps find them::
+
+    from chg_lens import tasks
+    tasks.list_tasks()                        # name -> one-line description
+    train, val = tasks.get_task("ioi")(model, n_prompts=128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..data import TaskSplits
+
+TaskFn = Callable[..., TaskSplits]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    fn: TaskFn
+    description: str
+
+
+_REGISTRY: dict[str, TaskInfo] = {}
+
+
+def register(name: str, description: str) -> Callable[[TaskFn], TaskFn]:
+    """Decorator: make a task function available as ``name`` (CLI ``--task name``)."""
+
+    def wrap(fn: TaskFn) -> TaskFn:
+        _REGISTRY[name] = TaskInfo(name, fn, description)
+        return fn
+
+    return wrap
+
+
+def get_task(name: str) -> TaskFn:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name].fn
+
+
+def list_tasks() -> dict[str, str]:
+    return {n: _REGISTRY[n].description for n in sorted(_REGISTRY)}
+
+
+from .ioi import ioi, ioi_pairs  # noqa: E402  (registers itself)
+
+__all__ = ["register", "get_task", "list_tasks", "TaskInfo", "ioi", "ioi_pairs"]

@@ -1,0 +1,88 @@
+"""CHG scores, roles and their aggregation across seeds (small pure functions on tensors/frames).
+
+Scores (paper Table 1): facilitation = G-, interference = 1 - G+, irrelevance = G+ * (1 - G-).
+
+Role rule: a head's role is the score that is largest; ties go to facilitating, then interfering,
+then irrelevant. The three scores are not a partition (a head with G+ = 0.5, G- = 0.5 scores 0.5,
+0.5, 0.25), so read the scores themselves where roles are close.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+SCORES = ("facilitation", "interference", "irrelevance")
+ROLES = {"facilitation": "facilitating", "interference": "interfering", "irrelevance": "irrelevant"}
+
+
+def facilitation(g_minus: Tensor) -> Tensor:
+    return g_minus
+
+
+def interference(g_plus: Tensor) -> Tensor:
+    return 1 - g_plus
+
+
+def irrelevance(g_plus: Tensor, g_minus: Tensor) -> Tensor:
+    return g_plus * (1 - g_minus)
+
+
+def score_tensors(
+    g_plus: Float[Tensor, "*seeds layer head"], g_minus: Float[Tensor, "*seeds layer head"]
+) -> dict[str, Tensor]:
+    """The three scores as tensors shaped like the gates."""
+    return {
+        "facilitation": facilitation(g_minus),
+        "interference": interference(g_plus),
+        "irrelevance": irrelevance(g_plus, g_minus),
+    }
+
+
+def roles(scores: dict[str, Tensor]) -> Tensor:
+    """Index into :data:`SCORES` of each head's role (the largest score; ties in SCORES order)."""
+    stacked = torch.stack([scores[s] for s in SCORES], dim=-1)
+    return stacked.argmax(dim=-1)  # argmax returns the first maximum: the documented tie order
+
+
+def scores_frame(g_plus: Float[Tensor, "seeds layer head"], g_minus: Float[Tensor, "seeds layer head"]) -> pd.DataFrame:
+    """Long frame: one row per (seed, layer, head) with G+, G-, the three scores and the role."""
+    s = score_tensors(g_plus, g_minus)
+    idx = torch.cartesian_prod(*(torch.arange(n) for n in g_plus.shape))
+    role = roles(s).flatten()
+    frame = pd.DataFrame({
+        "seed": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), "head": idx[:, 2].numpy(),
+        "g_plus": g_plus.flatten().double().numpy(), "g_minus": g_minus.flatten().double().numpy(),
+        **{k: v.flatten().double().numpy() for k, v in s.items()},
+    })
+    frame["role"] = [ROLES[SCORES[i]] for i in role.tolist()]
+    return frame
+
+
+def aggregate(scores: pd.DataFrame, by: tuple[str, ...] = ("layer", "head")) -> pd.DataFrame:
+    """Per head: ``always_<score>`` (minimum over seeds) and ``any_<score>`` (maximum over seeds).
+
+    Extra grouping columns (model, task, ...) present in ``scores`` can be added to ``by``.
+    """
+    grouped = scores.groupby(list(by), sort=True)[list(SCORES)]
+    low = grouped.min().add_prefix("always_")
+    high = grouped.max().add_prefix("any_")
+    out = pd.concat([low, high], axis=1).reset_index()
+    out["n_seeds"] = scores.groupby(list(by), sort=True).size().to_numpy()
+    return out
+
+
+def percent_above(scores: pd.DataFrame, threshold: float = 0.5, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The paper's Table 2: percent of heads whose score is >= ``threshold`` in every seed
+    ("always") or in at least one seed ("any"), for each score; grouped by ``by`` if given."""
+    keys = ("layer", "head")
+    agg = aggregate(scores, by=tuple(by) + keys)
+    cols = {f"{mode}_{s}": (agg[f"{mode}_{s}"] >= threshold) for mode in ("always", "any") for s in SCORES}
+    flags = pd.DataFrame(cols)
+    for b in by:
+        flags[b] = agg[b]
+    if by:
+        return (flags.groupby(list(by)).mean() * 100).reset_index()
+    return (flags.mean() * 100).to_frame("percent").T.reset_index(drop=True)
