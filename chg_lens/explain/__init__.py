@@ -1,0 +1,26 @@
+"""Head explanations: describe what each attention head does, score the description by simulation,
+cluster the descriptions, and join them with CHG roles (``chg-lens explain``).
+
+Example::
+
+    from chg_lens.explain import ExplainConfig, run_explain
+    out = run_explain("smollm2-135m-instruct", "runs/explain",
+                      ExplainConfig(sources="wikitext", n_windows=100, window_len=64, max_heads=10,
+                                    wikitext_dir="../shared/data/wikitext-2"))
+"""
+
+from .cluster import cluster_explanations, embed
+from .events import salient_events, split_windows, token_class
+from .explainers import LLMError, OpenAIExplainer, PatternExplainer, correlation, pattern_fits, pattern_sources
+from .pipeline import ExplainConfig, ExplainOutput, run_explain
+from .record import RawActivity, load_raw, record_to_parquet, select_heads
+from .report import build_summary, write_report
+from .simulate import detection_score, score_all, score_head
+from .sources import Windows, sample_windows
+
+__all__ = [
+    "ExplainConfig", "ExplainOutput", "LLMError", "OpenAIExplainer", "PatternExplainer", "RawActivity", "Windows",
+    "build_summary", "cluster_explanations", "correlation", "detection_score", "embed", "load_raw",
+    "pattern_fits", "pattern_sources", "record_to_parquet", "run_explain", "salient_events", "sample_windows",
+    "score_all", "score_head", "select_heads", "split_windows", "token_class", "write_report",
+]

@@ -1,0 +1,389 @@
+"""Head explanations (chg_lens.explain) on a hand-built GPT-2 whose heads are known, an OpenAI-compatible
+HTTP server on 127.0.0.1 started by the test, caching, and a slow SmolLM2 run."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chg_lens import models
+from chg_lens.explain import (ExplainConfig, OpenAIExplainer, PatternExplainer, load_raw, run_explain,
+                              sample_windows, score_head, split_windows)
+from chg_lens.explain import pipeline as pipeline_mod
+from chg_lens.explain.explainers import parse_explanation, parse_simulation
+
+from conftest import SHARED_DATA, word_tokenizer
+
+NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay"]
+WORDS = [f"w{i}" for i in range(14)]
+VOCAB = ["<unk>", "<bos>", "<eos>", "<pad>"] + NAMES + WORDS
+N_POS = 32
+KNOWN = {(0, 0): "previous_token", (0, 1): "first_token", (1, 0): "induction"}
+
+
+def known_heads_hf():
+    """Two-layer GPT-2 (learned positions) with hand-set weights. The residual stream is one-hot blocks
+    (token, position, previous token, output dims) plus a large constant dim, so LayerNorm scales every
+    position almost alike; every read is ``feature - reference`` (a dim that is always 0), which cancels
+    LayerNorm's mean subtraction exactly.
+
+    - layer 0 head 0, previous token: query = position p, key = position p - 1; it writes the previous
+      token's identity, and its output is largest when that token is a name (then a word);
+    - layer 0 head 1, first token: a constant query meets position 0's key, except on names, whose query
+      cancels it (attention spreads out); position 0 has no value, so it is active only on names;
+    - layer 1 head 0, induction: query = current token, key = the previous token written by head 0.0; with
+      no earlier occurrence it falls back to position 0; its output is large when it copies a name.
+    All other heads and the MLPs write nothing.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    V, D, dh, B = len(VOCAB), 128, 32, 6.0
+    cfg = GPT2Config(vocab_size=V, n_positions=N_POS, n_embd=D, n_layer=2, n_head=4, n_inner=4 * D,
+                     activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    tid = {w: i for i, w in enumerate(VOCAB)}
+    names, words = [tid[n] for n in NAMES], [tid[w] for w in WORDS]
+    POS, PREV = V, V + N_POS
+    OUT, CONST, REF = PREV + V, D - 2, D - 1
+    Q, K, Vv = 0, D, 2 * D
+
+    def scale(values):  # LayerNorm's 1/std for a residual with these nonzero entries
+        x = torch.zeros(D)
+        x[: len(values)] = torch.tensor(values)
+        return 1 / float(x.std(unbiased=False))
+
+    s0, s1 = scale([1, 1, B]), scale([1, 1, B, 1, 1, 0.5])
+
+    def feat(W, row, col, a):  # read residual dim `row` (minus the reference dim) into column `col`
+        W[row, col] += a
+        W[REF, col] -= a
+
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        tr = hf.transformer
+        tr.wte.weight[:, :V] = torch.eye(V)
+        tr.wpe.weight[:, POS:POS + N_POS] = torch.eye(N_POS)
+        tr.wpe.weight[:, CONST] = B
+        for ln in [tr.ln_f] + [b.ln_1 for b in tr.h] + [b.ln_2 for b in tr.h]:
+            ln.weight.fill_(1.0)
+        W0, B0, O0 = tr.h[0].attn.c_attn.weight, tr.h[0].attn.c_attn.bias, tr.h[0].attn.c_proj.weight
+        for p in range(1, N_POS):                        # 0.0 previous token
+            feat(W0, POS + p, Q + p, 8.5 / s0)
+            feat(W0, POS + p - 1, K + p, 8.5 / s0)
+        for t in range(V):
+            feat(W0, t, Vv + t, 1 / s0)
+            O0[t, PREV + t] = 1.0
+            O0[t, OUT] = 2.0 if t in names else (1.0 if t in words else 0.3)
+        B0[Q + dh] = 10.0                                # 0.1 first token
+        feat(W0, POS, K + dh, 8.0 / s0)
+        for t in names:
+            feat(W0, t, Q + dh, -10.0 / s0)
+        for t in names + words:
+            feat(W0, t, Vv + dh + t, 1 / s0)
+            O0[dh + t, OUT + 1] = 1.0
+        W1, B1, O1 = tr.h[1].attn.c_attn.weight, tr.h[1].attn.c_attn.bias, tr.h[1].attn.c_proj.weight
+        for t in names + words:                           # 1.0 induction
+            feat(W1, t, Q + t, 12.0 / s1)
+            feat(W1, PREV + t, K + t, 12.0 / s1)
+            feat(W1, t, Vv + t, 1 / s1)
+            O1[t, OUT + 2] = 3.0 if t in names else 1.0
+        B1[Q + 31] = 10.0
+        feat(W1, POS, K + 31, 7.0 / s1)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def known_heads():
+    return models.load_model(known_heads_hf(), tokenizer=word_tokenizer(VOCAB))
+
+
+def write_text(path: Path, n_docs=60, seed=0) -> Path:
+    """Documents of names and words; half of them repeat a span (so induction has targets)."""
+    rng = random.Random(seed)
+    docs = []
+    for d in range(n_docs):
+        words = [rng.choice(NAMES) if rng.random() < 0.2 else rng.choice(WORDS) for _ in range(20)]
+        if d % 2:
+            words += words[3:15]
+        docs.append(" ".join(words))
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def small_config(text: Path, **kw) -> ExplainConfig:
+    base = dict(sources=str(text), n_windows=40, window_len=N_POS, topk=20, max_heads=None,
+                heads="0.0,0.1,1.0", min_cluster_size=2, batch_size=20)
+    base.update(kw)
+    return ExplainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pattern_run(known_heads, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("explain")
+    text = write_text(tmp / "corpus.txt")
+    out = run_explain(known_heads, tmp / "out", small_config(text), progress=False)
+    return out, text
+
+
+def test_windows_mix_sources_and_read_local_formats(tmp_path, known_heads):
+    import zipfile
+
+    (tmp_path / "se").mkdir()
+    with zipfile.ZipFile(tmp_path / "se" / "unix.zip", "w") as zf:        # stackexchange-dataset --out_format zip
+        for i in range(6):
+            zf.writestr(f"q{i}.txt", " ".join(["Ann w1 w2 w3"] * 20))
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": " ".join(["Bob w4 w5"] * 30)}) for _ in range(4)))
+    w = sample_windows(known_heads, ["stackexchange", str(tmp_path / "docs.jsonl")], n_windows=6, window_len=16,
+                       stackexchange_dir=str(tmp_path / "se"))
+    assert w.tokens.shape == (6, 16) and (w.tokens[:, 0] == 1).all()       # BOS first
+    assert sorted(w.source).count("stackexchange") == 3
+    tok = known_heads.tokenizer
+    assert tok.convert_ids_to_tokens(w.tokens[w.source.index("stackexchange")].tolist())[1:4] in (
+        ["Ann", "w1", "w2"], ["w1", "w2", "w3"], ["w2", "w3", "Ann"], ["w3", "Ann", "w1"])
+    with pytest.raises(ValueError, match="stackexchange-dir"):
+        sample_windows(known_heads, "stackexchange", 4, 16)
+    with pytest.raises(ValueError, match="only"):
+        sample_windows(known_heads, str(tmp_path / "docs.jsonl"), 50, 16)
+
+
+def test_recorded_activity_is_the_head_output_norm_and_hooks_are_read_only(known_heads):
+    from chg_lens.explain.record import record_batch
+
+    toks = torch.randint(4, len(VOCAB), (3, 20), generator=torch.Generator().manual_seed(0))
+    toks[:, 0] = 1
+    with torch.no_grad():
+        before = models.run_with_hooks(known_heads, toks)
+        act, src, w = record_batch(known_heads, toks, [(0, 0), (1, 0), (1, 3)], top_sources=3)
+        z = {}
+        models.run_with_hooks(known_heads, toks, [(models.z_hook_name(1), lambda x, hook: z.setdefault(1, x.clone()))])
+        after = models.run_with_hooks(known_heads, toks)
+    manual = (z[1][:, :, 0] @ models.W_O(known_heads)[1, 0]).norm(dim=-1)
+    assert torch.allclose(act[..., 1], manual, atol=1e-5) and act[..., 2].abs().max() == 0   # 1.3 writes nothing
+    assert (src[:, 1:, 0, 0] == torch.arange(19)).all() and (w[:, 1:, 0, 0] > 0.99).all()    # previous token
+    assert torch.equal(before, after)
+
+
+def test_wikitext_offline_copy(known_heads):
+    folder = SHARED_DATA / "wikitext-2"
+    if not folder.exists():
+        pytest.skip("no shared wikitext-2")
+    w = sample_windows(known_heads, "wikitext", n_windows=4, window_len=8, wikitext_dir=str(folder))
+    assert w.tokens.shape == (4, 8) and w.source == ["wikitext"] * 4
+
+
+def test_pattern_explainer_names_known_heads_and_scores_them_high(pattern_run):
+    out, _ = pattern_run
+    raw = load_raw(out.path("raw_events.parquet"))
+    assert raw.heads == [(0, 0), (0, 1), (1, 0)] and raw.activity.shape == (3, 40, N_POS)
+    by_head = {(r["layer"], r["head"]): r for r in out.records}
+    for head, pattern in KNOWN.items():
+        rec = by_head[head]
+        assert rec["hypothesis"]["pattern"] == pattern, rec["explanation"]
+        assert rec["hypothesis"]["fit"] > 0.8
+    assert "previous" in by_head[(0, 0)]["explanation"] and "'Ann'" in by_head[(0, 0)]["explanation"] or \
+        "capitalized" in by_head[(0, 0)]["explanation"]
+    assert "first token" in by_head[(0, 1)]["explanation"] and "induction" in by_head[(1, 0)]["explanation"]
+    scores = out.scores.set_index(["layer", "head"])
+    for head in KNOWN:
+        assert scores.loc[head, "simulation_score"] > 0.85, (head, scores.loc[head].to_dict())
+        assert scores.loc[head, "detection_score"] > 0.9
+    # a wrong explanation scores low: each head simulated with another head's hypothesis
+    _, held = split_windows(40)
+    ex = PatternExplainer()
+    for right, wrong in (((0, 0), (1, 0)), ((1, 0), (0, 1)), ((0, 1), (0, 0))):
+        row = score_head(ex, by_head[wrong], raw, raw.head_index(*right), held)
+        assert row["simulation_score"] < 0.3, (right, wrong, row)
+    assert set(out.summary.columns) >= {"explanation", "simulation_score", "detection_score", "cluster"}
+
+
+def test_report_joins_chg_roles(pattern_run, tmp_path):
+    from chg_lens.chg import CHGResult
+
+    out, text = pattern_run
+    g = torch.zeros(2, 2, 4)
+    logits = {"g0": g, "g_plus": torch.full((2, 2, 4), 5.0), "g_minus": torch.full((2, 2, 4), -5.0)}
+    logits["g_minus"][:, 0, 0] = 5.0                                   # head 0.0 facilitating
+    res = CHGResult(logits=logits, traces={k: {} for k in logits}, snapshots={k: torch.zeros(0, 2, 2, 4) for k in logits},
+                    snapshot_steps={k: torch.zeros(0, dtype=torch.long) for k in logits}, config={"updates": 1, "reg_updates": 1,
+                    "batch_size": 1, "lam": 0.1}, meta={"task": "ioi", "model": "known"}, validation=None)
+    res.save(tmp_path / "chg")
+    outdir = copy_outputs(out.outdir, tmp_path / "out", CACHED)
+    run = run_explain(None, outdir, small_config(text, chg_result=str(tmp_path / "chg")), skip_cache=True,
+                      skip_explain=True, skip_simulate=True, skip_cluster=True, progress=False)
+    row = run.summary.set_index(["layer", "head"]).loc[(0, 0)]
+    assert row.role == "facilitating" and row.facilitation > 0.99
+    assert run.summary.set_index(["layer", "head"]).loc[(1, 0)].role == "irrelevant"
+    report = (outdir / "report.md").read_text()
+    assert "layer 0 head 0 is facilitating for ioi: Previous-token head" in report
+    assert "(simulation score " in report
+
+
+CACHED = ("raw_events.parquet", "explanations.jsonl", "scores.parquet", "clusters.json")
+
+
+def copy_outputs(src: Path, dst: Path, names) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (dst / n).write_bytes((src / n).read_bytes())
+    return dst
+
+
+def test_second_run_with_skip_flags_recomputes_nothing(pattern_run, monkeypatch):
+    out, text = pattern_run
+    names = ["raw_events.parquet", "explanations.jsonl", "scores.parquet", "clusters.json", "report.md", "summary.csv"]
+    before = {n: (out.outdir / n).read_bytes() for n in names}
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a skipped step")
+
+    for name in ("record_to_parquet", "sample_windows", "score_all", "cluster_explanations", "make_explainer"):
+        monkeypatch.setattr(pipeline_mod, name, boom)
+    monkeypatch.setattr(PatternExplainer, "explain", boom)
+    again = run_explain(None, out.outdir, small_config(text), skip_cache=True, skip_explain=True,
+                        skip_simulate=True, skip_cluster=True, progress=False)
+    assert again.steps_run == ["report"]
+    assert {n: (out.outdir / n).read_bytes() for n in names} == before
+    with pytest.raises(FileNotFoundError, match="run once without --skip-cache"):
+        run_explain(None, out.outdir / "empty", small_config(text), skip_cache=True, skip_explain=True, progress=False)
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible server
+class FakeOpenAI:
+    """A chat-completions endpoint on 127.0.0.1: answers from a script of (status, text) replies, then
+    the default; records every request."""
+
+    def __init__(self, script=(), explain_text="Explanation: attends to the previous token.",
+                 simulate_text="1: 10\n2: 0\n3: 5"):
+        self.script, self.requests = list(script), []
+        self.explain_text, self.simulate_text = explain_text, simulate_text
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                status, text = fake.script.pop(0) if fake.script else (200, None)
+                if text is None:
+                    system = body["messages"][0]["content"]
+                    text = fake.simulate_text if "predict" in system.lower() else fake.explain_text
+                if status != 200:
+                    payload = {"error": {"message": "busy", "type": "server_error", "code": status}}
+                else:
+                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": text}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+KEY = "sk-test-THIS-KEY-MUST-NOT-LEAK-1234"
+
+
+def test_openai_explainer_request_parse_retry_and_no_key_in_files(pattern_run, tmp_path, monkeypatch):
+    pytest.importorskip("openai")
+    out, text = pattern_run
+    fake = FakeOpenAI(script=[(429, None), (500, None)])
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    try:
+        outdir = copy_outputs(out.outdir, tmp_path / "llm", ["raw_events.parquet", "clusters.json"])
+        cfg = small_config(text, explainer="openai", base_url=fake.url, llm_model="judge-1", llm_backoff=0.01,
+                           llm_retries=2, sim_windows=2, topk=5)
+        run = run_explain(None, outdir, cfg, skip_cache=True, skip_cluster=True, progress=False)
+    finally:
+        fake.close()
+    first = fake.requests[0]
+    assert first["path"] == "/v1/chat/completions"
+    assert first["headers"]["authorization"] == f"Bearer {KEY}"
+    assert first["body"]["model"] == "judge-1"
+    roles = [m["role"] for m in first["body"]["messages"]]
+    assert roles == ["system", "user"] and "[[" in first["body"]["messages"][1]["content"]
+    # 429 then 500 were retried: 3 heads explained with 2 extra requests, then 2 simulated windows per head
+    assert len(fake.requests) == 3 + 2 + 3 * 2
+    assert [r["status"] for r in run.records] == ["ok"] * 3
+    assert run.records[0]["explanation"] == "attends to the previous token."
+    assert run.records[0]["llm_model"] == "judge-1"
+    sim = [r for r in fake.requests if "predict" in r["body"]["messages"][0]["content"].lower()]
+    assert len(sim) == 6 and "0: '<bos>'" in sim[0]["body"]["messages"][1]["content"]
+    assert np.isfinite(run.scores.simulation_score).all()
+    for f in outdir.iterdir():
+        assert KEY.encode() not in f.read_bytes(), f.name
+
+
+def test_openai_failed_head_is_recorded_not_fatal(pattern_run, monkeypatch, tmp_path):
+    pytest.importorskip("openai")
+    out, text = pattern_run
+    fake = FakeOpenAI(script=[(500, None)] * 2 + [(400, None)])
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    try:
+        ex = OpenAIExplainer(model="m", base_url=fake.url, max_retries=1, backoff=0.01)
+        raw = load_raw(out.path("raw_events.parquet"))
+        train, held = split_windows(40)
+        rec = ex.explain(raw, 0, train, pipeline_mod.salient_events(raw, 0, train, 5))
+        assert rec["status"] == "failed" and "2 attempts" in rec["error"] and KEY not in rec["error"]
+        rec400 = ex.explain(raw, 1, train, pipeline_mod.salient_events(raw, 1, train, 5))
+        assert rec400["status"] == "failed" and "400" in rec400["error"]
+        row = score_head(ex, rec, raw, 0, held)
+        assert row["status"] == "failed" and np.isnan(row["simulation_score"])
+    finally:
+        fake.close()
+    assert len(fake.requests) == 3
+
+
+def test_parsers():
+    assert parse_explanation("Sure.\nExplanation: \"Copies names.\"") == "Copies names."
+    assert parse_explanation("It copies names.") == "It copies names."
+    assert parse_simulation("0: 1\n2: 7.5\nnoise\n9: 3", 3).tolist() == [1.0, 0.0, 7.5]
+
+
+def test_cli_explain(pattern_run, tmp_path, capsys):
+    from chg_lens.cli import main
+
+    out, text = pattern_run
+    outdir = copy_outputs(out.outdir, tmp_path / "cli", CACHED[:3])
+    args = ["explain", "--sources", str(text), "--outdir", str(outdir), "--skip-cache", "--skip-explain",
+            "--skip-simulate", "--min-cluster-size", "2", "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((outdir / "clusters.json").read_text())["min_cluster_size"] == 2
+    assert "summary.csv" in capsys.readouterr().out
+    assert main(["explain", "--sources", "stackexchange", "--outdir", str(outdir)]) == 2
+    assert "stackexchange-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_writes_every_file(smollm2, tmp_path):
+    cfg = ExplainConfig(sources="wikitext", wikitext_dir=str(SHARED_DATA / "wikitext-2"), n_windows=6,
+                        window_len=48, topk=10, max_heads=4, min_cluster_size=2, batch_size=6)
+    out = run_explain(smollm2, tmp_path, cfg, progress=False)
+    for n in ("raw_events.parquet", "explanations.jsonl", "scores.parquet", "clusters.json", "report.md",
+              "summary.csv"):
+        assert (tmp_path / n).stat().st_size > 0, n
+    assert len(out.records) == 4 and all(r["status"] == "ok" and r["explanation"] for r in out.records)
+    assert out.scores.simulation_score.notna().all()
