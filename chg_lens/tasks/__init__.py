@@ -48,5 +48,16 @@ def list_tasks() -> dict[str, str]:
 
 
 from .ioi import ioi, ioi_pairs  # noqa: E402  (registers itself)
+from .common import few_shot_prompt, load_records  # noqa: E402
+from .function_vectors import function_vector, fv_formats, fv_pairs  # noqa: E402
+from .symbolic import SymbolicRow, aba_abb, aba_abb_dataset, aba_abb_rows  # noqa: E402
+from .commonsense import commonsense_qa  # noqa: E402
+from .bigbench import bigbench_syntax  # noqa: E402
+from .math_cot import math_cot  # noqa: E402
+from .induction import induction  # noqa: E402
+from .lm import language_modeling  # noqa: E402
+from .custom import from_file  # noqa: E402
 
-__all__ = ["register", "get_task", "list_tasks", "TaskInfo", "ioi", "ioi_pairs"]
+__all__ = ["register", "get_task", "list_tasks", "TaskInfo", "ioi", "ioi_pairs", "few_shot_prompt", "load_records",
+           "function_vector", "fv_formats", "fv_pairs", "SymbolicRow", "aba_abb", "aba_abb_dataset", "aba_abb_rows",
+           "commonsense_qa", "bigbench_syntax", "math_cot", "induction", "language_modeling", "from_file"]

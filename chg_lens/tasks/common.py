@@ -1,0 +1,310 @@
+"""Shared pieces of the task library: the few-shot prompt format, reading record files, finding a
+task's data file and turning prompt/target pairs into a :class:`~chg_lens.data.TaskDataset` while
+dropping rows longer than the model's context.
+
+Every task that formats examples uses :func:`few_shot_prompt`, so all tasks agree on one format::
+
+    prompt, target = few_shot_prompt([("hot", "cold"), ("up", "down")], "big", "small")
+    # prompt == "Q: hot\\nA: cold\\n\\nQ: up\\nA: down\\n\\nQ: big\\nA:", target == " small"
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .. import models
+from ..data import TaskDataset, _tokenizer_of
+
+Pair = tuple[str, str]
+
+
+# ----------------------------------------------------------------------------- formatting
+def few_shot_prompt(
+    examples: Sequence[Pair],
+    query: str,
+    answer: str,
+    instruction: str | None = None,
+    input_prefix: str = "Q: ",
+    output_prefix: str = "A:",
+    io_sep: str = "\n",
+    example_sep: str = "\n\n",
+    answer_sep: str = " ",
+) -> tuple[str, str]:
+    """Format solved ``examples`` and a ``query`` as ``(prompt, target)``.
+
+    Each example is ``{input_prefix}{x}{io_sep}{output_prefix}{answer_sep}{y}``; examples are joined
+    by ``example_sep``, an optional ``instruction`` comes first (followed by ``example_sep``) and the
+    query ends the prompt at ``output_prefix``. The target is ``answer_sep + answer``, so the loss
+    lies on exactly the answer's tokens (with its leading space).
+
+    Example::
+
+        few_shot_prompt([("hot", "cold")], "big", "small", instruction="Give the opposite.")
+        # ("Give the opposite.\\n\\nQ: hot\\nA: cold\\n\\nQ: big\\nA:", " small")
+    """
+    parts = [] if instruction is None else [instruction]
+    parts += [f"{input_prefix}{x}{io_sep}{output_prefix}{answer_sep}{y}" for x, y in examples]
+    parts.append(f"{input_prefix}{query}{io_sep}{output_prefix}")
+    return example_sep.join(parts), answer_sep + answer
+
+
+def example_pool(
+    records: Sequence[Pair],
+    n_prompts: int,
+    pool_size: int,
+    seed: int,
+    task: str,
+    keep_shortest: int | None = None,
+) -> tuple[list[Pair], list[Pair], "random.Random"]:
+    """Hold ``pool_size`` example problems apart and draw ``n_prompts`` queries from the rest.
+
+    As the paper chose example problems, the pool is the ``pool_size`` shortest records (length in
+    characters: a fast, tokenizer-independent stand-in for token length; ties in seeded order); a
+    query never shares its input with a pool example. With
+    ``keep_shortest``, only that many shortest records are used at all (the math tasks). ``n_prompts``
+    is capped, with a warning, at what is left. Returns (pool, queries, the seeded rng to go on with).
+
+    Example::
+
+        pool, queries, rng = example_pool([("hot", "cold"), ...], n_prompts=100, pool_size=10, seed=0, task="antonym")
+    """
+    if n_prompts < 2:
+        raise ValueError("n_prompts must be at least 2 (train and validation)")
+    rng = random.Random(seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: len(records[i][0]) + len(records[i][1]))  # stable: seeded order among ties
+    if keep_shortest is not None:
+        order = order[:keep_shortest]
+    pool = [records[i] for i in order[:pool_size]]
+    pool_inputs = {x for x, _ in pool}
+    rest = [records[i] for i in order[pool_size:] if records[i][0] not in pool_inputs]
+    if len(rest) < 2:
+        raise ValueError(f"task '{task}' has {len(records)} records: too few left after the example pool of {pool_size}")
+    if n_prompts > len(rest):
+        warnings.warn(f"task '{task}': n_prompts={n_prompts} but only {len(rest)} queries are left after the "
+                      f"example pool; using {len(rest)}", stacklevel=3)
+        n_prompts = len(rest)
+    return pool, rng.sample(rest, n_prompts), rng
+
+
+# ----------------------------------------------------------------------------- files
+def require_data_dir(data_dir: Any, task: str, what: str) -> Path:
+    """``data_dir`` as an existing Path, or a ValueError that says what to pass."""
+    if data_dir is None:
+        raise ValueError(
+            f"task '{task}' needs its data: pass data_dir=... (CLI: --data-dir DIR), {what}"
+        )
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"task '{task}': data_dir {str(path)!r} does not exist; {what}")
+    return path
+
+
+def find_file(root: Path, names: Sequence[str], subdirs: Sequence[str], task: str) -> Path:
+    """The first ``root/sub/name`` that exists (``root`` itself may be the file)."""
+    if root.is_file():
+        return root
+    tried = []
+    for sub in subdirs:
+        for name in names:
+            p = root / sub / name if sub else root / name
+            tried.append(str(p))
+            if p.is_file():
+                return p
+    raise FileNotFoundError(f"task '{task}': no data file found; looked for: {', '.join(tried[:8])}"
+                            + (" ..." if len(tried) > 8 else ""))
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON list, JSONL, CSV, TSV or parquet file into a list of dicts.
+
+    Example::
+
+        load_records("pairs.jsonl")   # [{"input": "hot", "output": "cold"}, ...]
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    stat = path.stat()
+    return list(_read_records(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_records(name: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    """Parsed records, cached per file version (tasks rebuilt with other seeds do not reparse)."""
+    return tuple(_parse_records(Path(name)))
+
+
+def _parse_records(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):  # {"examples": [...]} (BIG-bench) or {"data": [...]}
+            for key in ("examples", "data", "rows"):
+                if isinstance(data.get(key), list):
+                    return list(data[key])
+            raise ValueError(f"{path}: a JSON object without an 'examples' or 'data' list; give a list of records")
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        return data
+    if suffix in (".jsonl", ".ndjson"):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    raise ValueError(f"{path}: unknown file type {suffix!r}; use .json, .jsonl, .csv, .tsv or .parquet")
+
+
+def columns(records: Sequence[dict], names: Iterable[str], source: str) -> None:
+    """Raise if a record lacks one of ``names``, listing the columns it has."""
+    if not records:
+        raise ValueError(f"{source}: no records")
+    missing = [n for n in names if n not in records[0]]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; it has {sorted(records[0])}")
+
+
+def load_hf_dataset(name: str, split: str = "train", config: str | None = None, **kwargs: Any) -> list[dict]:
+    """Records of a Hugging Face dataset (needs the optional ``datasets`` package and internet)."""
+    try:
+        import datasets  # optional extra: pip install chg-lens[data]
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"loading the Hugging Face dataset {name!r} needs the `datasets` package: "
+            "pip install 'chg-lens[data]' (or pass a local file / data_dir instead)"
+        ) from e
+    return list(datasets.load_dataset(name, config, split=split, **kwargs))
+
+
+def looks_like_hub_name(spec: Any) -> bool:
+    """True for ``"owner/name"`` strings that are not an existing local path."""
+    s = str(spec)
+    file_like = Path(s).suffix.lower() in (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
+    return (isinstance(spec, str) and s.count("/") == 1 and not file_like and not s.startswith((".", "/", "~"))
+            and not Path(s).expanduser().exists())
+
+
+# ----------------------------------------------------------------------------- tokens
+def single_token_id(tokenizer, text: str, what: str = "word") -> int:
+    """The id of ``text`` if it is exactly one token, else a ValueError naming it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the {what} {text!r} is {len(ids)} tokens for this tokenizer, not one; choose another")
+    return int(ids[0])
+
+
+def context_limit(model_or_tokenizer: Any, max_length: int | None = None) -> int | None:
+    """The longest row allowed: ``max_length``, else the model's context, else the tokenizer's."""
+    if max_length is not None:
+        return int(max_length)
+    if models.is_tl_model(model_or_tokenizer):
+        return models.n_ctx(model_or_tokenizer)
+    limit = getattr(model_or_tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 10**7 else None
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts an encoding with BOS."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def prompt_lengths(tokenizer, prompts: Sequence[str], targets: Sequence[str], prepend_bos: bool | None) -> list[int]:
+    """Token count of each prompt+target row as :meth:`TaskDataset.from_prompts` builds it."""
+    p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    t_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    out = []
+    for p, t in zip(p_ids, t_ids):
+        n = len(p)
+        starts = bool(p) and p[0] == bos
+        if prepend_bos is True and not starts:
+            n += 1
+        elif prepend_bos is False and starts:
+            n -= 1
+        out.append(n + len(t))
+    return out
+
+
+def fitting_rows(lengths: Sequence[int], limit: int | None, task: str) -> list[int]:
+    """Indices of rows that fit ``limit``; warns how many were dropped, refuses when none is left."""
+    if limit is None:
+        return list(range(len(lengths)))
+    keep = [i for i, n in enumerate(lengths) if n <= limit]
+    dropped = len(lengths) - len(keep)
+    if not keep:
+        raise ValueError(f"task '{task}': all {len(lengths)} rows are longer than the context of {limit} tokens "
+                         f"(shortest {min(lengths)}); use fewer examples or a model with a longer context")
+    if dropped:
+        warnings.warn(f"task '{task}': dropped {dropped} of {len(lengths)} rows longer than the context of "
+                      f"{limit} tokens", stacklevel=3)
+    return keep
+
+
+def prompt_dataset(
+    model_or_tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    name: str,
+    row_meta: dict[str, list] | None = None,
+    prepend_bos: bool | None = None,
+    max_length: int | None = None,
+) -> TaskDataset:
+    """:meth:`TaskDataset.from_prompts` after dropping rows longer than the context (with a warning).
+
+    ``row_meta`` lists stay aligned with the kept rows; ``row_meta["query_pos"]`` is added: the
+    position of the last prompt token (the one that predicts the first target token).
+
+    Example::
+
+        data = prompt_dataset(tokenizer, ["Q: hot\nA:"], [" cold"], name="antonym")
+    """
+    return matched_prompt_datasets(model_or_tokenizer, {name: (prompts, targets)}, row_meta,
+                                   prepend_bos, max_length)[name]
+
+
+def matched_prompt_datasets(
+    model_or_tokenizer: Any,
+    variants: dict[str, tuple[Sequence[str], Sequence[str]]],
+    row_meta: dict[str, list] | None = None,
+    prepend_bos: bool | None = None,
+    max_length: int | None = None,
+) -> dict[str, TaskDataset]:
+    """Several prompt variants of the same rows (name -> (prompts, targets)); a row too long in any
+    variant is dropped from all, so row ``i`` stays the same problem in every returned dataset."""
+    tok = _tokenizer_of(model_or_tokenizer)
+    limit = context_limit(model_or_tokenizer, max_length)
+    n = {len(p) for p, _ in variants.values()}
+    if len(n) != 1:
+        raise ValueError(f"variants have different numbers of rows: {sorted(n)}")
+    worst = [0] * n.pop()
+    for prompts, targets in variants.values():
+        worst = [max(a, b) for a, b in zip(worst, prompt_lengths(tok, prompts, targets, prepend_bos))]
+    keep = fitting_rows(worst, limit, "/".join(variants))
+    out = {}
+    for name, (prompts, targets) in variants.items():
+        data = TaskDataset.from_prompts(tok, [prompts[i] for i in keep], [targets[i] for i in keep],
+                                        prepend_bos=prepend_bos, name=name)
+        for k, v in (row_meta or {}).items():
+            data.row_meta[k] = [v[i] for i in keep]
+        data.row_meta["query_pos"] = [int(m.nonzero()[0]) - 1 for m in data.loss_mask]
+        data.meta["n_dropped_too_long"] = len(worst) - len(keep)
+        out[name] = data
+    return out
+
+
+def target_first_ids(data: TaskDataset) -> list[int]:
+    """The first target token of each row."""
+    return [int(row[int(m.nonzero()[0])]) for row, m in zip(data.tokens, data.loss_mask)]
