@@ -1,0 +1,205 @@
+"""A self-contained HTML report of a CHG results folder (``chg-lens report RESULTS_DIR``).
+
+The folder holds one CHG result (``meta.json`` of kind "chg", as written by ``CHGResult.save`` or
+``chg-lens fit``) or several in sub-folders. CSV/parquet files anywhere below it whose columns match
+an ablation sweep (:data:`chg_lens.plot.ABLATION_COLUMNS`), a CHG-vs-CMA frame
+(:data:`~chg_lens.plot.CMA_COLUMNS`) or a contrastive accuracy frame
+(:data:`~chg_lens.plot.CONTRASTIVE_COLUMNS`) are plotted too.
+
+Example::
+
+    from chg_lens.report import write_report
+    paths = write_report("runs/chg-smollm2-ioi")   # report.html, head_rankings.csv, report_summary.txt
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import taxonomy
+from .chg import CHGResult
+
+EXTRA_KINDS = ("ablation", "cma", "contrastive")
+
+
+@dataclass
+class ResultsFolder:
+    """What :func:`find_results` found: CHG results by sub-folder, and extra frames by kind."""
+
+    chg: dict[str, CHGResult] = field(default_factory=dict)
+    extras: dict[str, list[tuple[str, pd.DataFrame]]] = field(default_factory=lambda: {k: [] for k in EXTRA_KINDS})
+
+
+def _read_table(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception:  # a file that is not a table is simply not part of the report
+        return None
+
+
+def find_results(results_dir: str | os.PathLike) -> ResultsFolder:
+    """Load every CHG result (folders with a ``meta.json`` of kind "chg") and every recognised
+    extra table below ``results_dir``. Raises ``ValueError`` when there is no CHG result."""
+    from . import plot
+
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist")
+    found = ResultsFolder()
+    for meta in sorted(root.rglob("meta.json")):
+        if "checkpoint" in meta.parts:
+            continue
+        try:
+            kind = json.loads(meta.read_text()).get("kind")
+        except (json.JSONDecodeError, OSError):
+            continue
+        if kind == "chg":
+            found.chg[str(meta.parent.relative_to(root)) or "."] = CHGResult.load(meta.parent)
+    if not found.chg:
+        raise ValueError(f"no CHG result below {root}: expected a folder written by `chg-lens fit` or "
+                         "CHGResult.save (meta.json + tensors.safetensors)")
+    columns = {"ablation": plot.ABLATION_COLUMNS, "cma": plot.CMA_COLUMNS, "contrastive": plot.CONTRASTIVE_COLUMNS}
+    for path in sorted([*root.rglob("*.csv"), *root.rglob("*.parquet")]):
+        if path.name in ("scores.csv", "head_rankings.csv") or "checkpoint" in path.parts:
+            continue
+        frame = _read_table(path)
+        if frame is None:
+            continue
+        for kind, cols in columns.items():
+            if all(c in frame.columns for c in cols) and len(frame):
+                found.extras[kind].append((str(path.relative_to(root)), frame))
+                break
+    return found
+
+
+def head_rankings(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per head (and model/task): mean gates and scores over seeds, always/any aggregates, role,
+    and ``rank_<score>`` (1 = highest mean score within its model/task), sorted by facilitation.
+
+    Example: ``head_rankings(result.scores()).head(10)``.
+    """
+    from .plot import head_table
+
+    table = head_table(scores)
+    by = [c for c in ("model", "task") if c in table.columns]
+    for s in taxonomy.SCORES:
+        ranks = table.groupby(by)[f"mean_{s}"].rank(ascending=False, method="first") if by else \
+            table[f"mean_{s}"].rank(ascending=False, method="first")
+        table[f"rank_{s}"] = ranks.astype(int)
+    return table.sort_values(by + ["rank_facilitation"]).reset_index(drop=True)
+
+
+def _summary(found: ResultsFolder, scores: pd.DataFrame) -> str:
+    lines = []
+    for name, res in found.chg.items():
+        lines += [f"[{name}]", res.summary(), ""]
+    if scores.model.nunique() > 1:
+        c = taxonomy.cross_model_consistency(scores)
+        if len(c):
+            lines.append(f"cross-model consistency (Pearson r of score CDFs): min {c.pearson.min():.3f}, "
+                         f"mean {c.pearson.mean():.3f} over {len(c)} pairs")
+    for kind, items in found.extras.items():
+        for path, frame in items:
+            lines.append(f"{kind}: {path} ({len(frame)} rows)")
+    return "\n".join(lines).strip() + "\n"
+
+
+ERROR_HOOK = """<script>
+window.__chgErrors = [];
+function __chgLog(msg) {
+  window.__chgErrors.push(String(msg));
+  var el = document.getElementById('script-errors');
+  if (el) { el.textContent = window.__chgErrors.join('\\n'); el.setAttribute('data-count', window.__chgErrors.length); }
+}
+window.addEventListener('error', function (e) { __chgLog('error: ' + e.message); });
+window.addEventListener('unhandledrejection', function (e) { __chgLog('rejection: ' + e.reason); });
+</script>"""
+
+
+def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
+    """The report page as a string: plotly.js embedded once, then figures, tables and metadata."""
+    import plotly.offline
+
+    from . import plot
+
+    scores = pd.concat([r.scores() for r in found.chg.values()], ignore_index=True)
+    parts: list[str] = []
+    n_fig = 0
+
+    def fig(f, caption: str) -> None:
+        nonlocal n_fig
+        n_fig += 1
+        parts.append(f"<figure>{f.to_html(full_html=False, include_plotlyjs=False, div_id=f'fig{n_fig}')}"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+    def table(frame: pd.DataFrame, caption: str) -> None:
+        parts.append(f"<h3>{html.escape(caption)}</h3>" + frame.to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                                                          classes="tbl", border=0))
+
+    parts.append(f"<h2>Summary</h2><pre>{html.escape(_summary(found, scores))}</pre>")
+    if len(found.chg) > 1:
+        fig(plot.score_cdf(scores), "Empirical CDF of each score per model/task (paper Fig. 3a).")
+    for name, res in found.chg.items():
+        label = f"{res.meta.get('model')} / {res.meta.get('task')}"
+        parts.append(f"<h2>{html.escape(label)} <small>({html.escape(name)})</small></h2>")
+        fig(plot.trajectories(res), "Gate trajectories of the top head per score, seed 0 (Fig. 1b).")
+        fig(plot.gate_scatter(res), "G+ against G- per (seed, head), coloured by layer (Fig. 1c).")
+        fig(plot.role_map(res), "Interference (red) and facilitation (green), always/any over seeds (Fig. 3b).")
+        if len(found.chg) == 1:
+            fig(plot.score_cdf(res), "Empirical CDF of each score across heads and seeds (Fig. 3a).")
+        for value in ("facilitation", "interference", "irrelevance", "g0"):
+            fig(plot.heatmap(res, value), f"{value}, mean over seeds.")
+        fig(plot.layer_importance(res), "Mean score per layer.")
+        fig(plot.gate_histograms(res), "Distribution of fitted gates.")
+        table(res.percent_above(0.5), "Percent of heads with score >= 0.5, always / any seed (Table 2)")
+        if res.validation is not None:
+            table(res.validation.groupby("gates", sort=False)[["logprob", "accuracy"]].mean().reset_index(),
+                  "Validation: target log-probability and accuracy (mean over seeds)")
+        table(head_rankings(res.scores()).head(15)[["layer", "head", "role"] + [f"mean_{s}" for s in taxonomy.SCORES]
+                                                + ["always_facilitation", "any_interference"]],
+              "Top 15 heads by mean facilitation")
+        meta = {"config": res.config, "meta": res.meta}
+        parts.append(f"<details><summary>Run metadata</summary><pre>{html.escape(json.dumps(meta, indent=2, default=str))}"
+                     "</pre></details>")
+    makers = {"ablation": (plot.ablation_curves, "Change in target log-probability as heads are ablated in score order (Fig. 2)."),
+              "cma": (plot.chg_vs_cma, "CHG facilitation against causal mediation score (Fig. 4)."),
+              "contrastive": (plot.contrastive_bars, "Contrastive CHG accuracy, gated vs default (Fig. 5).")}
+    for kind, items in found.extras.items():
+        for path, frame in items:
+            parts.append(f"<h2>{kind}: {html.escape(path)}</h2>")
+            fig(makers[kind][0](frame), makers[kind][1])
+    js = plotly.offline.get_plotlyjs()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             ".tbl{border-collapse:collapse;font-size:13px}.tbl td,.tbl th{padding:2px 8px;border-bottom:1px solid #ddd}"
+             "figcaption{color:#555;font-size:14px}#script-errors:empty{display:none}#script-errors{color:#b00}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style>{ERROR_HOOK}<script type='text/javascript'>{js}</script></head><body>"
+            f"<h1>{html.escape(title)}</h1><pre id='script-errors' data-count='0'></pre>"
+            f"<p data-figures='{n_fig}'>{n_fig} figures.</p>" + "\n".join(parts) + "</body></html>")
+
+
+def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write ``report.html`` (self-contained, works offline), ``head_rankings.csv`` and
+    ``report_summary.txt`` to ``out`` (default: ``results_dir``); returns their paths.
+
+    Example: ``write_report("runs/chg-smollm2-ioi")["html"]``.
+    """
+    found = find_results(results_dir)
+    out = Path(out) if out is not None else Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from .plot import gate_frame
+
+    scores = pd.concat([gate_frame(r) for r in found.chg.values()], ignore_index=True)
+    paths = {"html": out / "report.html", "rankings": out / "head_rankings.csv", "summary": out / "report_summary.txt"}
+    paths["html"].write_text(render_html(found, title=f"CHG report: {Path(results_dir).resolve().name}"),
+                             encoding="utf-8")
+    head_rankings(scores).to_csv(paths["rankings"], index=False)
+    paths["summary"].write_text(_summary(found, scores))
+    return paths

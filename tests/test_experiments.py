@@ -1,0 +1,52 @@
+"""The experiment scripts run end to end (same files, tiny random model via --tiny) and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TINY = ["--tiny", "--n-seeds", "2", "--updates", "2", "--reg-updates", "2", "--n-prompts", "12", "--no-progress"]
+
+
+def run_script(name: str, argv: list[str]) -> None:
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"exp_{name}", EXPERIMENTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(argv)
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+@pytest.mark.slow
+def test_experiment_scripts_smoke(tmp_path, capsys):
+    if not (EXPERIMENTS.parent.parent / "shared" / "data" / "tokenizers" / "gpt2").exists():
+        pytest.skip("the shared GPT-2 tokenizer is needed for --tiny")
+    args = TINY + ["--out", str(tmp_path)]
+    for name in ("figure1_trajectories", "table2", "figure2_ablation", "figure4_chg_vs_cma"):
+        run_script(name, args)
+    run_script("figure3_distributions", args + ["--tasks", "ioi"])
+    fits = [p for p in (tmp_path / "fits").rglob("meta.json") if "checkpoint" not in p.parts]
+    assert len(fits) == 1  # one (model, task, budget): every script reused the same fit
+    for folder, files in {"figure1": ["trajectories.parquet", "figure1b_trajectories.html", "figure1c_gplus_gminus.html"],
+                          "table2": ["table2.csv"], "figure2": ["ablation_ioi.parquet", "figure2_ioi.html"],
+                          "figure3": ["scores.parquet", "consistency.csv", "figure3a_cdf.html"],
+                          "figure4": ["cma_ioi.parquet", "chg_vs_cma_ioi.csv", "figure4_ioi.html"]}.items():
+        for f in files:
+            assert (tmp_path / folder / f).exists(), f"{folder}/{f}"
+    abl = pd.read_parquet(tmp_path / "figure2" / "ablation_ioi.parquet")
+    assert set(abl.score) == {"facilitation", "irrelevance", "interference"} and abl.step.max() == 8
+    table = pd.read_csv(tmp_path / "table2" / "table2.csv")
+    assert list(table.model) == ["tiny-random"] and 0 <= table.any_facilitation.iloc[0] <= 100
+    # resume: a second run loads the fit and the ablation frame instead of recomputing them
+    stamp = (tmp_path / "figure2" / "ablation_ioi.parquet").stat().st_mtime_ns
+    capsys.readouterr()
+    run_script("figure2_ablation", args)
+    assert (tmp_path / "figure2" / "ablation_ioi.parquet").stat().st_mtime_ns == stamp
+    assert [p for p in (tmp_path / "fits").rglob("meta.json") if "checkpoint" not in p.parts] == fits

@@ -1,0 +1,86 @@
+"""`chg-lens report`: files, rankings, and the HTML page rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pandas as pd
+import pytest
+
+from chg_lens import cli
+from chg_lens.report import find_results, head_rankings, write_report
+from test_plot import make_result
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    make_result(0, model="a").save(root / "a")
+    make_result(1, model="b").save(root / "b")
+    (root / "b" / "checkpoint").mkdir()
+    pd.DataFrame({"layer": [0, 1], "head": [0, 1], "facilitation": [0.9, 0.1], "effect": [2.0, 0.0],
+                  "mediating": [True, False]}).to_csv(root / "cma.csv", index=False)
+    pd.DataFrame({"x": [1]}).to_csv(root / "unrelated.csv", index=False)
+    return root
+
+
+def test_report_cli_writes_files(results_dir, capsys):
+    assert cli.main(["report", str(results_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "cross-model consistency" in out and "cma: cma.csv" in out and "unrelated" not in out
+    page = (results_dir / "report.html").read_text()
+    assert page.count("Plotly.newPlot") == int(re.search(r"data-figures='(\d+)'", page).group(1))
+    assert page.count("plotly.js v") == 1  # plotly.js embedded once ...
+    assert not re.search(r"<script[^>]*\bsrc=", page) and "<link" not in page  # ... and nothing fetched
+    ranks = pd.read_csv(results_dir / "head_rankings.csv")
+    res = make_result(0, model="a")
+    top = ranks[ranks.model == "a"].iloc[0]
+    want = res.g_minus.mean(0)
+    assert float(top.mean_facilitation) == pytest.approx(float(want.max()))
+    assert (int(top.layer), int(top["head"])) == divmod(int(want.argmax()), want.shape[1])
+    assert top.rank_facilitation == 1 and "mean_g0" in ranks.columns
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ValueError, match="no CHG result"):
+        find_results(tmp_path)
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_head_rankings_ranks_within_model():
+    frame = pd.concat([make_result(0, model="a").scores(), make_result(1, model="b").scores()])
+    r = head_rankings(frame)
+    assert sorted(r[r.model == "b"].rank_interference) == list(range(1, 13))
+
+
+def _render(path, tmp_path):
+    with tempfile.TemporaryDirectory(dir=tmp_path) as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=8000",
+             "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    return proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make setup-chromium)")
+def test_report_renders_in_headless_chromium(results_dir, tmp_path):
+    write_report(results_dir)
+    dom, log = _render(results_dir / "report.html", tmp_path)
+    n_fig = int(re.search(r"data-figures=\"(\d+)\"", dom).group(1))
+    assert n_fig >= 15
+    assert dom.count('class="plotly-graph-div js-plotly-plot"') == n_fig  # every figure div was drawn by plotly.js
+    assert dom.count('class="main-svg"') >= n_fig
+    assert 'id="script-errors" data-count="0"' in dom
+    assert not re.search(r"CONSOLE.*(Error|Uncaught)", log), log[-2000:]
+    # the error hook does catch a failing script, so the check above can fail
+    broken = tmp_path / "broken.html"
+    broken.write_text((results_dir / "report.html").read_text().replace("</body>", "<script>undefinedFn()</script></body>"))
+    dom, _ = _render(broken, tmp_path)
+    assert 'data-count="1"' in dom and "undefinedFn" in dom
