@@ -1,0 +1,512 @@
+"""Causal mediation analysis (activation patching) on the gate mechanism.
+
+A patch is a gate of 0 whose source is another run's ``z``: ``z <- g * z_corrupted + (1 - g) *
+z_clean``. :func:`patch_heads` caches every head's ``z`` on the clean prompts (read-only hooks),
+then scores the corrupted prompts with one head at a time patched from the clean run, many heads
+per forward pass, at all positions or chosen ones. The indirect effect of a head on a prompt is the
+metric with the patch minus the metric of the corrupted run; the AIE is its mean over prompts.
+
+Presets: :func:`ioi_patching` (ABC corruption), :func:`function_vector_patching` (Todd et al.:
+answers shuffled, last position, mediating = mean + 3 std), :func:`symbolic_patching` (Yang et
+al.: abstraction, symbolic induction and retrieval heads by significance), and
+:func:`compare_chg_cma` (the paper's Figure 4: max facilitation over seeds vs CMA, Welch t-test).
+
+Example::
+
+    from chg_lens import patching
+    res = patching.ioi_patching(model, n_prompts=32)
+    res.frame.sort_values("effect", ascending=False).head()   # layer, head, effect, se, mediating
+    res.effects                                               # [n_layers, n_heads] AIE
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from . import gates as gates_mod
+from . import models
+from .ablation import _check_heads, all_heads, score_configs
+from .data import TaskDataset
+from .logprobs import RowScores
+from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+
+METRICS = ("logprob", "prob", "logit_diff")
+RULES = ("std", "significance")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def check_pair(clean: TaskDataset, corrupted: TaskDataset) -> None:
+    """Raise ``ValueError`` unless clean and corrupted rows have the same count and token lengths."""
+    if len(clean) != len(corrupted):
+        raise ValueError(f"clean has {len(clean)} rows but corrupted has {len(corrupted)}; pair them row by row")
+    if not bool((clean.lengths == corrupted.lengths).all()):
+        bad = int((clean.lengths != corrupted.lengths).nonzero()[0])
+        raise ValueError(
+            f"row {bad}: clean is {int(clean.lengths[bad])} tokens but corrupted is {int(corrupted.lengths[bad])}; "
+            "patching needs clean and corrupted prompts of equal token length (use single-token substitutions)"
+        )
+    if not torch.equal(clean.loss_mask[:, : corrupted.tokens.shape[1]], corrupted.loss_mask[:, : clean.tokens.shape[1]]):
+        raise ValueError("clean and corrupted rows must have their targets at the same positions")
+
+
+def position_mask(data: TaskDataset, positions: Any = "all") -> Bool[Tensor, "rows pos"] | None:
+    """Where patches act: ``"all"`` (None: every position), ``"last"`` (the position that predicts
+    each row's first target, i.e. the prompt's last token), a list of token indices used for every
+    row (negative = from the last prompt token back), or a bool mask ``[rows, pos]``."""
+    if isinstance(positions, Tensor):
+        if positions.dtype != torch.bool or tuple(positions.shape) != tuple(data.tokens.shape):
+            raise ValueError(f"a positions mask must be bool and shaped like the tokens {tuple(data.tokens.shape)}")
+        return positions
+    if positions is None or positions == "all":
+        return None
+    last = data.loss_mask[:, 1:].to(torch.long).argmax(dim=1)  # predicts the first target
+    mask = torch.zeros_like(data.tokens, dtype=torch.bool)
+    rows = torch.arange(len(data))
+    if positions == "last":
+        mask[rows, last] = True
+        return mask
+    if isinstance(positions, str):
+        raise ValueError(f"positions must be 'all', 'last', a list of token indices or a bool mask; got {positions!r}")
+    for p in positions:
+        p = int(p)
+        col = last + 1 + p if p < 0 else torch.full_like(last, p)
+        if bool(((col < 0) | (col > last)).any()):
+            raise ValueError(f"position {p} falls outside some row's prompt")
+        mask[rows, col] = True
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchResult:
+    """Per head: ``frame`` (``layer, head, effect`` (AIE), ``se``, ``t``, ``p``, ``mediating``),
+    ``per_prompt`` indirect effects ``[n_heads_patched, rows]``, and the clean/corrupted baselines."""
+
+    frame: pd.DataFrame
+    per_prompt: Float[Tensor, "heads rows"]
+    baseline: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def tensor(self, column: str = "effect") -> Float[Tensor, "layer head"]:
+        """``column`` as ``[n_layers, n_heads]`` (NaN for heads not patched)."""
+        L, H = int(self.meta["n_layers"]), int(self.meta["n_heads"])
+        out = torch.full((L, H), float("nan"))
+        f = self.frame
+        out[torch.tensor(f["layer"].to_numpy(dtype="int64")), torch.tensor(f["head"].to_numpy(dtype="int64"))] = torch.tensor(
+            f[column].to_numpy(dtype="float64"), dtype=torch.float32)
+        return out
+
+    @property
+    def effects(self) -> Float[Tensor, "layer head"]:
+        """The AIE as an ``[n_layers, n_heads]`` tensor."""
+        return self.tensor("effect")
+
+    def mediating_heads(self) -> list[tuple[int, int]]:
+        f = self.frame[self.frame["mediating"]].sort_values("effect", ascending=False)
+        return list(zip(f["layer"].astype(int), f["head"].astype(int)))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = save_bundle(path, {"per_prompt": self.per_prompt, "effects": self.effects},
+                           {"kind": "patching", "frame": frame_to_json(self.frame), "baseline": self.baseline,
+                            "meta": self.meta})
+        self.frame.to_parquet(path / "frame.parquet", index=False)
+        self.frame.to_csv(path / "frame.csv", index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PatchResult":
+        tensors, meta = load_bundle(path)
+        if meta.get("kind") != "patching":
+            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a patching result")
+        frame = frame_from_json(meta["frame"])
+        frame["mediating"] = frame["mediating"].astype(bool)
+        return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])
+
+
+def _metric(scores: RowScores, metric: str) -> Float[Tensor, "configs rows"]:
+    if metric == "logprob":
+        return scores.logprob_sum
+    if metric == "prob":
+        return scores.logprob_sum.exp()
+    return scores.logit_diff
+
+
+def label_mediating(
+    effect: Tensor, se: Tensor, n: int, rule: str = "std", n_std: float = 3.0, alpha: float = 0.05
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(mediating, t, p) per head. ``"std"``: AIE above the mean over heads plus ``n_std`` standard
+    deviations (Todd et al.); ``"significance"``: one-sided one-sample t-test of the per-prompt
+    effects > 0, Bonferroni-corrected over heads (p < alpha / n_heads)."""
+    from scipy import stats
+
+    if rule not in RULES:
+        raise ValueError(f"mediating rule must be one of {RULES}; got {rule!r}")
+    t = effect / se.clamp_min(1e-12)
+    p = torch.as_tensor(stats.t.sf(t.double().numpy(), df=max(n - 1, 1)), dtype=torch.float64)
+    if rule == "std":
+        mediating = effect > effect.mean() + n_std * effect.std()
+    else:
+        mediating = p < alpha / max(len(effect), 1)
+    return mediating, t, p
+
+
+# --------------------------------------------------------------------------------------------
+# Patching
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def clean_z(model, data: TaskDataset, batch_size: int = 32) -> dict[int, Float[Tensor, "rows pos head d_head"]]:
+    """Every head's ``z`` on ``data`` (CPU), batch by batch; the source of a patch."""
+    model = models.as_model(model)
+    out: dict[int, list[Tensor]] = {}
+    dev = models.device(model)
+    width = data.tokens.shape[1]
+    for r in range(0, len(data), batch_size):
+        for l, z in models.cache_z(model, data.tokens[r : r + batch_size].to(dev)).items():
+            out.setdefault(l, []).append(z[:, :width].cpu())
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def patch_heads(
+    model,
+    clean: TaskDataset,
+    corrupted: TaskDataset,
+    heads: Sequence[tuple[int, int]] | None = None,
+    positions: Any = "all",
+    metric: str = "auto",
+    mediating: str = "std",
+    n_std: float = 3.0,
+    alpha: float = 0.05,
+    prefix_reuse: bool = True,
+    batch_size: int = 16,
+    max_rows_per_pass: int = 256,
+    progress: bool = False,
+) -> PatchResult:
+    """Patch each head's ``z`` from the clean run into the corrupted run, one head per
+    configuration, many configurations per pass.
+
+    The corrupted rows are scored on their own targets (in the presets the clean answer).
+    ``metric``: ``"logit_diff"`` (needs ``row_meta["answers"]`` = [correct, wrong] on ``clean``),
+    ``"logprob"`` (summed target log-prob) or ``"prob"``; ``"auto"`` picks logit_diff when answers
+    exist. ``positions``: see :func:`position_mask`. ``mediating``: see :func:`label_mediating`.
+
+    Example::
+
+        clean, corrupted = chg_lens.tasks.ioi_pairs(model, n_prompts=32)
+        res = patch_heads(model, clean, corrupted, positions="all")
+    """
+    model = models.as_model(model)
+    check_pair(clean, corrupted)
+    answers = clean.row_meta.get("answers")
+    if metric == "auto":
+        metric = "logit_diff" if answers is not None else "logprob"
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS} or 'auto'; got {metric!r}")
+    if metric == "logit_diff" and answers is None:
+        raise ValueError("metric 'logit_diff' needs clean.row_meta['answers'] = [[correct_id, wrong_id], ...]")
+    heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
+    _check_heads(model, heads)
+    if not heads:
+        raise ValueError("no heads to patch")
+    corrupted.check_model(model)
+    clean.check_model(model)
+    pos = position_mask(corrupted, positions)
+
+    src = clean_z(model, clean, batch_size)
+    ones = gates_mod.ones(model)
+    configs = torch.cat([ones[None], gates_mod.single_head_configs(model, heads, 0.0)])
+    kw = dict(answers=answers if metric == "logit_diff" else None, batch_size=batch_size,
+              max_rows_per_pass=max_rows_per_pass)
+    patched = score_configs(model, corrupted, configs, src, pos, prefix_reuse=prefix_reuse, progress=progress,
+                            desc="patching", **kw)
+    clean_run = score_configs(model, clean, ones, **kw)
+    values = _metric(patched, metric)
+    ie = values[1:] - values[0:1]  # [heads, rows]
+    n = ie.shape[1]
+    effect = ie.mean(dim=1)
+    se = ie.std(dim=1) / math.sqrt(n) if n > 1 else torch.zeros_like(effect)
+    med, t, p = label_mediating(effect, se, n, mediating, n_std, alpha)
+    frame = pd.DataFrame({"layer": [l for l, _ in heads], "head": [h for _, h in heads],
+                          "effect": effect.double().numpy(), "se": se.double().numpy(),
+                          "t": t.double().numpy(), "p": p.numpy(), "mediating": med.numpy().astype(bool)})
+    baseline = {"clean": float(_metric(clean_run, metric).mean()), "corrupted": float(values[0].mean()),
+                "clean_accuracy": float(clean_run.correct.float().mean()),
+                "corrupted_accuracy": float(patched.correct[0].float().mean())}
+    meta = {"model": models.model_name(model), "task": clean.name, "corruption": corrupted.name,
+            "n_rows": n, "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
+            "metric": metric, "positions": positions if isinstance(positions, (str, list)) else "mask",
+            "mediating_rule": mediating, "n_std": n_std, "alpha": alpha, "versions": library_versions()}
+    return PatchResult(frame, ie, baseline, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def ioi_patching(model, n_prompts: int = 64, seed: int = 0, positions: Any = "all", metric: str = "logit_diff",
+                 **kwargs) -> PatchResult:
+    """IOI with ABC corruption (the second subject replaced by a third name); logit difference
+    IO - S. Name movers (late heads that copy the IO) get the largest effects.
+
+    Example::
+
+        ioi_patching(model, n_prompts=32).frame.nlargest(5, "effect")
+    """
+    from .tasks import ioi_pairs
+
+    model = models.as_model(model)
+    clean, corrupted = ioi_pairs(model, n_prompts=n_prompts, seed=seed)
+    return patch_heads(model, clean, corrupted, positions=positions, metric=metric, **kwargs)
+
+
+def function_vector_patching(
+    model, task: str = "antonym", n_prompts: int = 64, n_shots: int = 10, seed: int = 0, data_dir: Any = None,
+    metric: str = "prob", n_std: float = 3.0, **kwargs,
+) -> PatchResult:
+    """Todd et al.'s function-vector CMA: clean 10-shot prompts vs the same prompts with the example
+    answers shuffled; each head's clean ``z`` is patched at the last position only; the effect is
+    the gain in the correct answer's probability; mediating heads have AIE > mean + 3 std.
+
+    Example::
+
+        function_vector_patching(model, "antonym", data_dir="../shared/data/function_vectors")
+    """
+    from .tasks.function_vectors import fv_pairs
+
+    model = models.as_model(model)
+    clean, corrupted = fv_pairs(model, task=task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, data_dir=data_dir)
+    return patch_heads(model, clean, corrupted, positions="last", metric=metric, mediating="std", n_std=n_std, **kwargs)
+
+
+SYMBOLIC_KINDS = ("abstraction", "induction", "retrieval")
+
+
+def symbolic_pairs(model, kind: str, n_prompts: int = 64, seed: int = 0, n_examples: int = 4):
+    """Clean/corrupted ABA/ABB pairs for one of Yang et al.'s head types, and where to patch.
+
+    - ``"induction"``: the corrupted prompt has the same words under the other rule (its examples
+      induce the other symbol); patch at the last position; effect on the logit of the clean answer
+      minus the answer the corrupted rule gives (symbolic induction heads carry the induced symbol).
+    - ``"abstraction"``: same pair, patched at the example positions where the rule shows (each
+      example's third word); heads there abstract which symbol a word plays.
+    - ``"retrieval"``: the corrupted prompt keeps the rule and the examples but swaps the query's
+      two words; patched at the last position; heads that retrieve the actual token move the logit
+      toward the clean answer token.
+    Returns ``(clean, corrupted, positions)`` with ``answers`` = [clean answer, corrupted answer].
+    """
+    from .tasks.symbolic import aba_abb_dataset, aba_abb_rows
+
+    if kind not in SYMBOLIC_KINDS:
+        raise ValueError(f"kind must be one of {SYMBOLIC_KINDS}; got {kind!r}")
+    tok = models.tokenizer(model)
+    rows = aba_abb_rows(tok, n_prompts, seed, n_examples)
+    if kind == "retrieval":
+        other = [r.with_query(r.query[1], r.query[0]) for r in rows]
+    else:
+        other = [r.with_rule("ABB" if r.rule == "ABA" else "ABA") for r in rows]
+    clean = aba_abb_dataset(model, rows, name="aba_abb")
+    corrupted = aba_abb_dataset(model, other, name=f"aba_abb_{kind}")
+    # Logit difference: clean answer vs the answer the corrupted prompt implies.
+    clean.row_meta["answers"] = [[a[0], c[0]] for a, c in zip(clean.row_meta["answers"], corrupted.row_meta["answers"])]
+    if kind == "abstraction":
+        mask = torch.zeros_like(corrupted.tokens, dtype=torch.bool)
+        offset = corrupted.lengths - (6 * n_examples + 5)  # 1 with a BOS token, else 0
+        rows = torch.arange(len(corrupted))
+        for k in range(n_examples):
+            mask[rows, offset + 6 * k + 4] = True  # a^b^[x]: the third word of example k
+        positions: Any = mask
+    else:
+        positions = "last"
+    return clean, corrupted, positions
+
+
+def symbolic_patching(
+    model, kinds: Sequence[str] = SYMBOLIC_KINDS, n_prompts: int = 64, seed: int = 0, alpha: float = 0.05, **kwargs,
+) -> dict[str, PatchResult]:
+    """Yang et al.'s three CMA screens on ABA/ABB prompts (see :func:`symbolic_pairs`); heads are
+    labelled by significance (one-sided t-test, Bonferroni over heads). Returns ``{kind: result}``.
+
+    Example::
+
+        res = symbolic_patching(model, n_prompts=32)
+        res["induction"].mediating_heads()
+    """
+    model = models.as_model(model)
+    out = {}
+    for kind in kinds:
+        clean, corrupted, pos = symbolic_pairs(model, kind, n_prompts, seed)
+        out[kind] = patch_heads(model, clean, corrupted, positions=pos, metric="logit_diff",
+                                mediating="significance", alpha=alpha, **kwargs)
+        out[kind].meta["kind"] = kind
+    return out
+
+
+def symbolic_frame(results: dict[str, PatchResult]) -> pd.DataFrame:
+    """One row per head: ``layer, head, effect`` (the largest effect over kinds), ``se``,
+    ``mediating`` (significant for any kind) and ``head_type`` (the significant kind with the largest
+    t, or "insignificant"), as in the paper's Figure 4b."""
+    frames = []
+    for kind, res in results.items():
+        f = res.frame[["layer", "head", "effect", "se", "t", "mediating"]].copy()
+        f["kind"] = kind
+        frames.append(f)
+    long = pd.concat(frames, ignore_index=True)
+    best = long.sort_values("effect", ascending=False).groupby(["layer", "head"], as_index=False).first()
+    sig = long[long["mediating"]].sort_values("t", ascending=False).groupby(["layer", "head"], as_index=False).first()
+    best = best.merge(sig[["layer", "head", "kind"]].rename(columns={"kind": "head_type"}), on=["layer", "head"], how="left")
+    best["head_type"] = best["head_type"].fillna("insignificant")
+    best["mediating"] = best["head_type"] != "insignificant"
+    return best[["layer", "head", "effect", "se", "mediating", "head_type"]].sort_values(["layer", "head"], ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# CHG against CMA (the paper's Figure 4)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Welch t-test of max-over-seeds facilitation, mediating vs other heads, and the per-head frame
+    (``layer, head, facilitation, effect, mediating``)."""
+
+    frame: pd.DataFrame
+    t: float
+    dof: float
+    p: float
+    mean_mediating: float
+    mean_other: float
+    n_mediating: int
+    n_other: int
+
+    def summary(self) -> str:
+        return (f"facilitation: mediating {self.mean_mediating:.3f} (n={self.n_mediating}) vs other "
+                f"{self.mean_other:.3f} (n={self.n_other}); Welch t({self.dof:.2f}) = {self.t:.2f}, p = {self.p:.3g}")
+
+
+def compare_chg_cma(chg: Any, cma: PatchResult | pd.DataFrame) -> Comparison:
+    """Per head, the maximum facilitation over CHG seeds against the CMA score; Welch t-test
+    (``scipy.stats.ttest_ind(equal_var=False)``) of facilitation for mediating vs other heads.
+
+    ``chg``: a :class:`~chg_lens.chg.CHGResult` or its ``scores()`` frame. ``cma``: a
+    :class:`PatchResult` or a frame with ``layer, head, effect, mediating`` (e.g.
+    :func:`symbolic_frame`).
+
+    Example::
+
+        cmp = compare_chg_cma(result, function_vector_patching(model, "antonym", data_dir=...))
+        cmp.t, cmp.dof, cmp.p, cmp.summary()
+    """
+    from scipy import stats
+
+    scores = chg.scores() if hasattr(chg, "scores") else chg
+    fac = scores.groupby(["layer", "head"], as_index=False)["facilitation"].max()
+    cma_frame = cma.frame if isinstance(cma, PatchResult) else cma
+    missing = {"layer", "head", "effect", "mediating"} - set(cma_frame.columns)
+    if missing:
+        raise ValueError(f"the CMA frame lacks columns {sorted(missing)}")
+    frame = fac.merge(cma_frame[["layer", "head", "effect", "mediating"]], on=["layer", "head"], how="inner")
+    if frame.empty:
+        raise ValueError("no head appears in both the CHG result and the CMA result; same model?")
+    frame["mediating"] = frame["mediating"].astype(bool)
+    med, other = frame.loc[frame["mediating"], "facilitation"], frame.loc[~frame["mediating"], "facilitation"]
+    if len(med) < 2 or len(other) < 2:
+        raise ValueError(f"a Welch t-test needs at least 2 heads per group; got {len(med)} mediating and {len(other)} other")
+    res = stats.ttest_ind(med.to_numpy(), other.to_numpy(), equal_var=False)
+    dof = getattr(res, "df", None)
+    if dof is None:  # older scipy: the Welch-Satterthwaite degrees of freedom
+        v1, v2 = med.var() / len(med), other.var() / len(other)
+        dof = (v1 + v2) ** 2 / (v1 ** 2 / (len(med) - 1) + v2 ** 2 / (len(other) - 1))
+    return Comparison(frame, float(res.statistic), float(dof), float(res.pvalue), float(med.mean()),
+                      float(other.mean()), int(len(med)), int(len(other)))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `chg-lens patch`
+# --------------------------------------------------------------------------------------------
+
+CORRUPTIONS = {"ioi": ("abc",), "fv": ("shuffled",), "aba_abb": SYMBOLIC_KINDS}
+
+
+def add_cli_arguments(p) -> None:
+    """Arguments of ``chg-lens patch``."""
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--task", choices=sorted(CORRUPTIONS), default="ioi",
+                   help="ioi (ABC corruption), fv (function vectors: answers shuffled), aba_abb (symbolic)")
+    p.add_argument("--corruption", default=None,
+                   help="ioi: abc; fv: shuffled; aba_abb: abstraction, induction, retrieval or 'all' (default: all)")
+    p.add_argument("--fv-task", default="antonym", help="fv: which function-vector task")
+    p.add_argument("--data-dir", default=None, help="fv: the function_vectors data folder")
+    p.add_argument("--n-prompts", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positions", default=None, help="all, last, or token indices '2,-1' (default: the preset's)")
+    p.add_argument("--metric", choices=[*METRICS, "auto"], default=None, help="default: the preset's")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-rows-per-pass", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", default="runs/patch")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(a) -> int:
+    """``chg-lens patch``: writes a results folder per corruption (frame.parquet/csv, meta.json, tensors)."""
+    import time
+
+    t0 = time.time()
+    kinds = CORRUPTIONS[a.task]
+    corruption = a.corruption or ("all" if a.task == "aba_abb" else kinds[0])
+    if corruption != "all" and corruption not in kinds:
+        raise ValueError(f"--corruption for {a.task} must be one of {kinds}" + (" or all" if a.task == "aba_abb" else ""))
+    kw: dict[str, Any] = dict(batch_size=a.batch_size, max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress)
+    if a.positions is not None:
+        kw["positions"] = a.positions if a.positions in ("all", "last") else [int(x) for x in a.positions.split(",")]
+    if a.metric is not None:
+        kw["metric"] = a.metric
+    model = models.load_model(a.model, device=a.device, dtype=a.dtype)
+    out = Path(a.out)
+    if a.task == "ioi":
+        results = {"abc": ioi_patching(model, n_prompts=a.n_prompts, seed=a.seed, **kw)}
+    elif a.task == "fv":
+        if "positions" in kw:
+            raise ValueError("fv patches the last position (Todd et al.); drop --positions")
+        results = {"shuffled": function_vector_patching(model, a.fv_task, n_prompts=a.n_prompts, seed=a.seed,
+                                                        data_dir=a.data_dir, **kw)}
+    else:
+        chosen = kinds if corruption == "all" else (corruption,)
+        results = {}
+        for kind in chosen:
+            clean, corrupted, pos = symbolic_pairs(model, kind, a.n_prompts, a.seed)
+            opts = {"positions": pos, "metric": "logit_diff", **kw}
+            results[kind] = patch_heads(model, clean, corrupted, mediating="significance", **opts)
+            results[kind].meta["kind"] = kind
+    for name, res in results.items():
+        res.meta.update(model=a.model, preset=a.task, corruption=name)
+        path = res.save(out if len(results) == 1 else out / name)
+        top = res.frame.nlargest(5, "effect")
+        print(f"{a.task}/{name}: clean {res.baseline['clean']:.3f}, corrupted {res.baseline['corrupted']:.3f} "
+              f"({res.meta['metric']}); top heads: " + ", ".join(
+                  f"L{int(r.layer)}H{int(r['head'])} {r.effect:+.3f}" for _, r in top.iterrows())
+              + f"; {int(res.frame.mediating.sum())} mediating -> {path}")
+    if a.task == "aba_abb" and len(results) > 1:
+        symbolic_frame(results).to_csv(out / "head_types.csv", index=False)
+    print(f"done in {time.time() - t0:.0f}s")
+    return 0
