@@ -1,0 +1,673 @@
+"""Contrastive Causal Head Gating (paper section 4.4, Eq. 2): one gate matrix that keeps a task in
+one formulation (retain) and removes it in a matched one (forget), so the heads it switches off are
+those that only the forgotten formulation needs.
+
+Example::
+
+    import chg_lens
+    from chg_lens.contrastive import fit_contrastive, evaluate_contrastive
+    from chg_lens.tasks.function_vectors import fv_formats
+    model = chg_lens.load_model("smollm2-135m-instruct")
+    f = fv_formats(model, "antonym", n_prompts=64, data_dir="../shared/data/function_vectors")
+    result = fit_contrastive(model, retain=f["instruction"], forget=f["icl"], updates=100, batch_size=16)
+    result.gates_frame().query("off")          # heads switched off
+    evaluate_contrastive(model, result, f["instruction"], f["icl"])   # accuracy / logprob with 95% CIs
+    result.save("runs/antonym_forget_icl")     # ContrastiveResult.load(...) is exact
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from . import models
+from .chg import CHGResult
+from .data import TaskDataset, concat
+from .fitting import Checkpointer, Stage, StageSpec, clipped_logit_mean, run_stages, uniform_gate_logits
+from .logprobs import evaluate, row_logprobs
+from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
+                      snapshots_frame, traces_frame, unpack_stages)
+from .stats import t_interval, wilson_interval
+
+STAGE = "contrast"
+SIX_TASKS = ("antonym", "capitalize", "country-capital", "english-french", "present-past", "singular-plural")
+DIRECTIONS = ("forget_icl", "forget_instruction")
+"""``forget_icl``: retain the instruction format, forget ICL; ``forget_instruction``: the reverse."""
+
+
+@dataclass
+class ContrastiveConfig:
+    """Every fitting option, with the paper's appendix defaults (section 6.2)."""
+
+    n_seeds: int = 1
+    updates: int = 500
+    batch_size: int = 64
+    lam: float = 0.1
+    max_diff: float = 5.0
+    lr: float = 0.1
+    lr_end: float = 0.01
+    clip: float = 4.0
+    seed: int = 0
+    grad_accum: int = 1
+    snapshot_every: int = 10
+
+    def check(self) -> None:
+        for name in ("n_seeds", "updates", "batch_size", "grad_accum", "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        for name in ("max_diff", "clip", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.lr_end < 0:
+            raise ValueError(f"lr_end must be >= 0; got {self.lr_end}")
+
+
+# --------------------------------------------------------------------------------------------- pairing
+def _targets(data: TaskDataset) -> list[tuple[int, ...]]:
+    return [tuple(row[m].tolist()) for row, m in zip(data.tokens, data.loss_mask)]
+
+
+def check_matched(retain: TaskDataset, forget: TaskDataset) -> None:
+    """Raise ``ValueError`` unless row ``i`` of ``retain`` and ``forget`` can be the same problem.
+
+    Sizes must be equal. When both carry ``row_meta["pair_id"]`` the ids must agree row by row.
+    Otherwise, when both hold the same target sequences, they must come in the same order (the
+    same targets in another order means the rows were shuffled apart). Data sets whose targets
+    differ by design (a contrast of outputs) are accepted on size alone.
+
+    Example::
+
+        check_matched(f["instruction"], f["icl"])
+    """
+    for name, d in (("retain", retain), ("forget", forget)):
+        if not isinstance(d, TaskDataset):
+            raise TypeError(f"{name} must be a TaskDataset; got {type(d).__name__} "
+                            "(a registered task returns (train, validation): pass one of them)")
+    if len(retain) != len(forget):
+        raise ValueError(
+            f"retain has {len(retain)} rows but forget has {len(forget)}: contrastive CHG needs matched rows "
+            "(row i of both = the same problem in two formulations); build both from the same problems, e.g. "
+            "chg_lens.tasks.function_vectors.fv_formats, and split them with the same seed")
+    a, b = retain.row_meta.get("pair_id"), forget.row_meta.get("pair_id")
+    if a is not None and b is not None:
+        bad = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        if bad:
+            i = bad[0]
+            raise ValueError(f"{len(bad)} of {len(a)} rows are not paired: row_meta['pair_id'] differs (first: row {i}, "
+                             f"{a[i]!r} vs {b[i]!r}); order both data sets so row i is the same problem")
+        return
+    ta, tb = _targets(retain), _targets(forget)
+    if ta != tb and sorted(ta) == sorted(tb):
+        bad = sum(x != y for x, y in zip(ta, tb))
+        first = next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y)
+        raise ValueError(
+            f"retain and forget hold the same targets but {bad} of {len(ta)} rows are not in the same order "
+            f"(first: row {first}): the rows are not paired; order both data sets so row i is the same problem, "
+            "or give both a row_meta['pair_id']")
+
+
+# --------------------------------------------------------------------------------------------- result
+@dataclass
+class ContrastiveResult:
+    """Fitted contrastive gates of every seed, per-update traces and the metadata to reproduce them.
+
+    ``logits`` is ``[n_seeds, n_layers, n_heads]``; ``traces`` maps ``retain_nll``, ``forget_nll``,
+    ``forget_term``, ``reg`` and ``loss`` to ``[updates, n_seeds]``; ``evaluation`` (when fitted with
+    evaluation data) is the frame of :func:`evaluate_contrastive`.
+    """
+
+    logits: Float[Tensor, "seeds layer head"]
+    traces: dict[str, Float[Tensor, "updates seeds"]]
+    snapshots: Float[Tensor, "snaps seeds layer head"]
+    snapshot_steps: Tensor
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    evaluation: pd.DataFrame | None = None
+
+    @property
+    def gates(self) -> Float[Tensor, "seeds layer head"]:
+        """The fitted gates in [0, 1]."""
+        return torch.sigmoid(self.logits)
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.logits.shape[0])
+
+    def gate_matrix(self) -> Float[Tensor, "layer head"]:
+        """Gates averaged over seeds, ``[n_layers, n_heads]``."""
+        return self.gates.mean(dim=0)
+
+    def off_heads(self, threshold: float = 0.5) -> list[tuple[int, int]]:
+        """Heads whose seed-averaged gate is below ``threshold``: what only the forgotten variant needs."""
+        return [tuple(x) for x in (self.gate_matrix() < threshold).nonzero().tolist()]
+
+    def gates_frame(self, threshold: float = 0.5) -> pd.DataFrame:
+        """One row per (seed, layer, head): ``gate`` and ``off`` (gate < threshold)."""
+        g = self.gates
+        idx = torch.cartesian_prod(*(torch.arange(n) for n in g.shape))
+        frame = pd.DataFrame({"seed": idx[:, 0].numpy(), "layer": idx[:, 1].numpy(), "head": idx[:, 2].numpy(),
+                              "gate": g.flatten().double().numpy()})
+        frame["off"] = frame["gate"] < threshold
+        return frame
+
+    def trace_frame(self) -> pd.DataFrame:
+        """Per-update traces as a long frame: stage, update, seed, name, value."""
+        return traces_frame({STAGE: self.traces})
+
+    def trajectories(self) -> pd.DataFrame:
+        """Gate snapshots as a long frame: stage, update, seed, layer, head, gate."""
+        return snapshots_frame({STAGE: self.snapshots}, {STAGE: self.snapshot_steps})
+
+    def summary(self) -> str:
+        t = self.traces
+        lines = [f"contrastive CHG on {self.meta.get('model')}: retain {self.meta.get('retain')}, forget "
+                 f"{self.meta.get('forget')}; {self.n_seeds} seed(s), {self.config['updates']} updates, "
+                 f"batch {self.config['batch_size']}, lambda {self.config['lam']}",
+                 f"  final retain NLL {float(t['retain_nll'][-1].mean()):.4f}, forget NLL "
+                 f"{float(t['forget_nll'][-1].mean()):.4f} (first update: {float(t['retain_nll'][0].mean()):.4f}, "
+                 f"{float(t['forget_nll'][0].mean()):.4f})",
+                 f"  heads off (mean gate < 0.5): {len(self.off_heads())} of {self.logits[0].numel()}: "
+                 + ", ".join(f"L{l}H{h}" for l, h in self.off_heads()[:20])
+                 + (" ..." if len(self.off_heads()) > 20 else "")]
+        if self.evaluation is not None:
+            e = self.evaluation.groupby(["variant", "gates"], sort=False)[["accuracy", "logprob"]].mean()
+            for (variant, gates), row in e.iterrows():
+                lines.append(f"  {variant:7s} {gates:8s} accuracy {row.accuracy:.3f}  logprob {row.logprob:8.4f}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ io
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tensors.safetensors``, ``meta.json`` and ``gates.csv`` to the folder ``path``."""
+        tensors = pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
+                              {STAGE: self.snapshot_steps})
+        meta = {"kind": "contrastive", "config": self.config, "meta": self.meta,
+                "evaluation": None if self.evaluation is None else frame_to_json(self.evaluation)}
+        path = save_bundle(path, tensors, meta)
+        self.gates_frame().to_csv(path / "gates.csv", index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ContrastiveResult":
+        tensors, meta = load_bundle(path)
+        if meta.get("kind") != "contrastive":
+            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a contrastive CHG result")
+        logits, traces, snapshots, steps = unpack_stages(tensors)
+        ev = meta.get("evaluation")
+        return cls(logits=logits[STAGE], traces=traces[STAGE], snapshots=snapshots[STAGE],
+                   snapshot_steps=steps[STAGE], config=meta["config"], meta=meta["meta"],
+                   evaluation=None if ev is None else frame_from_json(ev))
+
+
+# --------------------------------------------------------------------------------------------- fitting
+def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, gates: Tensor,
+                 one_pass: bool | None) -> tuple[Tensor, Tensor]:
+    """Summed target log-probs ``[configs, rows]`` of the retain and forget rows ``rows``.
+
+    One forward pass over both row sets when their widths are close (padding waste <= 25%, or
+    ``one_pass=True``), else two passes."""
+    def trim(d: TaskDataset):
+        m = d.loss_mask[rows]
+        w = int(m.any(dim=0).nonzero().max()) + 1
+        return d.tokens[rows, :w], m[:, :w]
+
+    (tr, mr), (tf, mf) = trim(retain), trim(forget)
+    wr, wf = tr.shape[1], tf.shape[1]
+    if one_pass is None:
+        one_pass = 2 * max(wr, wf) <= 1.25 * (wr + wf)
+    if not one_pass:
+        return (row_logprobs(model, tr, mr, gates).logprob_sum, row_logprobs(model, tf, mf, gates).logprob_sum)
+    w = max(wr, wf)
+    grow = lambda t, fill: torch.nn.functional.pad(t, (0, w - t.shape[1]), value=fill)
+    tokens = torch.cat([grow(tr, retain.pad_token_id), grow(tf, forget.pad_token_id)])
+    mask = torch.cat([grow(mr, False), grow(mf, False)])
+    lp = row_logprobs(model, tokens, mask, gates).logprob_sum
+    return lp[:, : len(rows)], lp[:, len(rows):]
+
+
+def fit_contrastive(
+    model: Any,
+    retain: TaskDataset,
+    forget: TaskDataset,
+    n_seeds: int = 1,
+    updates: int = 500,
+    batch_size: int = 64,
+    lam: float = 0.1,
+    max_diff: float = 5.0,
+    lr: float = 0.1,
+    lr_end: float = 0.01,
+    clip: float = 4.0,
+    seed: int = 0,
+    *,
+    grad_accum: int = 1,
+    snapshot_every: int = 10,
+    one_pass: bool | None = None,
+    check_pairs: bool = True,
+    evaluate_on: tuple[TaskDataset, TaskDataset] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> ContrastiveResult:
+    """Fit contrastive CHG: keep ``retain``, remove ``forget`` (rows matched one to one).
+
+    Loss per matched pair ``i`` (mean over the batch), per seed::
+
+        -logp_retain[i] + clamp(logp_forget[i] - logp_retain[i].detach(), min=-max_diff)
+        - lam * mean(clamp(logits, -clip, clip))
+
+    ``logp`` is the **summed** log-probability of the row's target tokens, ``log P(y | x)`` of the
+    whole target sequence as in the paper's Eq. 2 (not CHG's per-token mean): the contrast compares
+    the probability of producing the answer, which for a multi-token answer is the product over its
+    tokens, and ``max_diff`` bounds that difference in nats. Once the forget log-prob is
+    ``max_diff`` below the retain log-prob the forget term stops pushing. ``lam > 0`` pulls every
+    gate toward 1, so only heads the forget term needs gone are switched off.
+
+    A single stage from U(0, 1) gates (``seed``), ``updates`` Adam steps with the learning rate
+    decaying linearly from ``lr`` to ``lr_end``; the ``n_seeds`` masks are batched as configurations
+    of one forward pass, and retain and forget rows share that pass when their widths allow
+    (``one_pass``). ``evaluate_on=(retain_eval, forget_eval)`` attaches :func:`evaluate_contrastive`.
+    With ``checkpoint_dir`` the fit resumes where it stopped.
+
+    Example::
+
+        result = fit_contrastive(model, f["instruction"], f["icl"], n_seeds=2, updates=200)
+        result.gates.shape        # [2, n_layers, n_heads]
+    """
+    cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, lr, lr_end, clip, seed, grad_accum,
+                            snapshot_every)
+    cfg.check()
+    model = models.as_model(model)
+    if check_pairs:
+        check_matched(retain, forget)
+    elif len(retain) != len(forget):
+        raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
+    retain.check_model(model)
+    forget.check_model(model)
+    if evaluate_on is not None:
+        check_matched(*evaluate_on)
+        for d in evaluate_on:
+            d.check_model(model)
+    L, H, S = models.n_layers(model), models.n_heads(model), n_seeds
+
+    def data_loss(gates: Tensor, rows: Tensor):
+        lr_, lf = _pair_scores(model, retain, forget, rows, gates, one_pass)
+        forget_term = (lf - lr_.detach()).clamp(min=-max_diff)
+        loss = (-lr_ + forget_term).mean(dim=1)
+        return loss, {"retain_nll": -lr_.mean(dim=1), "forget_nll": -lf.mean(dim=1),
+                      "forget_term": forget_term.mean(dim=1)}
+
+    def regularizer(logits: Tensor):
+        r = clipped_logit_mean(logits, clip)
+        return -lam * r, {"reg": r}
+
+    spec = StageSpec(Stage(STAGE, updates, lr, lr_end), lambda done: uniform_gate_logits((S, L, H), seed), regularizer)
+    ckpt = None
+    if checkpoint_dir is not None:
+        key = {"kind": "contrastive", "config": asdict(cfg), "retain": retain.fingerprint(),
+               "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+        ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
+    with models.frozen(model):
+        done = run_stages([spec], data_loss, len(retain), batch_size, seed, grad_accum, snapshot_every, ckpt, progress)
+    r = done[STAGE]
+    meta = {
+        "model": models.model_name(model), "retain": retain.name, "forget": forget.name,
+        "retain_format": _format_of(retain), "forget_format": _format_of(forget),
+        "n_layers": L, "n_heads": H, "n_train": len(retain), "logprob": "sum over target tokens",
+        "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(),
+        "versions": library_versions(), "tl_major": models.TL_MAJOR, "seconds": r.seconds,
+    }
+    result = ContrastiveResult(r.logits, r.traces, r.snapshots, r.snapshot_steps, asdict(cfg), meta)
+    if evaluate_on is not None:
+        result.evaluation = evaluate_contrastive(model, result, *evaluate_on)
+        result.meta["n_eval"] = len(evaluate_on[0])
+        result.meta["eval_fingerprints"] = [d.fingerprint() for d in evaluate_on]
+    return result
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def _format_of(data: TaskDataset) -> str:
+    return str(data.meta.get("fmt", data.name))
+
+
+def evaluate_contrastive(
+    model: Any,
+    gates: ContrastiveResult | Tensor,
+    retain: TaskDataset,
+    forget: TaskDataset,
+    batch_size: int = 32,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Accuracy and target log-prob of both variants, ungated ("default") and with each seed's gates
+    ("gated"), with ``level`` confidence intervals.
+
+    Accuracy is the share of rows whose every target token is the argmax (Wilson interval); logprob
+    is the mean over rows of the summed target log-probability (Student's t interval). Columns:
+    variant (retain|forget), format, gates (default|gated), seed (-1 for default), accuracy,
+    accuracy_lo, accuracy_hi, logprob, logprob_lo, logprob_hi, n.
+
+    Example::
+
+        evaluate_contrastive(model, result, f["instruction"], f["icl"])
+    """
+    model = models.as_model(model)
+    g = gates.gates if isinstance(gates, ContrastiveResult) else torch.as_tensor(gates, dtype=torch.float32)
+    if g.ndim == 2:
+        g = g.unsqueeze(0)
+    configs = torch.cat([torch.ones(1, *g.shape[1:]), g.detach().float().cpu()])
+    rows = []
+    for variant, data in (("retain", retain), ("forget", forget)):
+        scores = evaluate(model, data, configs, batch_size=batch_size)
+        for k in range(configs.shape[0]):
+            rows.append({"variant": variant, "format": _format_of(data), "gates": "default" if k == 0 else "gated",
+                         "seed": k - 1, **ci_row(scores.correct[k].tolist(), scores.logprob_sum[k].tolist(), level)})
+    return pd.DataFrame(rows)
+
+
+def ci_row(correct: Sequence[bool], logprob: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """accuracy, accuracy_lo/hi (Wilson), logprob, logprob_lo/hi (t) and n of one set of rows."""
+    n = len(correct)
+    k = int(sum(bool(c) for c in correct))
+    lo, hi = wilson_interval(k, n, level)
+    m, mlo, mhi = t_interval(logprob, level)
+    return {"accuracy": k / n if n else float("nan"), "accuracy_lo": lo, "accuracy_hi": hi,
+            "logprob": m, "logprob_lo": mlo, "logprob_hi": mhi, "n": n}
+
+
+# --------------------------------------------------------------------------------------------- overlap
+def facilitating_heads(chg: CHGResult, threshold: float = 0.5, mode: str = "always") -> set[tuple[int, int]]:
+    """Heads whose facilitation score (G-) is >= ``threshold`` in every seed (``always``) or any seed."""
+    if mode not in ("always", "any"):
+        raise ValueError(f"mode must be 'always' or 'any'; got {mode!r}")
+    agg = chg.aggregate()
+    keep = agg[agg[f"{mode}_facilitation"] >= threshold]
+    return {(int(l), int(h)) for l, h in zip(keep["layer"], keep["head"])}
+
+
+def facilitation_overlap(
+    result: ContrastiveResult,
+    chg: Mapping[str, CHGResult],
+    threshold: float = 0.5,
+    mode: str = "always",
+) -> pd.DataFrame:
+    """Overlap of the heads contrastive CHG switched off with each variant's facilitating heads.
+
+    ``chg`` maps a variant name (e.g. ``{"retain": chg_on_instruction, "forget": chg_on_icl}``) to a
+    plain CHG result on that variant. One row per variant: n_off, n_facilitating, n_both, jaccard
+    (|both| / |union|), share_of_off (|both| / n_off) and the shared heads as ``"L.H"`` text.
+    Heads switched off should be facilitating for the forget variant and not for the retain one.
+
+    Example::
+
+        facilitation_overlap(result, {"retain": fit_chg(model, instr), "forget": fit_chg(model, icl)})
+    """
+    off = set(result.off_heads(threshold))
+    rows = []
+    for variant, r in chg.items():
+        shape = (r.meta.get("n_layers"), r.meta.get("n_heads"))
+        if None not in shape and tuple(shape) != tuple(result.logits.shape[1:]):
+            raise ValueError(f"CHG result '{variant}' is for a {shape} model; the contrastive gates are "
+                             f"{tuple(result.logits.shape[1:])}")
+        fac = facilitating_heads(r, threshold, mode)
+        both, union = off & fac, off | fac
+        rows.append({"variant": variant, "n_off": len(off), "n_facilitating": len(fac), "n_both": len(both),
+                     "jaccard": len(both) / len(union) if union else float("nan"),
+                     "share_of_off": len(both) / len(off) if off else float("nan"),
+                     "both": ",".join(f"{l}.{h}" for l, h in sorted(both))})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------- Figure 5
+def _direction_roles(direction: str) -> tuple[str, str]:
+    if direction == "forget_icl":
+        return "instruction", "icl"
+    if direction == "forget_instruction":
+        return "icl", "instruction"
+    raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+
+
+def icl_vs_instruction(
+    model: Any,
+    tasks: Sequence[str] = SIX_TASKS,
+    data_dir: Any = None,
+    heldout: Iterable[str] | None = None,
+    directions: Sequence[str] = DIRECTIONS,
+    n_prompts: int = 256,
+    n_eval: int | None = None,
+    n_shots: int = 10,
+    n_seeds: int = 1,
+    updates: int = 500,
+    batch_size: int = 64,
+    lam: float = 0.1,
+    max_diff: float = 5.0,
+    lr: float = 0.1,
+    lr_end: float = 0.01,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **fit_kwargs: Any,
+) -> pd.DataFrame:
+    """The paper's Figure 5: for each held-out task and direction, fit contrastive CHG on the other
+    tasks (forget one format, retain the other) and score the held-out task in both formats, with
+    and without the gates.
+
+    ``n_prompts`` queries per training task and ``n_eval`` (default ``n_prompts``) for the held-out
+    task, built by ``fv_formats`` (``n_shots``-shot ICL and instruction + one example, row-matched).
+    With ``out_dir`` each fit is saved to ``out_dir/fits/<direction>__<task>/`` (with a checkpoint
+    while it runs), and a second call skips finished fits and resumes a cut one.
+
+    Returns the frame for the plot: direction, heldout_task, format (icl|instruction), gates
+    (default|gated), accuracy, ci_low, ci_high (95% Wilson), n. With several seeds the held-out rows
+    of every seed are pooled (n = rows x seeds).
+
+    Example::
+
+        frame = icl_vs_instruction(model, data_dir="../shared/data/function_vectors", heldout=["antonym"],
+                                   n_prompts=32, updates=20, batch_size=8)
+    """
+    from .tasks.function_vectors import fv_formats
+
+    tasks = list(tasks)
+    heldout = list(tasks if heldout is None else heldout)
+    for d in directions:
+        _direction_roles(d)
+    unknown = [t for t in heldout if t not in tasks]
+    if unknown:
+        raise ValueError(f"held-out task(s) {unknown} are not among tasks {tasks}")
+    if len(tasks) < 2:
+        raise ValueError("need at least two tasks: fit on the others, evaluate on the held-out one")
+    model = models.as_model(model)
+    cache: dict[tuple[str, int], dict[str, TaskDataset]] = {}
+
+    def formats(task: str, n: int) -> dict[str, TaskDataset]:
+        if (task, n) not in cache:
+            cache[(task, n)] = fv_formats(model, task, n_prompts=n, n_shots=n_shots, seed=seed, data_dir=data_dir)
+        return cache[(task, n)]
+
+    formats(heldout[0], n_eval or n_prompts)  # bad data_dir / task names fail here, before any fit
+    frames = []
+    for task in heldout:
+        train = {f: concat([formats(t, n_prompts)[f] for t in tasks if t != task], name=f"fv_{f}_without_{task}")
+                 for f in ("icl", "instruction")}
+        ev = formats(task, n_eval or n_prompts)
+        for direction in directions:
+            keep, drop = _direction_roles(direction)
+            folder = None if out_dir is None else Path(out_dir) / "fits" / f"{direction}__{task}"
+            result = None
+            if folder is not None and (folder / "meta.json").exists():
+                result = ContrastiveResult.load(folder)
+                _check_same_fit(result, folder, train[keep], train[drop], ev[keep], ev[drop], n_seeds=n_seeds,
+                                updates=updates, batch_size=batch_size, lam=lam, max_diff=max_diff, lr=lr,
+                                lr_end=lr_end, seed=seed)
+            if result is None or result.evaluation is None:
+                result = fit_contrastive(
+                    model, train[keep], train[drop], n_seeds=n_seeds, updates=updates, batch_size=batch_size,
+                    lam=lam, max_diff=max_diff, lr=lr, lr_end=lr_end, seed=seed, evaluate_on=(ev[keep], ev[drop]),
+                    checkpoint_dir=None if folder is None else folder / "checkpoint", progress=progress,
+                    **fit_kwargs)
+                result.meta.update(direction=direction, heldout_task=task, tasks=tasks)
+                if folder is not None:
+                    result.save(folder)
+            frames.append(figure5_rows(result, direction, task))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _check_same_fit(result: ContrastiveResult, folder: Path, retain: TaskDataset, forget: TaskDataset,
+                    retain_eval: TaskDataset, forget_eval: TaskDataset, **config: Any) -> None:
+    differs = [k for k, v in config.items() if result.config.get(k) != v]
+    if result.meta.get("retain_fingerprint") != retain.fingerprint() or \
+            result.meta.get("forget_fingerprint") != forget.fingerprint():
+        differs.append("training data")
+    if result.meta.get("eval_fingerprints") != [retain_eval.fingerprint(), forget_eval.fingerprint()]:
+        differs.append("evaluation data")
+    if differs:
+        raise ValueError(f"{folder} holds a fit with other settings ({', '.join(differs)}); "
+                         "use another output folder, or delete that one to refit")
+
+
+def figure5_rows(result: ContrastiveResult, direction: str, task: str) -> pd.DataFrame:
+    """Figure 5 rows of one fit from its stored evaluation (seeds pooled): direction, heldout_task,
+    format, gates, accuracy, ci_low, ci_high, n."""
+    if result.evaluation is None:
+        raise ValueError("the result has no evaluation; fit with evaluate_on=(retain_eval, forget_eval)")
+    keep, drop = _direction_roles(direction)
+    ev = result.evaluation
+    rows = []
+    for variant, fmt in (("retain", keep), ("forget", drop)):
+        for gates in ("default", "gated"):
+            part = ev[(ev["variant"] == variant) & (ev["gates"] == gates)]
+            n = int(part["n"].sum())
+            k = int(round(float((part["accuracy"] * part["n"]).sum())))
+            lo, hi = wilson_interval(k, n)
+            rows.append({"direction": direction, "heldout_task": task, "format": fmt, "gates": gates,
+                         "accuracy": k / n, "ci_low": lo, "ci_high": hi, "n": n})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------- command line
+def load_pairs_file(model: Any, path: str | os.PathLike, name: str | None = None) -> TaskDataset:
+    """Rows of a .json/.jsonl/.csv/.tsv/.parquet file with ``prompt`` and ``target`` columns (optional
+    ``pair_id``, kept in ``row_meta`` for the pairing check) as a :class:`TaskDataset`."""
+    from .tasks.common import columns, load_records
+
+    records = load_records(path)
+    columns(records, ("prompt", "target"), str(path))
+    data = TaskDataset.from_prompts(model, [str(r["prompt"]) for r in records], [str(r["target"]) for r in records],
+                                    name=name or Path(path).stem)
+    if "pair_id" in records[0]:
+        data.row_meta["pair_id"] = [r["pair_id"] for r in records]
+    return data
+
+
+def add_cli_arguments(p) -> None:
+    """Arguments of ``chg-lens contrast`` (see :func:`run_cli`)."""
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="offline alias, .gguf file, local folder or hub name (default: %(default)s)")
+    p.add_argument("--preset", choices=["icl-vs-instruction"], default=None,
+                   help="icl-vs-instruction: the paper's Figure 5 (six function-vector tasks, hold one out, "
+                        "both directions); --retain/--forget are then not used")
+    p.add_argument("--retain", help="data to keep: a registered task (`chg-lens tasks`) or a file with prompt, "
+                                    "target (and optional pair_id) columns (.json, .jsonl, .csv, .tsv, .parquet)")
+    p.add_argument("--forget", help="data to remove, matched row by row with --retain (same task or file kinds)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task argument for both sides, e.g. --task-option task=antonym")
+    p.add_argument("--retain-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task argument for --retain only, e.g. --retain-option fmt=instruction")
+    p.add_argument("--forget-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task argument for --forget only, e.g. --forget-option fmt=icl")
+    p.add_argument("--data-dir", default=None, help="folder with the tasks' data files")
+    p.add_argument("--n-prompts", type=int, default=None, help="rows to build per task (task default if unset)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="evaluation share of a file's rows")
+    p.add_argument("--tasks", default=",".join(SIX_TASKS), help="preset: comma-separated function-vector tasks")
+    p.add_argument("--heldout", default=None, help="preset: comma-separated held-out tasks (default: every task)")
+    p.add_argument("--n-shots", type=int, default=10, help="preset: ICL examples per prompt")
+    p.add_argument("--chg-retain", default=None, help="a saved CHG result on the retain data: write overlap.csv")
+    p.add_argument("--chg-forget", default=None, help="a saved CHG result on the forget data: write overlap.csv")
+    p.add_argument("--n-seeds", type=int, default=1)
+    p.add_argument("--updates", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lam", type=float, default=0.1)
+    p.add_argument("--max-diff", type=float, default=5.0)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr-end", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--out", default="runs/contrast", help="results folder (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _is_file(spec: str) -> bool:
+    return Path(spec).suffix.lower() in (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
+
+
+def _side(model, spec: str, options: dict, a) -> TaskDataset | tuple[TaskDataset, TaskDataset]:
+    """A file as one TaskDataset (split later, after the pairing check), a task as (train, validation)."""
+    import inspect
+
+    from .cli import build_task
+    from .tasks import get_task
+
+    if _is_file(spec):
+        data = load_pairs_file(model, spec)
+        return data.subset(range(min(a.n_prompts, len(data)))) if a.n_prompts is not None else data
+    takes_dir = "data_dir" in inspect.signature(get_task(spec)).parameters
+    return build_task(model, spec, a.n_prompts, a.seed, a.data_dir if takes_dir else None, options)
+
+
+def run_cli(a) -> int:
+    """``chg-lens contrast``: fit contrastive CHG on two matched data sets (or the Figure 5 preset)
+    and write a results folder."""
+    import time
+
+    from .cli import parse_task_options
+    from .models import load_model
+
+    out, t0 = Path(a.out), time.time()
+    kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
+              lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress)
+    if a.preset is None and (not a.retain or not a.forget):
+        raise ValueError("give --retain and --forget (a task name or a file each), or --preset icl-vs-instruction")
+    model = load_model(a.model, device=a.device, dtype=a.dtype)
+    if a.preset == "icl-vs-instruction":
+        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        heldout = None if a.heldout is None else [t.strip() for t in a.heldout.split(",") if t.strip()]
+        frame = icl_vs_instruction(model, tasks=tasks, data_dir=a.data_dir, heldout=heldout,
+                                   n_prompts=a.n_prompts or 32, n_shots=a.n_shots, out_dir=out,
+                                   checkpoint_every=a.checkpoint_every, **kw)
+        frame.to_csv(out / "figure5.csv", index=False)
+        frame.to_parquet(out / "figure5.parquet", index=False)
+        print(frame.to_string(index=False))
+        print(f"wrote {out}/figure5.csv, figure5.parquet and fits/ in {time.time() - t0:.0f}s")
+        return 0
+    shared = parse_task_options(a.task_option)
+    sides = []
+    for spec, opts in ((a.retain, a.retain_option), (a.forget, a.forget_option)):
+        sides.append(_side(model, spec, {**shared, **parse_task_options(opts)}, a))
+    if isinstance(sides[0], TaskDataset) and isinstance(sides[1], TaskDataset):
+        check_matched(*sides)  # whole files first: a split would hide a shuffled pairing
+    (r_train, r_val), (f_train, f_val) = [s.split(a.val_fraction, a.seed) if isinstance(s, TaskDataset) else s
+                                          for s in sides]
+    check_matched(r_train, f_train)
+    check_matched(r_val, f_val)
+    print(f"loaded {a.model} in {time.time() - t0:.0f}s; {len(r_train)} train / {len(r_val)} evaluation pairs")
+    result = fit_contrastive(model, r_train, f_train, evaluate_on=(r_val, f_val), checkpoint_dir=out / "checkpoint",
+                             checkpoint_every=a.checkpoint_every, **kw)
+    result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
+    result.save(out)
+    result.evaluation.to_csv(out / "evaluation.csv", index=False)
+    chg = {k: CHGResult.load(p) for k, p in (("retain", a.chg_retain), ("forget", a.chg_forget)) if p}
+    if chg:
+        facilitation_overlap(result, chg).to_csv(out / "overlap.csv", index=False)
+    summary = result.summary()
+    (out / "summary.txt").write_text(summary + "\n")
+    print(summary)
+    print(f"wrote {out}/ (tensors.safetensors, meta.json, gates.csv, evaluation.csv, summary.txt) "
+          f"in {time.time() - t0:.0f}s")
+    return 0
