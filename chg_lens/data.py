@@ -221,6 +221,36 @@ class TaskSplits(NamedTuple):
     validation: TaskDataset
 
 
+def concat(datasets: Sequence[TaskDataset], name: str | None = None) -> TaskDataset:
+    """Rows of several data sets (same tokenizer and pad id) in order, right-padded to one width.
+
+    ``prompts`` are kept when every part has them; ``row_meta`` keys present in every part, and
+    ``meta`` entries equal in every part, are kept.
+
+    Example::
+
+        both = concat([antonym_train, capitalize_train], name="two_tasks")
+    """
+    parts = list(datasets)
+    if not parts:
+        raise ValueError("concat needs at least one TaskDataset")
+    pads = {d.pad_token_id for d in parts}
+    if len(pads) != 1:
+        raise ValueError(f"data sets have different pad ids {sorted(pads)}: build them with the same tokenizer")
+    width = max(int(d.tokens.shape[1]) for d in parts)
+    pad = parts[0].pad_token_id
+    grow = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+    tokens = torch.cat([grow(d.tokens, pad) for d in parts])
+    mask = torch.cat([grow(d.loss_mask, False) for d in parts])
+    prompts = None if any(d.prompts is None for d in parts) else [p for d in parts for p in d.prompts]
+    keys = set.intersection(*(set(d.row_meta) for d in parts))
+    row_meta = {k: [v for d in parts for v in d.row_meta[k]] for k in sorted(keys)}
+    meta = {k: v for k, v in parts[0].meta.items() if all(k in d.meta and d.meta[k] == v for d in parts[1:])}
+    meta.update(parts=[d.name for d in parts], part_sizes=[len(d) for d in parts])
+    return TaskDataset(tokens, mask, torch.cat([d.lengths for d in parts]), pad,
+                       name or "+".join(d.name for d in parts), prompts, meta, row_meta)
+
+
 def _pad(rows, masks, pad_token_id):
     if not rows:
         raise ValueError("empty data: give at least one row")

@@ -124,6 +124,11 @@ def resid_post_hook_name(layer: int) -> str:
     return get_act_name("resid_post", layer)
 
 
+def resid_pre_hook_name(layer: int) -> str:
+    """``blocks.{layer}.hook_resid_pre``: the residual stream entering block ``layer``."""
+    return get_act_name("resid_pre", layer)
+
+
 def W_O(model) -> Float[Tensor, "layer head d_head d_model"]:
     """Output weights per head, in TransformerLens's layout on both lines."""
     return model.W_O
@@ -143,6 +148,28 @@ def frozen(model) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def autocast(model, mode: str | torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Mixed precision for a pass on ``model``'s device: ``"bf16"`` (or ``"fp16"``) autocast, None = off.
+
+    Matrix products run in the low precision; norms, softmax and the loss stay in float32 (torch's
+    autocast rules). A speed lever: on a CPU with AVX512-BF16 or AMX, and on GPUs.
+
+    Example::
+
+        with models.autocast(model, "bf16"):
+            resid = models.final_residual(model, tokens)
+    """
+    if mode is None:
+        return contextlib.nullcontext()
+    try:
+        dtype = _parse_dtype(mode)
+    except KeyError:
+        dtype = None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be 'bf16', 'fp16' or None; got {mode!r}")
+    return torch.autocast(device_type=device(model).type, dtype=dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
@@ -160,24 +187,103 @@ def run_with_hooks(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[
 
 
 def final_residual(
-    model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook] = ()
+    model,
+    tokens: Int[Tensor, "batch pos"] | None,
+    fwd_hooks: Sequence[Hook] = (),
+    start_at_layer: int | None = None,
+    resid: Float[Tensor, "batch pos d_model"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Run the blocks (with ``fwd_hooks``) and return the residual stream after the last block.
 
     The unembedding is not computed; pass the positions you need to :func:`unembed`. Tokens are
     expected right-padded: with causal attention, padding after a row's last token never changes
     the positions before it, so no attention mask is needed.
+
+    With ``start_at_layer=k`` and ``resid`` (the residual entering block ``k``, e.g. from
+    :func:`residual_at`) the pass starts at block ``k`` (``tokens`` is then unused). TransformerLens
+    3.x skips blocks ``0..k-1``; the 4.x ``TransformerBridge`` still runs them internally on the
+    injected residual and discards their output, so the result is the same but the saving smaller,
+    and hooks on those blocks see the discarded pass.
+
+    Example::
+
+        r = residual_at(model, tokens, 5)
+        final_residual(model, None, hooks, start_at_layer=5, resid=r)   # == final_residual(model, tokens, hooks)
     """
     last = resid_post_hook_name(n_layers(model) - 1)
 
     def stop(resid, hook):
         raise _Stop(resid)
 
+    hooks = [*fwd_hooks, (last, stop)]
     try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (last, stop)])
+        if start_at_layer is None or (start_at_layer == 0 and resid is None):
+            model.run_with_hooks(tokens, fwd_hooks=hooks)
+        else:
+            if resid is None or not 0 <= start_at_layer < n_layers(model):
+                raise ValueError(
+                    f"start_at_layer={start_at_layer} needs the residual entering that block (resid) "
+                    f"and a layer in [0, {n_layers(model)})"
+                )
+            model.run_with_hooks(resid, start_at_layer=start_at_layer, fwd_hooks=hooks)
     except _Stop as s:
         return s.value
     raise RuntimeError(f"the model never reached {last}; is it a decoder-only TransformerLens model?")
+
+
+def residual_at(
+    model, tokens: Int[Tensor, "batch pos"], layer: int, fwd_hooks: Sequence[Hook] = ()
+) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering block ``layer`` (blocks below it run with ``fwd_hooks``);
+    the pass stops there. Feed it to :func:`final_residual` with ``start_at_layer=layer``."""
+    return residuals_at(model, tokens, [layer], fwd_hooks)[layer]
+
+
+def residuals_at(
+    model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], fwd_hooks: Sequence[Hook] = ()
+) -> dict[int, Float[Tensor, "batch pos d_model"]]:
+    """The residual streams entering each block in ``layers``, from one pass that stops at the
+    highest of them (read-only hooks)."""
+    layers = sorted(set(int(l) for l in layers))
+    store: dict[int, Tensor] = {}
+    top = layers[-1]
+
+    def reader(layer: int):
+        def hook(resid, hook):
+            store[layer] = resid.detach().clone()
+            if layer == top:
+                raise _Stop(resid)
+        return hook
+
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, *((resid_pre_hook_name(l), reader(l)) for l in layers)])
+    except _Stop:
+        return store
+    raise RuntimeError(f"the model never reached {resid_pre_hook_name(top)}")
+
+
+def cache_z(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    layers: Sequence[int] | None = None,
+    fwd_hooks: Sequence[Hook] = (),
+) -> dict[int, Float[Tensor, "batch pos head_index d_head"]]:
+    """Every head's ``z`` of one run, per layer, read by hooks that change nothing.
+
+    Example::
+
+        clean_z = cache_z(model, clean.tokens)      # {layer: [rows, pos, n_heads, d_head]}
+    """
+    layers = list(range(n_layers(model))) if layers is None else list(layers)
+    store: dict[int, Tensor] = {}
+
+    def reader(layer: int):
+        def hook(z, hook):
+            store[layer] = z.detach().clone()
+        return hook
+
+    final_residual(model, tokens, [*fwd_hooks, *((z_hook_name(l), reader(l)) for l in layers)])
+    return store
 
 
 def unembed(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
@@ -213,6 +319,10 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
+    *,
+    n_devices: int | None = None,
+    device_map: Any = None,
+    max_memory: dict | None = None,
     **tl_kwargs: Any,
 ):
     """Return a TransformerLens model for ``spec``.
@@ -222,22 +332,34 @@ def load_model(
     ``"smollm2-135m-instruct"``, a local ``.gguf`` file, a local Hugging Face folder, or a hub name
     (online users). On TransformerLens 4.x the result is a ``TransformerBridge``, on 3.x a
     ``HookedTransformer`` without weight processing, so ``hook_z`` matches the original model.
-    Extra keyword arguments (``n_devices``, ``device_map``, ...) pass through to TransformerLens.
+    Extra keyword arguments pass through to TransformerLens.
+
+    Large models: ``n_devices=k`` splits the blocks over ``cuda:0..k-1`` (3.x: HookedTransformer's
+    own ``n_devices``; 4.x: a balanced Hugging Face/accelerate ``device_map`` over k GPUs), and
+    ``device_map`` (4.x only: ``"auto"``, ``"balanced"`` or a dict) with optional ``max_memory``
+    places the layers as accelerate does. See :func:`placement`. Gates follow each layer's ``z``.
 
     Example::
 
         model = load_model("smollm2-135m-instruct")          # offline
         model = load_model("gpt2", device="cuda")             # online, hub name
         model = load_model(my_bridge)                         # already loaded: returned as is
+        model = load_model("meta-llama/Llama-3.1-70B", dtype="bfloat16", n_devices=4)   # split over 4 GPUs
     """
     dtype = _parse_dtype(dtype)
+    place = placement(n_devices, device_map, max_memory, device)
     if is_tl_model(spec):
+        if place["hf"] or place["tl"]:
+            raise ValueError("this model is already loaded: pass n_devices/device_map when loading it")
         if device is not None or dtype is not None:
             spec = spec.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
         return spec
     if isinstance(spec, (str, os.PathLike)):
-        hf_model, tok = _load_hf(str(spec), dtype)
+        hf_model, tok = _load_hf(str(spec), dtype, **place["hf"])
     elif hasattr(spec, "config") and hasattr(spec, "forward"):
+        if place["hf"]:
+            raise ValueError("a Hugging Face model object is used as placed: load it with "
+                             "from_pretrained(..., device_map=...) yourself, then pass it")
         hf_model, tok = spec, tokenizer
     else:
         raise TypeError(
@@ -247,9 +369,11 @@ def load_model(
         )
     if tokenizer is not None:
         tok = tokenizer
-    if dtype is not None:
+    if dtype is not None and not getattr(hf_model, "hf_device_map", None):
         hf_model = hf_model.to(dtype)
-    model = _wrap_hf(hf_model, tok, device=device or "cpu", **tl_kwargs)
+    dispatched = bool(getattr(hf_model, "hf_device_map", None)) and TL_MAJOR >= 4
+    target = None if dispatched else (place["device"] or "cpu")
+    model = _wrap_hf(hf_model, tok, device=target, **place["tl"], **tl_kwargs)
     model.eval()
     if isinstance(spec, str):
         model.cfg.model_name = spec
@@ -263,10 +387,49 @@ def _parse_dtype(dtype):
             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
 
 
-def _load_hf(spec: str, dtype):
+def placement(
+    n_devices: int | None = None,
+    device_map: Any = None,
+    max_memory: dict | None = None,
+    device: str | torch.device | None = None,
+    tl_major: int = TL_MAJOR,
+) -> dict[str, Any]:
+    """How :func:`load_model` places a model: ``{"hf": from_pretrained kwargs, "tl": TransformerLens
+    kwargs, "device": the single device or None}``; a clear ValueError before any loading when the
+    request cannot work (too few GPUs, ``device_map`` on 3.x, both ``device`` and ``device_map``).
+
+    Example::
+
+        placement(n_devices=2)   # 4.x: {"hf": {"device_map": "balanced", "max_memory": {0: ..., 1: ...}}, ...}
+                                 # 3.x: {"tl": {"n_devices": 2}, "device": "cuda", ...}
+    """
+    if n_devices is not None and device_map is not None:
+        raise ValueError("pass n_devices or device_map, not both")
+    if device_map is not None:
+        if tl_major < 4:
+            raise ValueError("TransformerLens 3.x splits a model with n_devices=k (blocks over cuda:0..k-1); "
+                             "device_map needs TransformerLens 4")
+        if device is not None:
+            raise ValueError("device and device_map are mutually exclusive: pass one")
+        return {"hf": {"device_map": device_map, **({"max_memory": max_memory} if max_memory else {})},
+                "tl": {}, "device": None}
+    if n_devices is None or int(n_devices) <= 1:
+        return {"hf": {}, "tl": {}, "device": device}
+    n_devices = int(n_devices)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < n_devices:
+        raise ValueError(f"n_devices={n_devices} needs {n_devices} CUDA devices; {visible} visible. "
+                         "Use n_devices=1 (or device='cpu') here")
+    if tl_major >= 4:
+        memory = max_memory or {i: torch.cuda.get_device_properties(i).total_memory for i in range(n_devices)}
+        return {"hf": {"device_map": "balanced", "max_memory": memory}, "tl": {}, "device": None}
+    return {"hf": {}, "tl": {"n_devices": n_devices}, "device": "cuda"}
+
+
+def _load_hf(spec: str, dtype, **placement_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"dtype": dtype or torch.float32}
+    kwargs = {"dtype": dtype or torch.float32, **placement_kwargs}
     if spec.lower() == SMOLLM2_ALIAS:
         path = smollm2_gguf_path()
         folder, gguf_file = str(path.parent), path.name
@@ -304,6 +467,8 @@ def _wrap_hf(hf_model, tok, device, **tl_kwargs):
     config = hf_model.config
     if not getattr(config, "architectures", None):
         config.architectures = [type(hf_model).__name__]
+    if getattr(config, "n_ctx", None) is None and getattr(config, "n_positions", None):
+        config.n_ctx = config.n_positions  # TransformerLens 3.x reads GPT-2's context as n_ctx
     if tok is None:
         raise ValueError("a Hugging Face model object needs its tokenizer: load_model(model, tokenizer=tok)")
     with tempfile.TemporaryDirectory() as folder:
@@ -326,7 +491,7 @@ def _hooked_from_hf(folder: str, hf_model, tok, device, **tl_kwargs):
     cfg_dict = loading.convert_hf_model_config(folder)  # reads config.json; handles rope_parameters
     fields = HookedTransformerConfig.__dataclass_fields__
     cfg_dict = {k: v for k, v in cfg_dict.items() if k in fields}
-    cfg_dict.update(device=str(device), dtype=next(hf_model.parameters()).dtype, **tl_kwargs)
+    cfg_dict.update(device=str(device or "cpu"), dtype=next(hf_model.parameters()).dtype, **tl_kwargs)
     cfg = HookedTransformerConfig(**cfg_dict)
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     state = loading.get_pretrained_state_dict(folder, cfg, hf_model=hf_model, dtype=cfg.dtype)
@@ -334,12 +499,36 @@ def _hooked_from_hf(folder: str, hf_model, tok, device, **tl_kwargs):
         state, fold_ln=False, center_writing_weights=False, center_unembed=False,
         fold_value_biases=False, refactor_factored_attn_matrices=False,
     )
-    return model.to(device)
+    if (cfg.n_devices or 1) > 1:
+        model.move_model_modules_to_device()  # blocks spread over cuda:0..n_devices-1
+        return model
+    return model.to(device or "cpu")
 
 
 def as_model(spec: Any):
     """Accept a model object or anything :func:`load_model` takes; used by every public function."""
     return spec if is_tl_model(spec) else load_model(spec)
+
+
+def run_until_layer(
+    model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook], last_layer: int
+) -> None:
+    """Run the blocks up to ``last_layer`` (inclusive) with read-only ``fwd_hooks`` and stop there.
+
+    For recording activations of early layers without computing the rest of the model::
+
+        run_until_layer(model, tokens, [(z_hook_name(1), save)], last_layer=1)
+    """
+    stop_at = resid_post_hook_name(last_layer)
+
+    def stop(resid, hook):
+        raise _Stop(resid)
+
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (stop_at, stop)])
+    except _Stop:
+        return None
+    raise RuntimeError(f"the model never reached {stop_at}")
 
 
 def hook_names(model) -> Iterable[str]:

@@ -59,6 +59,67 @@ def frame_from_json(obj: dict[str, Any]):
     return pd.DataFrame(obj["data"], columns=obj["columns"])
 
 
+def pack_stages(
+    logits: dict[str, Tensor],
+    traces: dict[str, dict[str, Tensor]],
+    snapshots: dict[str, Tensor],
+    snapshot_steps: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """Flat safetensors keys for a fitted result's per-stage tensors (``logits/<stage>``,
+    ``trace/<stage>/<name>``, ``snapshots/<stage>``, ``snapshot_steps/<stage>``); see :func:`unpack_stages`."""
+    tensors = {f"logits/{k}": v for k, v in logits.items()}
+    for stage, named in traces.items():
+        tensors.update({f"trace/{stage}/{k}": v for k, v in named.items()})
+    tensors.update({f"snapshots/{k}": v for k, v in snapshots.items()})
+    tensors.update({f"snapshot_steps/{k}": v for k, v in snapshot_steps.items()})
+    return tensors
+
+
+def unpack_stages(tensors: dict[str, Tensor]) -> tuple[dict, dict, dict, dict]:
+    """Inverse of :func:`pack_stages`: ``(logits, traces, snapshots, snapshot_steps)``."""
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    traces: dict[str, dict[str, Tensor]] = {}
+    for k, v in pick("trace/").items():
+        stage, name = k.split("/", 1)
+        traces.setdefault(stage, {})[name] = v
+    return pick("logits/"), traces, pick("snapshots/"), pick("snapshot_steps/")
+
+
+def traces_frame(traces: dict[str, dict[str, Tensor]]):
+    """Per-update traces ``{stage: {name: [updates, configs]}}`` as a long frame:
+    stage, update, seed, name, value."""
+    import pandas as pd
+
+    rows = []
+    for stage, named in traces.items():
+        for name, t in named.items():
+            u, s = t.shape
+            rows.append(pd.DataFrame({
+                "stage": stage, "update": torch.arange(u).repeat_interleave(s).numpy(),
+                "seed": torch.arange(s).repeat(u).numpy(), "name": name, "value": t.flatten().double().numpy(),
+            }))
+    return pd.concat(rows, ignore_index=True)
+
+
+def snapshots_frame(snapshots: dict[str, Tensor], snapshot_steps: dict[str, Tensor],
+                    offsets: dict[str, int] | None = None):
+    """Gate snapshots ``{stage: [snaps, seeds, layer, head]}`` as a long frame (stage, update, seed,
+    layer, head, gate); ``offsets`` shifts a stage's update numbers."""
+    import pandas as pd
+
+    frames = []
+    for stage, snaps in snapshots.items():
+        steps = snapshot_steps[stage]
+        n, s, L, H = snaps.shape
+        idx = torch.cartesian_prod(torch.arange(n), torch.arange(s), torch.arange(L), torch.arange(H))
+        frames.append(pd.DataFrame({
+            "stage": stage, "update": (steps[idx[:, 0]] + (offsets or {}).get(stage, 0)).numpy(),
+            "seed": idx[:, 1].numpy(), "layer": idx[:, 2].numpy(), "head": idx[:, 3].numpy(),
+            "gate": snaps.flatten().double().numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("chg_lens", "torch", "transformer-lens", "transformers"):

@@ -86,3 +86,41 @@ def percent_above(scores: pd.DataFrame, threshold: float = 0.5, by: tuple[str, .
     if by:
         return (flags.groupby(list(by)).mean() * 100).reset_index()
     return (flags.mean() * 100).to_frame("percent").T.reset_index(drop=True)
+
+
+def cross_model_consistency(scores: pd.DataFrame, n_grid: int = 101) -> pd.DataFrame:
+    """The paper's cross-model consistency statistic (Section 4.2): for each task and score, the
+    Pearson correlation between every pair of models' score distributions.
+
+    Models have different numbers of heads, so each model's distribution (all its seeds and heads)
+    is summarised by its empirical CDF on ``n_grid`` equally spaced thresholds in [0, 1] (what Fig.
+    3a plots); ``pearson`` is the correlation of two models' CDF vectors. ``scores`` needs columns
+    ``model, task`` and the three scores (``CHGResult.scores()`` of several fits, concatenated).
+    Returns one row per (task, score, model_a, model_b) with ``pearson``; empty with one model.
+
+    Example::
+
+        frame = pd.concat([r.scores() for r in results])
+        c = cross_model_consistency(frame)
+        c.pearson.min(), c.pearson.mean()     # the paper: 0.949 and 0.992 over 54 pairs
+    """
+    missing = [c for c in ("model", "task", *SCORES) if c not in scores.columns]
+    if missing:
+        raise ValueError(f"cross_model_consistency needs columns model, task and {SCORES}; missing {missing}")
+    if n_grid < 2:
+        raise ValueError(f"n_grid must be at least 2; got {n_grid}")
+    grid = torch.linspace(0, 1, n_grid, dtype=torch.float64)
+    rows = []
+    for task, part in scores.groupby("task", sort=True):
+        names = list(dict.fromkeys(part["model"]))
+        for score in SCORES:
+            cdfs = {}
+            for m in names:
+                v = torch.tensor(part.loc[part["model"] == m, score].to_numpy(dtype="float64"))
+                cdfs[m] = (v[None, :] <= grid[:, None]).double().mean(dim=1)
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    pair = torch.stack([cdfs[a], cdfs[b]])
+                    r = torch.corrcoef(pair)[0, 1].item()
+                    rows.append({"task": task, "score": score, "model_a": a, "model_b": b, "pearson": r})
+    return pd.DataFrame(rows, columns=["task", "score", "model_a", "model_b", "pearson"])
