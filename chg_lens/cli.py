@@ -4,7 +4,8 @@
     chg-lens fit --model gpt2 --task ioi --n-seeds 10 --updates 500 --reg-updates 500 --out runs/ioi
     chg-lens tasks                    # the tasks --task accepts
 
-Subcommands live in small functions registered in ``COMMANDS``; each adds its own arguments.
+Subcommands are registered in ``COMMANDS``: small ones with ``@command`` here, larger ones with
+:func:`delegate`, which imports their module (``add_cli_arguments``, ``run_cli``) only when used.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def command(name: str, help: str):
         return pair
 
     return wrap
+
+
+def delegate(name: str, help: str, module: str) -> None:
+    """Register a subcommand whose ``add_cli_arguments(parser)`` and ``run_cli(args)`` live in
+    ``module`` (relative to chg_lens), imported only when that subcommand is used."""
+    import importlib
+
+    load = lambda: importlib.import_module(module, __package__)
+    COMMANDS[name] = (lambda p: load().add_cli_arguments(p), lambda a: load().run_cli(a), help)
 
 
 def parse_task_options(items: list[str]) -> dict:
@@ -126,19 +136,7 @@ class Tasks:
         return 0
 
 
-@command("contrast", "fit contrastive CHG: keep one data set, remove a matched one; write a results folder")
-class Contrast:
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        from .contrastive import add_cli_arguments
-
-        add_cli_arguments(p)
-
-    @staticmethod
-    def run(a: argparse.Namespace) -> int:
-        from .contrastive import run_cli
-
-        return run_cli(a)
+delegate("contrast", "fit contrastive CHG: keep one data set, remove a matched one; write a results folder", ".contrastive")
 
 
 @command("sweep", "run a sweep of CHG fits (models x tasks x seeds x lambdas) on Slurm or locally, resumably")
@@ -195,49 +193,13 @@ class Report:
         return 0
 
 
-@command("ablate", "ablation sweeps: each head alone, sequential, or the paper's Figure 2 test from a CHG result")
-class Ablate:
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        from .ablation import add_cli_arguments
-
-        add_cli_arguments(p)
-
-    @staticmethod
-    def run(a: argparse.Namespace) -> int:
-        from .ablation import run_cli
-
-        return run_cli(a)
+delegate("ablate", "ablation sweeps: each head alone, sequential, or the paper's Figure 2 test from a CHG result", ".ablation")
 
 
-@command("patch", "activation patching (causal mediation) of every head: IOI, function vectors, ABA/ABB")
-class Patch:
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        from .patching import add_cli_arguments
-
-        add_cli_arguments(p)
-
-    @staticmethod
-    def run(a: argparse.Namespace) -> int:
-        from .patching import run_cli
-
-        return run_cli(a)
+delegate("patch", "activation patching (causal mediation) of every head: IOI, function vectors, ABA/ABB", ".patching")
 
 
-@command("explain", "explain what attention heads do, score the explanations, cluster them, join CHG roles")
-class Explain:
-    @staticmethod
-    def add_arguments(p: argparse.ArgumentParser) -> None:
-        from .explain.cli import add_cli_arguments
-
-        add_cli_arguments(p)
-
-    @staticmethod
-    def run(a: argparse.Namespace) -> int:
-        from .explain.cli import run_cli
-
-        return run_cli(a)
+delegate("explain", "explain what attention heads do, score the explanations, cluster them, join CHG roles", ".explain.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
