@@ -55,7 +55,7 @@ def squeue_ids() -> set[str]:
 def test_slurm_sweep_killed_with_scancel_and_relaunched_finishes_every_cell_once(slurm_cluster, tmp_path):
     model = tiny_model_folder(tmp_path / "tiny")
     out = tmp_path / "run"
-    cfg = tiny_sweep_config(model, out, "slurm", updates=40, cells_per_job=2, python=sys.executable,
+    cfg = tiny_sweep_config(model, out, "slurm", updates=400, cells_per_job=2, python=sys.executable,
                             timeout_min=10, cpus_per_task=1, slurm={"partition": "debug"})
     assert cfg["executor"]["python"] == sys.executable  # jobs run this (the project's venv) python
     first = sweep.run_sweep(cfg, wait=False, progress=False)
