@@ -123,7 +123,8 @@ def local_sweep(tmp_path_factory, model_folder):
     path = out.parent / "sweep.yaml"
     import yaml
 
-    path.write_text(yaml.safe_dump(tiny_sweep_config(model_folder, out, "local")))
+    # enough updates that the kill lands while the first cell is mid-fit, even on a quiet machine
+    path.write_text(yaml.safe_dump(tiny_sweep_config(model_folder, out, "local", updates=100)))
     t0 = time.time()
     first = sweep.run_sweep(path, wait=False, progress=False)
     assert first.status.isin(["queued", "running"]).all() and first.job_id.notna().all()
