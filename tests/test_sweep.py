@@ -32,6 +32,9 @@ def tiny_model_folder(path: Path) -> Path:
     return path
 
 
+LOCAL_UPDATES = 100  # enough that the kill lands while the first cell is mid-fit, even on a quiet machine
+
+
 def tiny_sweep_config(model: Path, out: Path, kind: str, updates: int = 8, cells_per_job: int = 4, **executor) -> dict:
     """1 model x 2 tasks (IOI with two option sets) x 2 seeds: four cells of tiny fits."""
     return {
@@ -124,30 +127,41 @@ def local_sweep(tmp_path_factory, model_folder):
     import yaml
 
     # enough updates that the kill lands while the first cell is mid-fit, even on a quiet machine
-    path.write_text(yaml.safe_dump(tiny_sweep_config(model_folder, out, "local", updates=100)))
+    path.write_text(yaml.safe_dump(tiny_sweep_config(model_folder, out, "local", updates=LOCAL_UPDATES)))
     t0 = time.time()
     first = sweep.run_sweep(path, wait=False, progress=False)
     assert first.status.isin(["queued", "running"]).all() and first.job_id.notna().all()
     jobs = [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
     assert len({j["job_id"] for j in jobs}) == 1 and len(jobs) == 4  # one job runs the four cells
     pid = int(jobs[0]["job_id"])
-    killed = None
+    killed, task = None, None
     deadline = time.time() + 600  # a safety net: on a quiet machine the first checkpoint comes in seconds
     try:
         while killed is None and time.time() < deadline and sweep._pid_alive(str(pid)):
             for d in (out / "cells").glob("*") if (out / "cells").exists() else []:
                 if (d / "checkpoint" / "meta.json").exists() and not (d / sweep.DONE).exists():
-                    os.kill(pid, signal.SIGINT)  # what LocalJob.cancel() does: the controller kills the task
+                    # A hard kill of the task and its controller. (SIGINT is not used: a process started in
+                    # the background of a non-interactive shell, as CI may be, inherits SIGINT ignored.)
+                    task = int([e for e in sweep.read_events(d) if e["event"] == "start"][-1]["pid"])
+                    for victim in (task, pid):
+                        try:
+                            os.kill(victim, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     killed = d.name
                     break
             time.sleep(0.02)
     finally:
         if killed is None and sweep._pid_alive(str(pid)):
-            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGKILL)
     assert killed is not None, "the job ended or no cell reached a checkpoint within 600 s"
-    while sweep._pid_alive(str(pid)):
+    while sweep._pid_alive(str(pid)) or sweep._pid_alive(str(task)):
         time.sleep(0.1)
     mid = sweep.status(path)
+    settle = time.time() + 60  # the killed task's file lock goes with its last open descriptor
+    while mid.set_index("cell").loc[killed, "status"] == "running" and time.time() < settle:
+        time.sleep(0.5)
+        mid = sweep.status(path)
     final = sweep.run_sweep(path, progress=False)
     return {"path": path, "out": out, "killed": killed, "mid": mid, "final": final, "seconds": time.time() - t0}
 
@@ -175,7 +189,7 @@ def test_local_sweep_killed_and_relaunched_finishes_every_cell_exactly_once(loca
 
 
 def test_debug_executor_runs_the_same_config_in_process_with_the_same_gates(local_sweep, model_folder, tmp_path):
-    cfg = tiny_sweep_config(model_folder, tmp_path / "debug", "local")
+    cfg = tiny_sweep_config(model_folder, tmp_path / "debug", "local", updates=LOCAL_UPDATES)
     killed = sweep.load_config(local_sweep["path"]).cells()
     killed = next(c for c in killed if c.id == local_sweep["killed"])
     cfg["tasks"] = [t for t in cfg["tasks"] if t["name"] == killed.task.label]
