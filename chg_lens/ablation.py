@@ -455,6 +455,8 @@ def _check_heads(model, heads: Heads) -> None:
 
 def add_cli_arguments(p) -> None:
     """Arguments of ``chg-lens ablate``."""
+    from .cli import add_run_options
+
     p.add_argument("--mode", choices=["individual", "sequential", "figure2"], default="individual",
                    help="individual: each head alone; sequential: cumulative in --order; figure2: from --chg")
     p.add_argument("--chg", default=None, help="a saved CHG result folder (figure2; its model/task are the defaults)")
@@ -472,10 +474,7 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-rows-per-pass", type=int, default=256)
     p.add_argument("--no-prefix-reuse", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out", default="runs/ablate")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_options(p, out="runs/ablate")
 
 
 def run_cli(a) -> int:

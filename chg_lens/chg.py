@@ -24,7 +24,8 @@ from torch import Tensor
 
 from . import models, taxonomy
 from .data import TaskDataset
-from .fitting import Checkpointer, Stage, StageResult, StageSpec, clipped_logit_mean, run_stages, uniform_gate_logits
+from .fitting import (Checkpointer, Stage, StageResult, StageSpec, check_configs_per_pass, clipped_logit_mean,
+                      run_stages, uniform_gate_logits)
 from .logprobs import evaluate, row_logprobs
 from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
                       snapshots_frame, traces_frame, unpack_stages)
@@ -190,6 +191,7 @@ def fit_chg(
     task: str | None = None,
     progress: bool = True,
     autocast: str | None = None,
+    configs_per_pass: int | None = None,
 ) -> CHGResult:
     """Fit Causal Head Gating: G0 (lambda = 0), then G+ and G- from G0's logits.
 
@@ -199,7 +201,9 @@ def fit_chg(
     -clip, clip))`` subtracted from the loss for G+ (toward 1) and added for G- (toward 0). The NLL is
     the mean over target tokens of each row, then over rows. The ``n_seeds`` masks share every
     forward pass; with ``joint`` G+ and G- do too (the same batches either way). ``grad_accum``
-    splits each batch into micro-batches with the same gradient. No gradient reaches the weights.
+    splits each batch into micro-batches with the same gradient; ``configs_per_pass`` runs at most
+    that many gate configurations (seeds; 2 per seed in the joint G+/G- stage) per pass, also with
+    the same gradient: both trade a little speed for memory. No gradient reaches the weights.
 
     With ``checkpoint_dir`` the fit writes its state every ``checkpoint_every`` updates and, when
     called again with the same arguments, resumes where it stopped. ``autocast="bf16"`` runs the
@@ -214,6 +218,7 @@ def fit_chg(
     cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, lr, lr_end, reg_lr,
                     reg_lr_end, clip, grad_accum, joint, snapshot_every)
     cfg.check()
+    check_configs_per_pass(configs_per_pass)
     model = models.as_model(model)
     if not isinstance(data, TaskDataset):
         raise TypeError(f"data must be a TaskDataset; got {type(data).__name__} (a task returns (train, validation))")
@@ -252,14 +257,15 @@ def fit_chg(
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
 
     with models.frozen(model):
-        done = run_stages(specs, data_loss, len(data), batch_size, seed, grad_accum, snapshot_every, ckpt, progress)
+        done = run_stages(specs, data_loss, len(data), batch_size, seed, grad_accum, snapshot_every, ckpt, progress,
+                          configs_per_pass=configs_per_pass)
 
     stages = _split_joint(done, S) if joint else done
     meta = {
         "model": models.model_name(model), "task": task or data.name, "n_layers": L, "n_heads": H,
         "n_train": len(data), "data_fingerprint": data.fingerprint(), "versions": library_versions(),
         "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
-        "autocast": None if autocast is None else str(autocast),
+        "autocast": None if autocast is None else str(autocast), "configs_per_pass": configs_per_pass,
     }
     result = CHGResult(
         logits={k: stages[k].logits for k in STAGES},

@@ -40,6 +40,15 @@ def delegate(name: str, help: str, module: str) -> None:
     COMMANDS[name] = (lambda p: load().add_cli_arguments(p), lambda a: load().run_cli(a), help)
 
 
+def add_run_options(p: argparse.ArgumentParser, out: str) -> None:
+    """The options every model-running subcommand shares: ``--device``, ``--dtype``, ``--out``
+    (default ``out``) and ``--no-progress``."""
+    p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def parse_task_options(items: list[str]) -> dict:
     """``--task-option key=value`` pairs; values are parsed as JSON when they can be."""
     out = {}
@@ -90,13 +99,12 @@ class Fit:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--lam", type=float, default=0.1)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--grad-accum", type=int, default=1)
-        p.add_argument("--device", default=None)
-        p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-        p.add_argument("--out", default="runs/chg", help="results folder (default: %(default)s)")
+        p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (less memory)")
+        p.add_argument("--configs-per-pass", type=int, default=None,
+                       help="at most N gate configurations per pass (less memory; default: all)")
+        add_run_options(p, out="runs/chg")
         p.add_argument("--checkpoint-every", type=int, default=25,
                        help="write a resumable checkpoint to OUT/checkpoint every N updates")
-        p.add_argument("--no-progress", action="store_true")
 
     @staticmethod
     def run(a: argparse.Namespace) -> int:
@@ -110,7 +118,7 @@ class Fit:
         print(f"loaded {a.model} in {time.time() - t0:.0f}s; task {a.task}: {len(train)} train / {len(val)} validation rows")
         result = fit_chg(model, train, n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates,
                          batch_size=a.batch_size, lam=a.lam, seed=a.seed, grad_accum=a.grad_accum,
-                         validation=val, checkpoint_dir=out / "checkpoint", checkpoint_every=a.checkpoint_every,
+                         configs_per_pass=a.configs_per_pass, validation=val, checkpoint_dir=out / "checkpoint", checkpoint_every=a.checkpoint_every,
                          task=a.task, progress=not a.no_progress)
         result.meta["model"] = a.model
         result.save(out)

@@ -30,7 +30,8 @@ from torch import Tensor
 from . import models
 from .chg import CHGResult
 from .data import TaskDataset, concat
-from .fitting import Checkpointer, Stage, StageSpec, clipped_logit_mean, run_stages, uniform_gate_logits
+from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
+                      uniform_gate_logits)
 from .logprobs import evaluate, row_logprobs
 from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
                       snapshots_frame, traces_frame, unpack_stages)
@@ -253,6 +254,7 @@ def fit_contrastive(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
+    configs_per_pass: int | None = None,
 ) -> ContrastiveResult:
     """Fit contrastive CHG: keep ``retain``, remove ``forget`` (rows matched one to one).
 
@@ -271,8 +273,9 @@ def fit_contrastive(
     A single stage from U(0, 1) gates (``seed``), ``updates`` Adam steps with the learning rate
     decaying linearly from ``lr`` to ``lr_end``; the ``n_seeds`` masks are batched as configurations
     of one forward pass, and retain and forget rows share that pass when their widths allow
-    (``one_pass``). ``evaluate_on=(retain_eval, forget_eval)`` attaches :func:`evaluate_contrastive`.
-    With ``checkpoint_dir`` the fit resumes where it stopped.
+    (``one_pass``); ``configs_per_pass`` caps the masks per pass (the same gradient, less memory).
+    ``evaluate_on=(retain_eval, forget_eval)`` attaches :func:`evaluate_contrastive`. With
+    ``checkpoint_dir`` the fit resumes where it stopped.
 
     Example::
 
@@ -282,6 +285,7 @@ def fit_contrastive(
     cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, lr, lr_end, clip, seed, grad_accum,
                             snapshot_every)
     cfg.check()
+    check_configs_per_pass(configs_per_pass)
     model = models.as_model(model)
     if check_pairs:
         check_matched(retain, forget)
@@ -313,7 +317,8 @@ def fit_contrastive(
                "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
     with models.frozen(model):
-        done = run_stages([spec], data_loss, len(retain), batch_size, seed, grad_accum, snapshot_every, ckpt, progress)
+        done = run_stages([spec], data_loss, len(retain), batch_size, seed, grad_accum, snapshot_every, ckpt, progress,
+                          configs_per_pass=configs_per_pass)
     r = done[STAGE]
     meta = {
         "model": models.model_name(model), "retain": retain.name, "forget": forget.name,
@@ -321,6 +326,7 @@ def fit_contrastive(
         "n_layers": L, "n_heads": H, "n_train": len(retain), "logprob": "sum over target tokens",
         "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(),
         "versions": library_versions(), "tl_major": models.TL_MAJOR, "seconds": r.seconds,
+        "configs_per_pass": configs_per_pass,
     }
     result = ContrastiveResult(r.logits, r.traces, r.snapshots, r.snapshot_steps, asdict(cfg), meta)
     if evaluate_on is not None:
@@ -566,6 +572,8 @@ def load_pairs_file(model: Any, path: str | os.PathLike, name: str | None = None
 
 def add_cli_arguments(p) -> None:
     """Arguments of ``chg-lens contrast`` (see :func:`run_cli`)."""
+    from .cli import add_run_options
+
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="offline alias, .gguf file, local folder or hub name (default: %(default)s)")
     p.add_argument("--preset", choices=["icl-vs-instruction"], default=None,
@@ -596,11 +604,10 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--lr-end", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--out", default="runs/contrast", help="results folder (default: %(default)s)")
+    p.add_argument("--configs-per-pass", type=int, default=None,
+                   help="at most N masks per pass (less memory; default: all)")
+    add_run_options(p, out="runs/contrast")
     p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _is_file(spec: str) -> bool:
@@ -631,7 +638,8 @@ def run_cli(a) -> int:
 
     out, t0 = Path(a.out), time.time()
     kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
-              lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress)
+              lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress,
+              configs_per_pass=a.configs_per_pass)
     if a.preset is None and (not a.retain or not a.forget):
         raise ValueError("give --retain and --forget (a task name or a file each), or --preset icl-vs-instruction")
     model = load_model(a.model, device=a.device, dtype=a.dtype)

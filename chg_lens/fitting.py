@@ -105,6 +105,13 @@ class Checkpointer:
         save_bundle(self.path, tensors, {**meta, "digest": self._digest, "key": self.key})
 
 
+def check_configs_per_pass(configs_per_pass: int | None) -> None:
+    """``None`` (every configuration in one pass) or a positive int; anything else fails early."""
+    if configs_per_pass is not None and (isinstance(configs_per_pass, bool) or not isinstance(configs_per_pass, int)
+                                         or configs_per_pass < 1):
+        raise ValueError(f"configs_per_pass must be a positive int or None (all in one pass); got {configs_per_pass!r}")
+
+
 def run_stage(
     stage: Stage,
     logits: Float[Tensor, "configs layer head"],
@@ -118,10 +125,14 @@ def run_stage(
     checkpoint: Checkpointer | None = None,
     carry: dict[str, Tensor] | None = None,
     progress: bool = True,
+    configs_per_pass: int | None = None,
 ) -> StageResult:
     """Fit ``logits`` for one stage and return them with per-update traces and snapshots.
 
     ``carry`` holds tensors of earlier stages that a checkpoint of this stage must keep.
+    ``configs_per_pass`` splits the gate configurations into groups that run (forward and backward)
+    one after the other: each configuration's loss is its own, so the gradients are the same, and
+    the activations held at once shrink with the group size.
     """
     param = torch.nn.Parameter(logits.detach().clone().float())
     opt = torch.optim.Adam([param], lr=stage.lr_start)
@@ -152,6 +163,9 @@ def run_stage(
         tensors.update(carry or {})
         checkpoint.save(tensors, {"stage": stage.name, "step": step, "seconds": elapsed + time.perf_counter() - t0})
 
+    n_configs = param.shape[0]
+    size = n_configs if configs_per_pass is None else configs_per_pass
+    config_groups = [slice(i, min(i + size, n_configs)) for i in range(0, n_configs, size)]
     t0 = time.perf_counter()
     bar = tqdm(range(start, stage.updates), desc=f"CHG {stage.name}", disable=not progress,
                initial=start, total=stage.updates, leave=True)
@@ -164,14 +178,15 @@ def run_stage(
         opt.zero_grad(set_to_none=True)
         rows = batch_rows(n_rows, batch_size, seed, stage.batch_key or stage.name, step)
         step_traces: dict[str, Tensor] = {}
-        data_total = torch.zeros(param.shape[0])
+        data_total = torch.zeros(n_configs)
         for chunk in rows.chunk(max(1, min(grad_accum, len(rows)))):
             weight = len(chunk) / len(rows)
-            loss, parts = data_loss(torch.sigmoid(param), chunk)
-            (weight * loss.sum()).backward()
-            data_total += weight * loss.detach().cpu()
-            for k, v in parts.items():
-                step_traces[k] = step_traces.get(k, 0) + weight * v.detach().cpu()
+            for group in config_groups:
+                loss, parts = data_loss(torch.sigmoid(param[group]), chunk)
+                (weight * loss.sum()).backward()
+                data_total[group] += weight * loss.detach().cpu()
+                for k, v in parts.items():
+                    step_traces.setdefault(k, torch.zeros(n_configs))[group] += weight * v.detach().cpu()
         step_traces["loss"] = data_total
         if regularizer is not None:
             reg_loss, reg_parts = regularizer(param)
@@ -216,6 +231,7 @@ def run_stages(
     snapshot_every: int = 10,
     checkpoint: Checkpointer | None = None,
     progress: bool = True,
+    configs_per_pass: int | None = None,
 ) -> dict[str, StageResult]:
     """Run stages in order; with a checkpoint, finished stages are kept and a cut fit resumes."""
     done: dict[str, StageResult] = {}
@@ -229,7 +245,7 @@ def run_stages(
         result = run_stage(
             spec.stage, spec.init(done), data_loss, spec.regularizer, n_rows, batch_size, seed,
             grad_accum=grad_accum, snapshot_every=snapshot_every, checkpoint=checkpoint,
-            carry=_pack_done(done), progress=progress,
+            carry=_pack_done(done), progress=progress, configs_per_pass=configs_per_pass,
         )
         done[spec.stage.name] = result
         if checkpoint is not None:

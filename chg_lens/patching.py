@@ -448,6 +448,8 @@ CORRUPTIONS = {"ioi": ("abc",), "fv": ("shuffled",), "aba_abb": SYMBOLIC_KINDS}
 
 def add_cli_arguments(p) -> None:
     """Arguments of ``chg-lens patch``."""
+    from .cli import add_run_options
+
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--task", choices=sorted(CORRUPTIONS), default="ioi",
                    help="ioi (ABC corruption), fv (function vectors: answers shuffled), aba_abb (symbolic)")
@@ -461,10 +463,7 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--metric", choices=[*METRICS, "auto"], default=None, help="default: the preset's")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-rows-per-pass", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out", default="runs/patch")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_options(p, out="runs/patch")
 
 
 def run_cli(a) -> int:

@@ -103,6 +103,38 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_model):
         torch.testing.assert_close(full.logits[k], accum.logits[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("configs_per_pass", [1, 4])
+def test_configs_per_pass_gives_the_same_fit(tiny_model, configs_per_pass, monkeypatch):
+    # 3 seeds: G0 passes of 3 configurations, joint G+/G- passes of 6; groups of 4 are uneven
+    import chg_lens.chg as chg_module
+
+    data = chg_lens.TaskDataset.from_tokens(torch.randint(4, 30, (12, 7)), torch.arange(7).expand(12, 7) >= 4)
+    kw = dict(n_seeds=3, updates=3, reg_updates=3, batch_size=8, grad_accum=2, progress=False)
+    whole = fit_chg(tiny_model, data, **kw)
+    real, sizes = chg_module.row_logprobs, []
+
+    def recording(model, tokens, mask, gates, **kwargs):
+        sizes.append(gates.shape[0])
+        return real(model, tokens, mask, gates, **kwargs)
+
+    monkeypatch.setattr(chg_module, "row_logprobs", recording)
+    grouped = fit_chg(tiny_model, data, configs_per_pass=configs_per_pass, **kw)
+    expected = {1: {1}, 4: {3, 4, 2}}[configs_per_pass]  # G0: 3 (or 1s); G+/G-: 4 + 2 (or 1s)
+    assert set(sizes) == expected and grouped.meta["configs_per_pass"] == configs_per_pass
+    assert not torch.equal(whole.logits["g_plus"], whole.logits["g_minus"])
+    for k in whole.logits:
+        torch.testing.assert_close(grouped.logits[k], whole.logits[k], rtol=1e-4, atol=1e-5)
+        for name in whole.traces[k]:
+            torch.testing.assert_close(grouped.traces[k][name], whole.traces[k][name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_configs_per_pass_must_be_a_positive_int(tiny_model, bad):
+    data = chg_lens.TaskDataset.from_tokens(torch.randint(4, 30, (4, 7)), torch.arange(7).expand(4, 7) >= 4)
+    with pytest.raises(ValueError, match="configs_per_pass"):
+        fit_chg(tiny_model, data, configs_per_pass=bad, progress=False)
+
+
 def test_checkpoint_resume_gives_the_same_result(tiny_model, tmp_path, monkeypatch):
     data = chg_lens.TaskDataset.from_tokens(torch.randint(4, 30, (10, 6)), torch.arange(6).expand(10, 6) >= 4)
     kw = dict(n_seeds=2, updates=6, reg_updates=6, batch_size=4, progress=False)

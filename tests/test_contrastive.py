@@ -196,6 +196,16 @@ def test_checkpoint_resume_gives_the_same_result(two_format_model, tmp_path, mon
     torch.testing.assert_close(resumed.traces["forget_nll"], whole.traces["forget_nll"], rtol=0, atol=1e-6)
 
 
+def test_configs_per_pass_gives_the_same_fit(two_format_model):
+    retain, forget = two_format_data(16)
+    kw = dict(n_seeds=3, updates=4, batch_size=8, progress=False)
+    whole = fit_contrastive(two_format_model, retain, forget, **kw)
+    one_at_a_time = fit_contrastive(two_format_model, retain, forget, configs_per_pass=1, **kw)
+    torch.testing.assert_close(one_at_a_time.logits, whole.logits, rtol=1e-4, atol=1e-5)
+    for name in whole.traces:
+        torch.testing.assert_close(one_at_a_time.traces[name], whole.traces[name], rtol=1e-4, atol=1e-5)
+
+
 def test_mismatched_or_unpaired_rows_are_clear_errors(two_format_model):
     retain, forget = two_format_data(16)
     with pytest.raises(ValueError, match="retain has 16 rows but forget has 12"):
