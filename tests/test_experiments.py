@@ -50,3 +50,27 @@ def test_experiment_scripts_smoke(tmp_path, capsys):
     run_script("figure2_ablation", args)
     assert (tmp_path / "figure2" / "ablation_ioi.parquet").stat().st_mtime_ns == stamp
     assert [p for p in (tmp_path / "fits").rglob("meta.json") if "checkpoint" not in p.parts] == fits
+
+
+@pytest.mark.slow
+def test_experiment_scripts_at_smoke_scale_on_smollm2(tmp_path):
+    # The --smoke configuration itself (SmolLM2 from the offline GGUF, the smoke tasks and prompts),
+    # with a smaller budget so that the slow suite stays short: a fit, Figure 1 and Table 2 from it.
+    from chg_lens import models
+
+    try:
+        models.smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    args = ["--smoke", "--n-seeds", "1", "--updates", "4", "--reg-updates", "4", "--n-prompts", "16",
+            "--no-progress", "--out", str(tmp_path)]
+    run_script("figure1_trajectories", args)
+    run_script("table2", args)
+    traj = pd.read_parquet(tmp_path / "figure1" / "trajectories.parquet")
+    assert set(traj.stage) == {"g0", "g_plus", "g_minus"} and traj["layer"].nunique() == 30 and traj["head"].nunique() == 9
+    assert traj.gate.between(0, 1).all() and traj["update"].max() == 8
+    table = pd.read_csv(tmp_path / "table2" / "table2.csv")
+    assert list(table.model) == ["smollm2-135m-instruct"] and list(table.task) == ["ioi"]
+    fits = [p for p in (tmp_path / "fits").rglob("meta.json") if "checkpoint" not in p.parts]
+    assert len(fits) == 1  # Table 2 reused Figure 1's fit
+    assert (tmp_path / "figure1" / "figure1b_trajectories.html").stat().st_size > 100_000  # plotly.js embedded
