@@ -74,7 +74,22 @@ def load_hf(folder: str, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------- reference
+def disable_reference_autocast() -> None:
+    """Run the reference in float32: its trainer always enters ``torch.amp.autocast(device_type)``,
+    which is bf16 on CPU. In this process only, that call becomes a disabled autocast, so the
+    reference does float32 work, the same work as chg_lens without autocast. Nothing else changes."""
+    original = torch.amp.autocast
+
+    def float32_autocast(device_type, *args, **kwargs):
+        return original(device_type, *args, **{**kwargs, "enabled": False})
+
+    torch.amp.autocast = float32_autocast
+    torch.autocast = float32_autocast
+
+
 def run_ref(args, data) -> dict:
+    if args.autocast == "none":
+        disable_reference_autocast()
     from causal_head_gating.core.trainer import CHGTrainer
     from causal_head_gating.data.datasets import MaskedSequenceDataset
 
@@ -85,6 +100,15 @@ def run_ref(args, data) -> dict:
     class Trainer(CHGTrainer):
         """The reference trainer with chg_lens's learning-rate schedule (linear from start to end over
         updates - 1 steps) so that ``equal`` mode makes the same updates; speed is unaffected."""
+
+        nll_log: list[float] = []
+
+        def _get_loss(self, *a, **k):
+            # The reference yields metrics["nll"] after its optimizer step has zeroed it (always 0.0
+            # without gradient accumulation), so the NLL of every step is recorded here instead.
+            loss, nll, l1 = super()._get_loss(*a, **k)
+            self.nll_log.append(nll)
+            return loss, nll, l1
 
         def _reset_optimizer(self, mask_logits, lr, end_lr, total_steps):
             self._optimizer = torch.optim.Adam([mask_logits], lr=lr)
@@ -128,10 +152,11 @@ def run_ref(args, data) -> dict:
         batches = data["batches"]
         order = [*batches["g0"], *batches["reg"], *batches["reg"]]  # none, positive (G+), negative (G-)
         tr.iterator = iter(ds.collate_fn([ds[int(i)] for i in idx]) for idx in order)
-        nll = {"g0": [], "g_plus": [], "g_minus": []}
-        names = {"none": "g0", "positive": "g_plus", "negative": "g_minus"}
-        for _, metrics in tr.fit(args.updates, args.reg_updates, verbose=False):
-            nll[names[metrics["regularization"]]].append(metrics["nll"])
+        for _ in tr.fit(args.updates, args.reg_updates, verbose=False):
+            pass
+        log, n, m = tr.nll_log, args.updates, args.reg_updates
+        nll = {"g0": log[:n], "g_plus": log[n:n + m], "g_minus": log[n + m:n + 2 * m]}  # none, positive, negative
+        assert len(log) == n + 2 * m, len(log)
         gates = tr.get_final_masks()
         torch.save({"nll": {k: torch.tensor(v) for k, v in nll.items()},
                     "gates": {"g0": gates["unregularized"], "g_plus": gates["necessary"],
@@ -140,6 +165,25 @@ def run_ref(args, data) -> dict:
 
 
 # ------------------------------------------------------------------------------------- chg_lens
+def g0_stage(model, data, masks: int, batch: int, updates: int, autocast, configs_per_pass) -> float:
+    """fit_chg's unregularised stage alone (the reference's ``fit_stage("none")``): the same loop,
+    loss and batches as inside ``fit_chg``, without the G+/G- stage that fit_chg always runs after it.
+    Returns its seconds."""
+    from chg_lens import models
+    from chg_lens.fitting import Stage, StageSpec, run_stages, uniform_gate_logits
+    from chg_lens.logprobs import row_logprobs
+
+    def data_loss(gates, rows):
+        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates, autocast=autocast)
+        return out.nll, {"nll": out.nll}
+
+    shape = (masks, models.n_layers(model), models.n_heads(model))
+    spec = StageSpec(Stage("g0", updates, 0.1, 0.01), lambda done: uniform_gate_logits(shape, 0))
+    with models.frozen(model):
+        done = run_stages([spec], data_loss, len(data), batch, 0, progress=False, configs_per_pass=configs_per_pass)
+    return done["g0"].seconds
+
+
 def run_ours(args, data) -> dict:
     import chg_lens
     from chg_lens.data import TaskDataset
@@ -148,19 +192,19 @@ def run_ours(args, data) -> dict:
     ds = TaskDataset.from_tokens(data["tokens"], data["loss_mask"], int(data["pad_token_id"]),
                                  lengths=data.get("lengths"))
     ac = None if args.autocast == "none" else args.autocast
-    common = dict(n_seeds=args.masks, batch_size=args.batch, lam=args.lam, autocast=ac, progress=False)
+    common = dict(n_seeds=args.masks, batch_size=args.batch, lam=args.lam, autocast=ac, progress=False,
+                  configs_per_pass=args.configs_per_pass)
     out: dict = {}
     if args.mode == "stage":
         out["cases"] = []
         for case in cases(args):
             d = torch.load(case["data"])
             cds = TaskDataset.from_tokens(d["tokens"], d["loss_mask"], int(d["pad_token_id"]), lengths=d.get("lengths"))
-            kw = {**common, "n_seeds": case["masks"], "batch_size": case["batch"]}
-            chg_lens.fit_chg(model, cds, updates=args.warmup, reg_updates=1, **kw)
+            g0_stage(model, cds, case["masks"], case["batch"], args.warmup, ac, args.configs_per_pass)
             with PeakRSS() as mem:
-                r = chg_lens.fit_chg(model, cds, updates=args.updates, reg_updates=1, **kw)
-            sec = r.meta["seconds"]["g0"]
-            out["cases"].append({**case, "seconds": sec, "updates_per_s": args.updates / sec, "fit_peak_rss_mib": mem.peak})
+                sec = g0_stage(model, cds, case["masks"], case["batch"], args.updates, ac, args.configs_per_pass)
+            out["cases"].append({**case, "seconds": sec, "updates_per_s": args.updates / sec,
+                                 "fit_peak_rss_mib": mem.peak})
             with open(args.out + ".partial", "w") as f:  # cases so far, for runs cut short
                 json.dump(out, f)
     elif args.mode == "fit":
@@ -190,7 +234,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--autocast", default="bf16", help="chg_lens only: bf16 or none (the reference always autocasts)")
+    p.add_argument("--autocast", default="bf16",
+                   help="bf16 or none; for the reference, none disables its built-in autocast (float32 work)")
+    p.add_argument("--configs-per-pass", type=int, default=None, help="chg_lens only: masks per pass (memory)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--cases", default="", help="stage mode: JSON list of {data, masks, batch} run in turn")

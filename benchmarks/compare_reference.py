@@ -3,20 +3,26 @@
 One command reproduces the table in benchmarks/README.md::
 
     bash benchmarks/setup_reference.sh                       # once: the reference in its own venv
-    python benchmarks/compare_reference.py --quick           # about 15-30 min on 2 busy cores
+    python benchmarks/compare_reference.py --quick           # about 40 min on 2 quiet cores
     python benchmarks/compare_reference.py --quick --only equal
 
 Both sides run the same SmolLM2-135M-Instruct weights (dequantised once from the offline GGUF and
 saved as a Hugging Face folder in ``--cache``), the same rows (IOI: last-token target; GSM8K
 chain-of-thought: the whole solution is the target), the same batch size, number of masks and
-number of updates. Every measurement is its own process (clean peak memory), and the runs
-alternate reference, chg_lens, reference, chg_lens ... so that machine noise hits both. The
-reference always uses CPU autocast (bf16); chg_lens runs with ``autocast="bf16"`` (and, for the
-record, without it).
+number of updates. Every measurement is its own process (clean peak memory), and within every
+repeat the sides run one after the other so that machine noise hits all of them.
+
+Sides (see :func:`speed_sides`): the reference as shipped (it always enters CPU autocast, bf16);
+the reference with that autocast disabled (float32: the same arithmetic as chg_lens's default);
+chg_lens in float32, also with ``configs_per_pass`` where masks exceed it; chg_lens with bf16
+autocast where the CPU has native bf16 (AVX512-BF16 or AMX; ``--bf16`` forces it). Without native
+bf16 the reference as shipped runs in the first repeat only and at most ``--shipped-max-masks``
+masks: its emulated bf16 takes about half a minute per update there.
 
 Parts: ``speed`` (updates/s and peak RSS at 1 and 10 masks, both tasks), ``fit`` (a full
-three-stage fit's wall time at smoke scale), ``equal`` (same initial gates, same batches: NLL and
-gate correlation after N updates of each stage). Results: a JSON file and a Markdown table.
+three-stage fit's wall time at smoke scale), ``equal`` (same initial gates, same batches, same
+precision: NLL and gate correlation after 100 updates of each stage). Results: a JSON file and a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -129,8 +135,18 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--masks", type=int, nargs="*", default=[1, 10])
     p.add_argument("--tasks", nargs="*", default=["ioi", "math"])
-    p.add_argument("--no-fp32", action="store_true", help="skip chg_lens without autocast")
-    p.add_argument("--equal-updates", type=int, default=None)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run chg_lens with bf16 autocast, and compare fits in bf16 (default: when the CPU "
+                        "has native bf16: AVX512-BF16 or AMX)")
+    p.add_argument("--shipped-max-masks", type=int, default=1,
+                   help="without native bf16, run the reference as shipped (bf16 autocast) only up to this many "
+                        "masks: it is emulated and slow there")
+    p.add_argument("--no-shipped", action="store_true", help="skip the reference as shipped")
+    p.add_argument("--configs-per-pass", type=int, default=5,
+                   help="also run chg_lens with this configs_per_pass where masks exceed it (0: skip)")
+    p.add_argument("--equal-updates", type=int, default=None, help="updates per stage in the equal check (100)")
+    p.add_argument("--alt-python", default=None,
+                   help="equal check: also run chg_lens under this python (e.g. a TransformerLens 3.9 venv)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)")
     p.add_argument("--out", default=str(HERE / "results" / "compare_reference.json"))
     p.add_argument("--partial", default="", help="write the raw runs here after every repeat")
@@ -138,7 +154,7 @@ def main() -> int:
     if not Path(args.ref_python).exists():
         raise SystemExit(f"no reference python at {args.ref_python}: run benchmarks/setup_reference.sh")
     repeats = args.repeats or (3 if args.quick else 5)
-    updates = 2 if args.quick else 10
+    updates = 3 if args.quick else 10
     batch = {"ioi": 8, "math": 1} if args.quick else {"ioi": 16, "math": 4}
     n_prompts = {"ioi": 128, "math": 32}
     cache = Path(args.cache)
@@ -146,51 +162,60 @@ def main() -> int:
     folder = prepare_model(cache)
     data = {t: prepare_data(t, folder, n_prompts[t], cache) for t in args.tasks}
     info = machine()
+    bf16 = args.bf16 if args.bf16 is not None else (info["avx512_bf16"] or info["amx_bf16"])
     results: dict = {"machine": info, "settings": {"repeats": repeats, "updates": updates, "batch": batch,
-                                                   "threads": args.threads or torch.get_num_threads()},
+                                                   "threads": args.threads or torch.get_num_threads(),
+                                                   "configs_per_pass": args.configs_per_pass,
+                                                   "shipped_max_masks": args.shipped_max_masks, "bf16": bf16},
                      "speed": [], "fit": [], "equal": {}}
     me = sys.executable
     th = args.threads
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if "speed" in args.only:
-            # One process per side and repeat runs every case in turn (loading the model once); the
-            # sides alternate: reference, chg_lens bf16, chg_lens fp32, reference, ...
+            # One process per side and repeat runs its cases in turn (loading the model once); the
+            # sides alternate within every repeat so that machine noise hits all of them.
             suite = [{"task": t, "masks": k, "batch": batch[t], "data": str(data[t])} for t in args.tasks
                      for k in args.masks]
-            kw = dict(mode="stage", model=folder, data=suite[0]["data"], cases=json.dumps(suite), updates=updates,
-                      warmup=1, threads=th)
-            runs: dict[str, list] = {"ref": [], "ours_bf16": [], "ours_fp32": []}
+            sides = speed_sides(args, suite, me, bf16)
+            runs: dict[str, list] = {name: [] for name in sides}
             for r in range(repeats):
-                runs["ref"].append(run_worker(args.ref_python, "ref", tmp, f"ref{r}", **kw)["cases"])
-                if not args.no_fp32:
-                    runs["ours_fp32"].append(run_worker(me, "ours", tmp, f"o32{r}", autocast="none", **kw)["cases"])
-                runs["ours_bf16"].append(run_worker(me, "ours", tmp, f"ours{r}", autocast="bf16", **kw)["cases"])
-                if args.partial:
-                    Path(args.partial).write_text(json.dumps(runs, default=str))
-                print("repeat", r, {s: [round(c["updates_per_s"], 4) for c in v[-1]] for s, v in runs.items() if v},
-                      flush=True)
-            for i, case in enumerate(suite):
+                ran = []
+                for name, (python, side, extra, cases) in sides.items():
+                    if name == "ref" and not bf16 and r > 0:
+                        continue  # emulated bf16: minutes per update, and the ratio is not close
+                    ran.append(name)
+                    kw = dict(mode="stage", model=folder, data=cases[0]["data"], cases=json.dumps(cases),
+                              updates=updates, warmup=1, threads=th, **extra)
+                    runs[name].append(run_worker(python, side, tmp, f"{name}{r}", **kw)["cases"])
+                    if args.partial:
+                        Path(args.partial).write_text(json.dumps(runs, default=str))
+                print("repeat", r, {s: [round(c["updates_per_s"], 4) for c in runs[s][-1]] for s in ran}, flush=True)
+            for case in suite:
                 row = {"task": case["task"], "masks": case["masks"], "batch": case["batch"]}
-                for s, v in runs.items():
-                    if v:
-                        row[s] = {"updates_per_s": median([x[i]["updates_per_s"] for x in v]),
-                                  "fit_peak_rss_mib": median([x[i]["fit_peak_rss_mib"] for x in v]),
-                                  "all_updates_per_s": [x[i]["updates_per_s"] for x in v]}
+                for name, v in runs.items():
+                    got = [[c for c in rep if c["task"] == case["task"] and c["masks"] == case["masks"]] for rep in v]
+                    got = [g[0] for g in got if g]
+                    if got:
+                        row[name] = {"updates_per_s": median([g["updates_per_s"] for g in got]),
+                                     "fit_peak_rss_mib": median([g["fit_peak_rss_mib"] for g in got]),
+                                     "all_updates_per_s": [g["updates_per_s"] for g in got]}
                 results["speed"].append(row)
         if "fit" in args.only:
             fu = 4 if args.quick else 20
-            runs = {"ref": [], "ours_bf16": []}
+            precision = "bf16" if bf16 else "none"
+            runs = {"ref": [], "ours": []}
             for r in range(max(1, repeats - 1)):
                 kw = dict(mode="fit", model=folder, data=data["ioi"], masks=4, batch=batch["ioi"], updates=fu,
-                          reg_updates=fu, threads=th)
+                          reg_updates=fu, threads=th, autocast=precision)
                 runs["ref"].append(run_worker(args.ref_python, "ref", tmp, f"fref{r}", **kw)["seconds"])
-                runs["ours_bf16"].append(run_worker(me, "ours", tmp, f"fours{r}", autocast="bf16", **kw)["seconds"])
+                runs["ours"].append(run_worker(me, "ours", tmp, f"fours{r}", **kw)["seconds"])
                 print("fit", r, {s: v[-1] for s, v in runs.items()}, flush=True)
             results["fit"] = {"task": "ioi", "masks": 4, "batch": batch["ioi"], "updates": fu, "reg_updates": fu,
+                              "precision": "bf16 autocast" if bf16 else "float32",
                               **{s: median(v) for s, v in runs.items()}, "all": runs}
         if "equal" in args.only:
-            results["equal"] = equal_check(args, folder, data["ioi"], tmp, th)
+            results["equal"] = equal_check(args, folder, data["ioi"], tmp, th, bf16)
     info["load_avg_end"] = os.getloadavg()
     info["utc_end"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = Path(args.out)
@@ -205,56 +230,126 @@ def main() -> int:
     return 0
 
 
-def equal_check(args, folder: Path, data_path: Path, tmp: Path, th: int) -> dict:
-    """Same initial gates, same batches, the same schedule, no gradient clipping: compare."""
+def speed_sides(args, suite: list[dict], me: str, bf16: bool) -> dict[str, tuple[str, str, dict, list[dict]]]:
+    """name -> (python, side, worker options, cases). ``ref`` is the reference as shipped (its CPU
+    autocast to bf16; on CPUs without native bf16 only up to ``--shipped-max-masks`` masks, it is
+    slow there); ``ref_fp32`` the reference with its autocast disabled; ``ours_fp32`` chg_lens in
+    float32; ``ours_fp32_cpp`` the same with ``configs_per_pass`` (cases with more masks than that);
+    ``ours_bf16`` chg_lens with bf16 autocast (CPUs with native bf16, or ``--bf16``)."""
+    shipped = suite if bf16 else [c for c in suite if c["masks"] <= args.shipped_max_masks]
+    sides = {"ref": (args.ref_python, "ref", {"autocast": "bf16"}, shipped),
+             "ref_fp32": (args.ref_python, "ref", {"autocast": "none"}, suite),
+             "ours_fp32": (me, "ours", {"autocast": "none"}, suite)}
+    grouped = [c for c in suite if args.configs_per_pass and c["masks"] > args.configs_per_pass]
+    if grouped:
+        sides["ours_fp32_cpp"] = (me, "ours", {"autocast": "none", "configs_per_pass": args.configs_per_pass}, grouped)
+    if bf16:
+        sides["ours_bf16"] = (me, "ours", {"autocast": "bf16"}, suite)
+    return {k: v for k, v in sides.items() if v[3] and not (args.no_shipped and k == "ref")}
+
+
+def compare_runs(x: dict, y: dict) -> dict:
+    """Per stage: NLL of the last 5 updates (the same batches on both sides), the relative NLL
+    difference at updates 1 and 10, the first update where it exceeds 0.1%, and the final gates'
+    correlation and largest difference."""
+    out = {}
+    for stage in ("g0", "g_plus", "g_minus"):
+        nx, ny = x["nll"][stage].double(), y["nll"][stage].double()
+        rel = (nx - ny).abs() / nx.abs()
+        over = (rel > 1e-3).nonzero()
+        ga, gb = x["gates"][stage].flatten().double(), y["gates"][stage].flatten().double()
+        a, b = nx[-5:].mean(), ny[-5:].mean()
+        out[stage] = {"nll_a": float(a), "nll_b": float(b), "nll_rel_diff": float(abs(a - b) / abs(a)),
+                      "rel_diff_update_1": float(rel[0]), "rel_diff_update_10": float(rel[min(9, len(rel) - 1)]),
+                      "first_update_over_0.1%": int(over[0]) + 1 if len(over) else None,
+                      "gate_corr": float(torch.corrcoef(torch.stack([ga, gb]))[0, 1]),
+                      "max_abs_gate_diff": float((ga - gb).abs().max())}
+    return out
+
+
+def equal_check(args, folder: Path, data_path: Path, tmp: Path, th: int, bf16: bool) -> dict:
+    """Same initial gates, same batches, the same schedule, no gradient clipping, the same precision
+    (float32, or bf16 autocast on CPUs with native bf16): compare NLL traces and final gates of the
+    reference and chg_lens, and (``--alt-python``: chg_lens under another venv, e.g. the other
+    TransformerLens line) of chg_lens against itself: how far float rounding alone moves a fit."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(folder)
-    n = args.equal_updates or (10 if args.quick else 100)
+    n = args.equal_updates or 100
     masks, batch, seed = 2, (4 if args.quick else 16), 0
     path = with_batches(data_path, tmp / "equal.pt", masks, batch, n, n, seed, cfg.num_hidden_layers,
                         cfg.num_attention_heads)
     kw = dict(mode="equal", model=folder, data=path, masks=masks, batch=batch, updates=n, reg_updates=n, seed=seed,
-              threads=th)
+              threads=th, autocast="bf16" if bf16 else "none")
     run_worker(args.ref_python, "ref", tmp, "eref", **kw)
-    run_worker(sys.executable, "ours", tmp, "eours", autocast="bf16", **kw)
+    run_worker(sys.executable, "ours", tmp, "eours", **kw)
     ref, ours = torch.load(tmp / "eref.json.pt"), torch.load(tmp / "eours.json.pt")
-    out = {"updates_per_stage": n, "masks": masks, "batch": batch}
-    for stage in ("g0", "g_plus", "g_minus"):
-        a, b = ref["nll"][stage][-5:].mean(), ours["nll"][stage][-5:].mean()  # same 5 last batches
-        ga, gb = ref["gates"][stage].flatten().double(), ours["gates"][stage].flatten().double()
-        corr = float(torch.corrcoef(torch.stack([ga, gb]))[0, 1])
-        out[stage] = {"nll_ref": float(a), "nll_ours": float(b), "nll_rel_diff": float(abs(a - b) / abs(a)),
-                      "gate_corr": corr, "max_abs_gate_diff": float((ga - gb).abs().max())}
-        print("equal", stage, out[stage], flush=True)
+    out = {"updates_per_stage": n, "masks": masks, "batch": batch, "precision": "bf16 autocast" if bf16 else "float32",
+           "ref_vs_ours": compare_runs(ref, ours)}
+    if args.alt_python:
+        run_worker(args.alt_python, "ours", tmp, "ealt", **kw)
+        out["alt_python"] = args.alt_python
+        out["ours_vs_alt"] = compare_runs(ours, torch.load(tmp / "ealt.json.pt"))
+    for pair in ("ref_vs_ours", "ours_vs_alt"):
+        for stage, x in out.get(pair, {}).items():
+            print("equal", pair, stage, x, flush=True)
     return out
 
 
 def table(res: dict) -> str:
-    m = res["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (avx512_bf16={m['avx512_bf16']}), torch {m['torch']}; "
-             f"started {m['utc']}, load average at start {tuple(round(x, 1) for x in m['load_avg_start'])}.", "",
-             "| task | masks | batch | reference upd/s | chg_lens bf16 upd/s | ratio | chg_lens fp32 upd/s | "
-             "ref peak RSS MiB | chg_lens bf16 peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    m, st = res["machine"], res["settings"]
+    cpp = st.get("configs_per_pass")
+    names = [("ref", "reference as shipped (bf16 autocast)"), ("ref_fp32", "reference float32"),
+             ("ours_fp32", "chg_lens float32"), ("ours_fp32_cpp", f"chg_lens float32, configs_per_pass={cpp}"),
+             ("ours_bf16", "chg_lens bf16 autocast")]
+    present = [(k, label) for k, label in names if any(k in r for r in res["speed"])]
+
+    def cell(r, k, key="updates_per_s", fmt="{:.3f}"):
+        return fmt.format(r[k][key]) if k in r else "-"
+
+    def ratio(r, a, b):
+        return f"**{r[a]['updates_per_s'] / r[b]['updates_per_s']:.2f}x**" if a in r and b in r else "-"
+
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (avx512_bf16={m['avx512_bf16']}, amx_bf16={m['amx_bf16']}, "
+             f"torch CPU capability {m['torch_cpu_capability']}), torch {m['torch']}; {m['utc']} to "
+             f"{m.get('utc_end', '?')}, load average at start {tuple(round(x, 1) for x in m['load_avg_start'])}, "
+             f"at end {tuple(round(x, 1) for x in m.get('load_avg_end', (float('nan'),) * 3))}; medians of "
+             f"{st['repeats']} runs of {st['updates']} timed updates after 1 warm-up.", "",
+             "Updates per second (unregularised stage):", "",
+             "| task | masks | batch | " + " | ".join(label for _, label in present)
+             + " | float32 ratio | ratio vs shipped |" + (f" ratio with configs_per_pass={cpp} |" if cpp else ""),
+             "|---" * (3 + len(present) + 2 + (1 if cpp else 0)) + "|"]
     for r in res["speed"]:
-        ref, ours, o32 = r["ref"], r["ours_bf16"], r.get("ours_fp32")
-        lines.append(f"| {r['task']} | {r['masks']} | {r['batch']} | {ref['updates_per_s']:.3f} | "
-                     f"{ours['updates_per_s']:.3f} | **{ours['updates_per_s'] / ref['updates_per_s']:.2f}x** | "
-                     f"{o32['updates_per_s'] if o32 else float('nan'):.3f} | {ref['fit_peak_rss_mib']:.0f} | "
-                     f"{ours['fit_peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['task']} | {r['masks']} | {r['batch']} | " + " | ".join(cell(r, k) for k, _ in present)
+                     + f" | {ratio(r, 'ours_fp32', 'ref_fp32')} | {ratio(r, 'ours_fp32', 'ref')} |"
+                     + (f" {ratio(r, 'ours_fp32_cpp', 'ref_fp32')} |" if cpp else ""))
+    lines += ["", "Peak resident memory during those updates (MiB, model included):", "",
+              "| task | masks | batch | " + " | ".join(label for _, label in present) + " |",
+              "|---" * (3 + len(present)) + "|"]
+    for r in res["speed"]:
+        lines.append(f"| {r['task']} | {r['masks']} | {r['batch']} | "
+                     + " | ".join(cell(r, k, "fit_peak_rss_mib", "{:.0f}") for k, _ in present) + " |")
     if res.get("fit"):
         f = res["fit"]
-        lines += ["", f"Full three-stage fit (IOI, {f['masks']} masks, batch {f['batch']}, {f['updates']} + "
-                      f"{f['reg_updates']} (+ {f['reg_updates']} for the reference's separate G-) updates): reference "
-                      f"{f['ref']:.1f} s, chg_lens {f['ours_bf16']:.1f} s, ratio {f['ref'] / f['ours_bf16']:.2f}x."]
+        lines += ["", f"Full three-stage fit ({f.get('precision', 'float32')}; IOI, {f['masks']} masks, batch "
+                      f"{f['batch']}, {f['updates']} + {f['reg_updates']} updates, the reference's G+ and G- one after "
+                      f"the other, chg_lens's in shared passes): reference {f['ref']:.1f} s, chg_lens {f['ours']:.1f} s, "
+                      f"ratio **{f['ref'] / f['ours']:.2f}x** (medians of {len(f['all']['ref'])})."]
     if res.get("equal"):
         e = res["equal"]
-        lines += ["", f"Equal results ({e['updates_per_stage']} updates per stage, {e['masks']} masks, batch {e['batch']}):", "",
-                  "| stage | NLL reference | NLL chg_lens | rel. diff | gate correlation |", "|---|---|---|---|---|"]
-        for s in ("g0", "g_plus", "g_minus"):
-            x = e[s]
-            lines.append(f"| {s} | {x['nll_ref']:.4f} | {x['nll_ours']:.4f} | {100 * x['nll_rel_diff']:.2f}% | "
-                         f"{x['gate_corr']:.4f} |")
+        lines += ["", f"Equal results ({e.get('precision', 'float32')}; same initial gates, same batches, "
+                      f"{e['updates_per_stage']} updates per stage, {e['masks']} masks, batch {e['batch']}; NLL = mean "
+                      "of the last 5 updates; rel. diff at update k = |NLL_a - NLL_b| / NLL_a of that update):", "",
+                  "| runs compared | stage | NLL a | NLL b | rel. diff | rel. diff update 1 / 10 | first update > 0.1% "
+                  "| gate correlation | max abs gate diff |", "|---|---|---|---|---|---|---|---|---|"]
+        for pair, label in (("ref_vs_ours", "a = reference, b = chg_lens"),
+                            ("ours_vs_alt", f"a = chg_lens, b = chg_lens under {e.get('alt_python')}")):
+            for s, x in e.get(pair, {}).items():
+                first = x["first_update_over_0.1%"]
+                lines.append(f"| {label} | {s} | {x['nll_a']:.4f} | {x['nll_b']:.4f} | {100 * x['nll_rel_diff']:.2f}% | "
+                             f"{100 * x['rel_diff_update_1']:.3f}% / {100 * x['rel_diff_update_10']:.3f}% | "
+                             f"{first if first is not None else 'none'} | {x['gate_corr']:.4f} | "
+                             f"{x['max_abs_gate_diff']:.3f} |")
     return "\n".join(lines)
 
 
