@@ -118,8 +118,8 @@ class Fit:
         print(f"loaded {a.model} in {time.time() - t0:.0f}s; task {a.task}: {len(train)} train / {len(val)} validation rows")
         result = fit_chg(model, train, n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates,
                          batch_size=a.batch_size, lam=a.lam, seed=a.seed, grad_accum=a.grad_accum,
-                         configs_per_pass=a.configs_per_pass, validation=val, checkpoint_dir=out / "checkpoint", checkpoint_every=a.checkpoint_every,
-                         task=a.task, progress=not a.no_progress)
+                         configs_per_pass=a.configs_per_pass, validation=val, checkpoint_dir=out / "checkpoint",
+                         checkpoint_every=a.checkpoint_every, task=a.task, progress=not a.no_progress)
         result.meta["model"] = a.model
         result.save(out)
         summary = result.summary()
