@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import threading
 import time
@@ -170,13 +169,10 @@ def g0_stage(model, data, masks: int, batch: int, updates: int, autocast, config
     loss and batches as inside ``fit_chg``, without the G+/G- stage that fit_chg always runs after it.
     Returns its seconds."""
     from chg_lens import models
+    from chg_lens.chg import nll_loss
     from chg_lens.fitting import Stage, StageSpec, run_stages, uniform_gate_logits
-    from chg_lens.logprobs import row_logprobs
 
-    def data_loss(gates, rows):
-        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates, autocast=autocast)
-        return out.nll, {"nll": out.nll}
-
+    data_loss = nll_loss(model, data, autocast)
     shape = (masks, models.n_layers(model), models.n_heads(model))
     spec = StageSpec(Stage("g0", updates, 0.1, 0.01), lambda done: uniform_gate_logits(shape, 0))
     with models.frozen(model):

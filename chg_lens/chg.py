@@ -24,8 +24,8 @@ from torch import Tensor
 
 from . import models, taxonomy
 from .data import TaskDataset
-from .fitting import (Checkpointer, Stage, StageResult, StageSpec, check_configs_per_pass, clipped_logit_mean,
-                      run_stages, uniform_gate_logits)
+from .fitting import (Checkpointer, DataLoss, Stage, StageResult, StageSpec, check_configs_per_pass,
+                      clipped_logit_mean, run_stages, uniform_gate_logits)
 from .logprobs import evaluate, row_logprobs
 from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
                       snapshots_frame, traces_frame, unpack_stages)
@@ -167,6 +167,17 @@ class CHGResult:
         )
 
 
+def nll_loss(model: Any, data: TaskDataset, autocast: str | None = None) -> DataLoss:
+    """CHG's data loss for the fitting loop: ``(gates, rows) -> (nll [configs], {"nll": nll})``,
+    each configuration's NLL the mean over rows of the mean over their target tokens."""
+
+    def data_loss(gates: Tensor, rows: Tensor):
+        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates, autocast=autocast)
+        return out.nll, {"nll": out.nll}
+
+    return data_loss
+
+
 def fit_chg(
     model: Any,
     data: TaskDataset,
@@ -229,9 +240,7 @@ def fit_chg(
     L, H = models.n_layers(model), models.n_heads(model)
     S = n_seeds
 
-    def data_loss(gates: Tensor, rows: Tensor):
-        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates, autocast=autocast)
-        return out.nll, {"nll": out.nll}
+    data_loss = nll_loss(model, data, autocast)
 
     def reg(sign: Tensor):
         def regularizer(logits: Tensor):

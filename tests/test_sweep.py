@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -126,7 +125,6 @@ def local_sweep(tmp_path_factory, model_folder):
     path = out.parent / "sweep.yaml"
     import yaml
 
-    # enough updates that the kill lands while the first cell is mid-fit, even on a quiet machine
     path.write_text(yaml.safe_dump(tiny_sweep_config(model_folder, out, "local", updates=LOCAL_UPDATES)))
     t0 = time.time()
     first = sweep.run_sweep(path, wait=False, progress=False)
