@@ -35,6 +35,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-model", default=DEFAULT_EMBEDDING, help="sentence embedding model (default: %(default)s)")
     p.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN min cluster size (default: %(default)s)")
     p.add_argument("--chg-result", default=None, help="a CHG results folder: join each head's role into the report")
+    p.add_argument("--probe-sequences", type=int, default=10,
+                   help="repeated random token sequences for the induction / previous-token / duplicate-token / "
+                        "sink probes, written to OUTDIR/probes.parquet (0: no probes; default: %(default)s)")
+    p.add_argument("--probe-length", type=int, default=50, help="tokens per copy in a probe sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -54,6 +58,7 @@ def run_cli(a: argparse.Namespace) -> int:
                         llm_model=a.llm_model, simulator_model=a.simulator_model, sim_windows=a.sim_windows,
                         requests_per_minute=a.requests_per_minute, embedding_model=a.embedding_model,
                         min_cluster_size=a.min_cluster_size, batch_size=a.batch_size, seed=a.seed,
+                        probe_sequences=a.probe_sequences, probe_length=a.probe_length,
                         stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result)
     cfg.check()
     t0 = time.time()
@@ -64,6 +69,6 @@ def run_cli(a: argparse.Namespace) -> int:
     print(f"explained {len(ok)} of {len(out.summary)} heads; mean simulation score "
           f"{ok.simulation_score.mean():.3f}, detection {ok.detection_score.mean():.3f}; steps run: "
           f"{', '.join(out.steps_run)} ({time.time() - t0:.0f}s)")
-    print(f"wrote {out.outdir}/ (raw_events.parquet, explanations.jsonl, scores.parquet, clusters.json, "
+    print(f"wrote {out.outdir}/ (raw_events.parquet, probes.parquet, explanations.jsonl, scores.parquet, clusters.json, "
           "report.md, summary.csv)")
     return 0
