@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -292,6 +293,18 @@ def test_sink_resting_induction_head_is_an_induction_head(pattern_run):
     assert "First-token" not in text
 
 
+def test_files_without_masses_fall_back_to_the_top_sources(pattern_run):
+    out, _ = pattern_run
+    raw = load_raw(out.path("raw_events.parquet"))
+    raw.masses, raw.probes = None, None                                   # as a file from before masses/probes
+    train, _ = split_windows(40)
+    ex = PatternExplainer()
+    for head, pattern in KNOWN.items():
+        rec = ex.explain(raw, raw.head_index(*head), train)
+        assert rec["hypothesis"]["pattern"] == pattern, rec["explanation"]
+        assert "probe" not in rec["explanation"]
+
+
 def test_scores_carry_probe_agreement_and_the_report_shows_it(pattern_run):
     from chg_lens.explain import probe_agreement
 
@@ -331,6 +344,11 @@ def test_output_sentence_names_only_tokens_that_stand_out():
     assert ex.output_text(hyp, names).startswith("; its output is not token-specific")
     hyp["table"]["tok:5"] = 2.0                                        # a frequent token that really stands out
     assert "',' (2.0x)" in ex.output_text(hyp, names)
+    # token means are taken where the pattern applies: they are compared with the mean there ("on")
+    hyp["table"].update({"on": 2.0, "off": 0.5})
+    hyp["counts"].update({"on": 6000, "off": 2000})
+    text = ex.output_text(hyp, names)
+    assert text.startswith("; its output is 4.0x larger where the pattern applies, and not token-specific")
 
 
 def test_labels_read_from_free_text():
@@ -519,6 +537,32 @@ def test_cli_explain(pattern_run, tmp_path, capsys):
     assert "summary.csv" in capsys.readouterr().out
     assert main(["explain", "--sources", "stackexchange", "--outdir", str(outdir)]) == 2
     assert "stackexchange-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_top_probe_induction_heads_get_the_induction_label(smollm2, tmp_path):
+    """The issue's measurement: on WikiText the heads with the highest probe induction scores were all named
+    "First-token (BOS) head"; now they are induction heads, and the top previous-token heads stay so."""
+    from chg_lens.explain import probe_scores
+
+    pr = probe_scores(smollm2, n_sequences=10, length=50)
+    ind = pr.sort_values("induction", ascending=False).head(4)
+    prev = pr.sort_values("previous_token", ascending=False).head(2)
+    assert ind.induction.min() > 0.5 and prev.previous_token.min() > 0.7
+    heads = [(int(l), int(h)) for l, h in pd.concat([ind, prev])[["layer", "head"]].values]
+    cfg = ExplainConfig(sources="wikitext", wikitext_dir=str(SHARED_DATA / "wikitext-2"), n_windows=40,
+                        window_len=96, topk=50, heads=heads, max_heads=None, min_cluster_size=2, batch_size=8)
+    out = run_explain(smollm2, tmp_path, cfg, progress=False)
+    sc = out.scores.set_index(["layer", "head"])
+    texts = {(r["layer"], r["head"]): r["explanation"] for r in out.records}
+    for head in heads[:4]:
+        assert sc.loc[head, "label"] == "induction", texts[head]
+        assert texts[head].startswith("Induction head") and "rests on the first token" in texts[head]
+    for head in heads[4:]:
+        assert sc.loc[head, "label"] == "previous_token", texts[head]
+    probes = pd.read_parquet(tmp_path / "probes.parquet").set_index(["layer", "head"])
+    assert probes.loc[heads[0], "induction"] == pytest.approx(ind.induction.iloc[0], abs=1e-6)   # same probes
+    assert sc.loc[heads[0], "probe_percentile"] == 1.0 and sc.loc[heads[4], "probe_percentile"] == 1.0
 
 
 @pytest.mark.slow

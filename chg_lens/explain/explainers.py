@@ -122,7 +122,8 @@ def _topk_masses(tokens: np.ndarray, sources: np.ndarray, weights: np.ndarray) -
 
 
 def pattern_fits(tokens: np.ndarray, sources: np.ndarray, weights: np.ndarray,
-                 masses: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+                 masses: dict[str, np.ndarray] | None = None, min_coverage: float = 0.02
+                 ) -> dict[str, dict[str, float]]:
     """Per pattern, over the query tokens where it has a source (position 0 never counts):
 
     - ``fit``: the mean attention mass on the pattern's sources (exact ``masses`` when recorded,
@@ -132,7 +133,12 @@ def pattern_fits(tokens: np.ndarray, sources: np.ndarray, weights: np.ndarray,
     - ``coverage``: the share of query tokens (``q >= 1``) where the pattern applies;
     - ``rest``: the mean mass on the first token where the pattern does *not* apply (the resting state).
 
-    For ``first_token`` the fit is the head's sink share over all ``q >= 1``.
+    For ``first_token`` the fit is the head's sink share over all ``q >= 1``. Induction is measured
+    twice: wherever the current token occurred before, and in repeated phrases only (the current and
+    the previous token occurred together before: :func:`~chg_lens.explain.record.repeated_phrase`),
+    where a single earlier occurrence of a frequent token is no longer mistaken for a repeat; the
+    entry keeps the one with the larger excess (``where``: "any" or "phrase", the phrase measure
+    only with ``min_coverage``), and both under ``fit_any`` / ``fit_phrase`` etc.
     """
     W, T = tokens.shape
     counts = pattern_counts(tokens)
@@ -151,6 +157,18 @@ def pattern_fits(tokens: np.ndarray, sources: np.ndarray, weights: np.ndarray,
         rest = float(mass["first_token"][off].mean()) if off.any() else float("nan")
         out[name] = {"fit": fit, "chance": ch, "excess": fit - ch, "coverage": n / float(W * (T - 1)),
                      "rest": rest}
+    ind = out["induction"]
+    phrase = (counts["repeated_phrase"] > 0) & (counts["induction"] > 0)
+    n = int(phrase.sum())
+    chance = counts["induction"] / (pos + 1.0)
+    fit_p = float(mass["induction"][phrase].mean()) if n else 0.0
+    ch_p = float(chance[phrase].mean()) if n else 0.0
+    extra = {"fit_any": ind["fit"], "chance_any": ind["chance"], "coverage_any": ind["coverage"],
+             "fit_phrase": fit_p, "chance_phrase": ch_p, "coverage_phrase": n / float(W * (T - 1)), "where": "any"}
+    if extra["coverage_phrase"] >= min_coverage and fit_p - ch_p > ind["excess"]:
+        ind.update(fit=fit_p, chance=ch_p, excess=fit_p - ch_p, coverage=extra["coverage_phrase"])
+        extra["where"] = "phrase"
+    ind.update(extra)
     return out
 
 
@@ -198,7 +216,8 @@ class PatternExplainer:
         tokens = raw.tokens[windows]
         act = raw.activity[head_index][windows].astype(np.float64)
         masses = {p: m[head_index][windows] for p, m in raw.masses.items()} if raw.masses is not None else None
-        fits = pattern_fits(tokens, raw.sources[head_index][windows], raw.weights[head_index][windows], masses)
+        fits = pattern_fits(tokens, raw.sources[head_index][windows], raw.weights[head_index][windows], masses,
+                            self.min_coverage)
         best, kind = self.choose(fits)
         probes = probe_lookup(raw.probes).get((layer, head))
         record = {"layer": layer, "head": head, "explainer": self.name, "status": "ok", "error": None}
@@ -271,11 +290,13 @@ class PatternExplainer:
             keep = np.flatnonzero(n >= self.min_count)
             for j in keep[np.argsort(-z[keep], kind="stable")][: self.max_tokens]:
                 table[f"tok:{int(ids[j])}"], counts[f"tok:{int(ids[j])}"] = float(sums[j] / n[j]), int(n[j])
+        sd_on = 0.0
         if applies.any():
             table["on"], counts["on"] = float(act[applies].mean()), int(applies.sum())
+            sd_on = float(act[applies].std())
         return {"condition": condition, "table": {k: round(v, 6) for k, v in table.items()},
                 "counts": counts, "default": round(float(act.mean()), 6), "average": round(average, 6),
-                "sd": round(sd, 6), "bos_token_id": bos}
+                "sd": round(sd, 6), "sd_on": round(sd_on, 6), "bos_token_id": bos}
 
     # -- prediction
     def predict(self, record: dict[str, Any], tokens: np.ndarray, token_str: dict[int, str]) -> np.ndarray:
@@ -301,8 +322,10 @@ class PatternExplainer:
         p, kind, fits = hyp["pattern"], hyp.get("kind", "pattern"), hyp["fits"]
         f, sink = fits[p], fits["first_token"]["fit"]
         if kind == "pattern" and p in WHEN_TEXT:
-            text = (f"{HEAD_NAMES[p]}: when the current token occurred before, {WHEN_TEXT[p]} ({f['fit']:.0%} of "
-                    f"its attention there, chance {f['chance']:.0%})")
+            when = ("when the current token occurred before in the same context (a repeated phrase)"
+                    if f.get("where") == "phrase" else "when the current token occurred before")
+            text = (f"{HEAD_NAMES[p]}: {when}, {WHEN_TEXT[p]} ({f['fit']:.0%} of its attention there, "
+                    f"chance {f['chance']:.0%})")
             rest = f.get("rest", float("nan"))
             if rest == rest and rest >= 0.3:
                 text += f"; otherwise it rests on the first token ({rest:.0%} of its attention)"
@@ -314,11 +337,13 @@ class PatternExplainer:
         else:
             usable = {q: g for q, g in fits.items() if q != "first_token" and g["coverage"] >= self.min_coverage}
             runner = max(usable, key=lambda q: usable[q]["excess"]) if usable else None
+            p = runner or p                                  # not repeated under "also" below
             best = (f"best: {pattern_name(runner)}, {usable[runner]['fit']:.0%} of its attention where it applies, "
                     f"chance {usable[runner]['chance']:.0%}") if runner else "no pattern applies"
             if kind == "rest":
                 text = (f"{HEAD_NAMES['first_token']}: it rests on the first token (the BOS / attention-sink position, "
-                        f"{sink:.0%} of its attention); no pattern takes much attention beyond chance ({best})")
+                        f"{sink:.0%} of its attention); no pattern takes {self.min_excess:.0%} of its attention "
+                        f"beyond chance ({best})")
             else:
                 text = f"No standard attention pattern fits well ({best}; first token {sink:.0%})"
         others = [q for q, g in fits.items() if q not in (p, "first_token") and g["coverage"] >= self.min_coverage
@@ -342,38 +367,44 @@ class PatternExplainer:
         return "; probe scores on repeated random tokens: " + describe(probes, named)
 
     def output_text(self, hyp: dict[str, Any], token_str: dict[int, str]) -> str:
-        """The output half: tokens or classes that raise the output well above the head's average."""
+        """The output half: whether the output is larger where the pattern applies, and the tokens or
+        classes that raise it well above its average there (the table's token means are taken where
+        the pattern applies, so they are compared with the mean there, not with the mean over all tokens)."""
         table, counts = hyp["table"], hyp["counts"]
-        avg, sd = hyp.get("average", hyp["default"]), hyp.get("sd", 0.0)
-        if hyp["condition"] == "none":
-            on, off = table.get("on"), table.get("off")
-            if on is None or off is None or min(on, off) <= 0:
-                return ""
+        parts = []
+        on, off = table.get("on"), table.get("off")
+        if on is not None and off is not None and counts.get("off", 0) >= self.output_min_count and min(on, off) > 0:
             ratio = max(on, off) / min(on, off)
-            if ratio < self.min_lift:
-                return "; its output is not token-specific"
-            where = "where the pattern applies" if on > off else "where the pattern does not apply"
-            return f"; its output is {ratio:.1f}x larger {where}"
+            if ratio >= self.min_lift:
+                where = "where the pattern applies" if on > off else "where the pattern does not apply"
+                parts.append(f"its output is {ratio:.1f}x larger {where}")
+        if hyp["condition"] == "none":
+            return "; " + " and ".join(parts) if parts else "; its output is not token-specific"
+        base = on if on is not None else hyp.get("average", hyp["default"])
+        sd = hyp.get("sd_on", hyp.get("sd", 0.0))
         items = []
         for k, v in table.items():
             n = counts.get(k, 0)
             if not (k.startswith("tok:") or k.startswith("class:")) or k == "class:start" or n < self.output_min_count:
                 continue
-            lift = v / avg if avg > 0 else float("inf")
-            z = (v - avg) / (sd / np.sqrt(n)) if sd > 0 else 0.0
+            lift = v / base if base > 0 else float("inf")
+            z = (v - base) / (sd / np.sqrt(n)) if sd > 0 else 0.0
             if lift >= self.min_lift and z >= self.min_z:
                 items.append((k, lift))
         items.sort(key=lambda kv: -kv[1])
         which = "attended token" if hyp["condition"] == "source" else "current token"
+        there = " where the pattern applies" if off is not None else ""
         if not items:
-            return (f"; its output is not token-specific (no {which} or token class raises it to "
-                    f"{self.min_lift:g}x its average)")
-        names = []
-        for k, lift in items[:3]:
-            what = repr(show(token_str.get(int(k[4:]), "?"))) if k.startswith("tok:") else f"a {k[6:]}"
-            names.append(f"{what} ({lift:.1f}x)")
-        return (f"; its output is largest, against its average, when the {which} is " + ", ".join(names[:-1]) +
-                (" or " if len(names) > 1 else "") + names[-1])
+            tail = (f"not token-specific (no {which} or token class raises it to {self.min_lift:g}x its "
+                    f"average{there})")
+        else:
+            names = []
+            for k, lift in items[:3]:
+                what = repr(show(token_str.get(int(k[4:]), "?"))) if k.startswith("tok:") else f"a {k[6:]}"
+                names.append(f"{what} ({lift:.1f}x)")
+            tail = (f"largest, against its average{there}, when the {which} is " + ", ".join(names[:-1]) +
+                    (" or " if len(names) > 1 else "") + names[-1])
+        return "; " + (parts[0] + ", and " + tail if parts else "its output is " + tail)
 
     def sentence(self, hyp: dict[str, Any], token_str: dict[int, str], usable: Any = None) -> str:
         return self.attention_text(hyp) + self.probe_text(hyp) + self.output_text(hyp, token_str) + "."
@@ -406,7 +437,7 @@ def label_from_text(text: str) -> str:
     m = re.search(r"(\d+) (tokens|positions) (back|before|earlier)", low)
     return f"offset_{m.group(1)}" if m else "none"
 def _round(fits: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {p: {k: round(v, 4) for k, v in f.items()} for p, f in fits.items()}
+    return {p: {k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()} for p, f in fits.items()}
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:

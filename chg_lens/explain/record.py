@@ -72,13 +72,30 @@ def pattern_masks(tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
     return out
 
 
+def repeated_phrase(tokens: Int[Tensor, "batch pos"]) -> Tensor:
+    """``[batch, q]`` bool: the current token and the one before it occurred together earlier
+    (``tok[k-1] == tok[q]`` and ``tok[k-2] == tok[q-1]`` for some ``3 <= k <= q - 1``): a repeated
+    phrase, where an induction head (prefix matching, Olsson et al. 2022) has the clearest target."""
+    b, T = tokens.shape
+    q = torch.arange(T, device=tokens.device)[:, None]
+    k = torch.arange(T, device=tokens.device)[None, :]
+    same = tokens[:, :, None] == tokens[:, None, :]
+    after = torch.zeros_like(same)
+    after[:, :, 1:] = same[:, :, :-1]                                     # tok[q] == tok[k - 1]
+    prev = torch.zeros_like(same)
+    prev[:, 1:, 2:] = same[:, :-1, :-2]                                   # tok[q - 1] == tok[k - 2]
+    return (after & prev & (k >= 3) & (k <= q - 1)).any(-1)
+
+
 def pattern_counts(tokens: np.ndarray, chunk: int = 128) -> dict[str, np.ndarray]:
-    """Number of source positions of each pattern per query, ``[W, T]`` int (0: the pattern does not apply)."""
+    """Number of source positions of each pattern per query, ``[W, T]`` int (0: the pattern does not apply);
+    and under ``"repeated_phrase"`` the :func:`repeated_phrase` positions (0/1)."""
     t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-    parts: dict[str, list] = {p: [] for p in MASS_PATTERNS}
+    parts: dict[str, list] = {p: [] for p in (*MASS_PATTERNS, "repeated_phrase")}
     for i in range(0, t.shape[0], chunk):
         for p, m in pattern_masks(t[i:i + chunk]).items():
             parts[p].append(m.sum(-1).numpy())
+        parts["repeated_phrase"].append(repeated_phrase(t[i:i + chunk]).long().numpy())
     return {p: np.concatenate(v) if v else np.zeros((0, t.shape[1]), dtype=np.int64) for p, v in parts.items()}
 
 
