@@ -88,7 +88,7 @@ def known_heads_hf():
         for t in range(V):
             feat(W0, t, Vv + t, 1 / s0)
             O0[t, PREV + t] = 1.0
-            O0[t, OUT] = 2.0 if t in names else (1.0 if t in words else 0.3)
+            O0[t, OUT] = 2.0 if t in names else (0.5 if t in words else 0.3)
         B0[Q + dh] = 10.0                                # 0.1 first token
         feat(W0, POS, K + dh, 8.0 / s0)
         for t in names:

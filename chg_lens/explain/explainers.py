@@ -191,7 +191,7 @@ class PatternExplainer:
     name = "pattern"
 
     def __init__(self, min_count: int = 3, max_tokens: int = 40, min_coverage: float = 0.02,
-                 min_excess: float = 0.2, min_rest: float = 0.5, min_lift: float = 1.3, min_z: float = 3.0,
+                 min_excess: float = 0.2, min_rest: float = 0.5, min_lift: float = 1.5, min_z: float = 3.0,
                  output_min_count: int = 5, also_excess: float = 0.15):
         self.min_count, self.max_tokens = min_count, max_tokens
         self.min_coverage, self.min_excess, self.min_rest = min_coverage, min_excess, min_rest
