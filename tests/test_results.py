@@ -1,0 +1,39 @@
+"""results.cached (fit or load) and results.load (the class by meta.json's kind)."""
+
+import pandas as pd
+import pytest
+
+import chg_lens
+from chg_lens.ablation import AblationResult
+from chg_lens.results import cached
+
+
+def _result(value: float) -> AblationResult:
+    frame = pd.DataFrame({"layer": [0, 1], "head": [1, 0], "delta_logprob": [value, -value]})
+    return AblationResult(frame, {"logprob": -1.5}, {"n_layers": 2, "n_heads": 2})
+
+
+def test_cached_fits_once_then_loads_and_refuses_other_settings(tmp_path):
+    calls = []
+
+    def fit(folder):
+        calls.append(folder)
+        return _result(0.25)
+
+    first = cached(tmp_path / "fit", {"updates": 4, "tasks": ("a", "b")}, fit)
+    again = cached(tmp_path / "fit", {"updates": 4, "tasks": ("a", "b")}, fit)
+    assert calls == [tmp_path / "fit"]                       # the second call loads
+    assert isinstance(again, AblationResult)
+    pd.testing.assert_frame_equal(again.frame, first.frame)
+    assert again.meta["cache_key"] == {"tasks": ["a", "b"], "updates": 4}
+    with pytest.raises(ValueError, match=r"other settings \(updates\)"):
+        cached(tmp_path / "fit", {"updates": 5, "tasks": ["a", "b"]}, fit)
+    assert len(calls) == 1
+
+
+def test_load_returns_the_class_of_the_saved_kind(tmp_path):
+    _result(0.5).save(tmp_path / "abl")
+    back = chg_lens.load(tmp_path / "abl")
+    assert type(back) is AblationResult and back.tensor()[0, 1].item() == 0.5
+    with pytest.raises(FileNotFoundError):
+        chg_lens.load(tmp_path / "missing")
