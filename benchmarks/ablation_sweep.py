@@ -18,7 +18,7 @@ import torch
 
 import chg_lens
 from chg_lens import ablation, gates, models
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 
 def tiny_model():

@@ -14,7 +14,7 @@ from . import gates, models, results, tasks, taxonomy
 from .chg import CHGConfig, CHGResult, fit_chg, validate
 from .contrastive import ContrastiveResult, evaluate_contrastive, fit_contrastive
 from .data import TaskDataset, TaskSplits
-from .logprobs import RowScores, evaluate, row_logprobs
+from .scoring import RowScores, evaluate, row_logprobs
 from .models import load_model
 from .results import load
 

@@ -3,7 +3,7 @@
 Zero ablation is a gate of 0 with no source; mean ablation is a gate of 0 whose source is the mean
 ``z`` over a reference data set (:func:`mean_z`, read by hooks that change nothing). Every sweep
 scores many gate configurations per forward pass (rows of the batch = configurations x prompts)
-through :func:`chg_lens.logprobs.row_logprobs`, and, where the configurations agree below some
+through :func:`chg_lens.scoring.score_configs`, and, where the configurations agree below some
 layer, starts the pass at that layer from a residual stream computed once (prefix reuse).
 
 Example::
@@ -33,157 +33,25 @@ from tqdm.auto import tqdm
 from . import gates as gates_mod
 from . import models
 from .data import TaskDataset
-from .logprobs import RowScores, row_logprobs
+from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
+                      score_configs)
 from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
 
 METHODS = ("zero", "mean")
 ORDERS = ("forward", "backward", "random")
-Heads = Sequence[tuple[int, int]]
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring many configurations: the shared engine of sweeps and patching
-# --------------------------------------------------------------------------------------------
-
-
-def first_changed_layer(configs: Float[Tensor, "configs layer head"], base: Float[Tensor, "layer head"]) -> Tensor:
-    """Per configuration, the lowest layer whose gates differ from ``base`` (n_layers if none)."""
-    diff = (configs != base.to(configs.dtype)).any(dim=2)  # [K, L]
-    L = configs.shape[1]
-    idx = torch.where(diff, torch.arange(L).expand_as(diff), torch.full_like(diff, L, dtype=torch.long))
-    return idx.min(dim=1).values
-
-
-@torch.no_grad()
-def score_configs(
-    model,
-    data: TaskDataset,
-    configs: Float[Tensor, "*configs layer head"],
-    sources: Mapping[int, Tensor] | None = None,
-    positions: Bool[Tensor, "rows pos"] | None = None,
-    base: Float[Tensor, "layer head"] | None = None,
-    answers: Any = "auto",
-    prefix_reuse: bool = True,
-    batch_size: int = 32,
-    max_rows_per_pass: int = 256,
-    progress: bool = False,
-    desc: str = "configs",
-) -> RowScores:
-    """Score every row of ``data`` under each gate configuration; ``[n_configs, rows]`` on the CPU.
-
-    ``sources`` (layer -> ``[rows, pos, head, d_head]`` per data row, or ``[head, d_head]``) and
-    ``positions`` are passed to the gates (see :func:`chg_lens.gates.gate_z`). With
-    ``prefix_reuse``, configurations are grouped by the lowest layer where they differ from
-    ``base`` (default: all ones); the residual entering that layer is computed once per batch of
-    rows under ``base`` and each group's pass starts there. ``answers``: ``"auto"`` uses
-    ``data.row_meta["answers"]`` when present (their logits give the logit difference), None skips.
-
-    Example::
-
-        scores = score_configs(model, data, gates.single_head_configs(model))
-        scores.logprob_sum.mean(1)     # [n_heads_total]
-    """
-    model = models.as_model(model)
-    data.check_model(model)
-    L, H = models.n_layers(model), models.n_heads(model)
-    cfg = gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
-    base = torch.ones(L, H) if base is None else base.detach().float().cpu()
-    if isinstance(answers, str) and answers == "auto":
-        answers = data.row_meta.get("answers")
-    ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)
-    if ans is not None and (ans.ndim != 2 or ans.shape[0] != len(data)):
-        raise ValueError(f"answers must be [rows, n_answers] with {len(data)} rows; got {tuple(ans.shape)}")
-    if positions is not None and tuple(positions.shape) != tuple(data.tokens.shape):
-        raise ValueError(f"positions must be a bool mask shaped like the tokens {tuple(data.tokens.shape)}")
-    K, N = cfg.shape[0], len(data)
-    start = first_changed_layer(cfg, base) if prefix_reuse else torch.zeros(K, dtype=torch.long)
-    start = start.clamp(max=L - 1)  # a config equal to base still needs the last block to run
-    groups = {int(k): (start == k).nonzero().flatten() for k in start.unique()}
-    rows_per = max(1, min(batch_size, N))
-    cfg_per = max(1, max_rows_per_pass // rows_per)
-    dev = models.device(model)
-
-    lp = torch.zeros(K, N)
-    ok = torch.zeros(K, N, dtype=torch.bool)
-    al = None if ans is None else torch.zeros(K, N, ans.shape[1])
-    chunks = [torch.arange(r, min(r + rows_per, N)) for r in range(0, N, rows_per)]
-    steps = sum(len(range(0, len(g), cfg_per)) for g in groups.values()) * len(chunks)
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    for idx in chunks:
-        tokens, mask = data.tokens[idx], data.loss_mask[idx]
-        width = int(mask.any(dim=0).nonzero().max()) + 1
-        src = _rows_of(sources, idx, width)
-        pos = None if positions is None else positions[idx, :width]
-        reuse = [k for k in groups if k > 0]
-        resid = {}
-        if reuse:
-            base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
-            resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
-        for k, members in groups.items():
-            for c in range(0, len(members), cfg_per):
-                which = members[c : c + cfg_per]
-                out = row_logprobs(
-                    model, tokens, mask, cfg[which].to(dev), src, pos,
-                    answers=None if ans is None else ans[idx],
-                    start_at_layer=k if k > 0 else None, resid=resid.get(k),
-                )
-                lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
-                ok[which[:, None], idx[None, :]] = out.correct.cpu()
-                if al is not None:
-                    al[which[:, None], idx[None, :]] = out.answer_logits.cpu()
-                bar.update(1)
-    bar.close()
-    return RowScores(lp, data.n_targets.clone(), ok, al)
-
-
-def _rows_of(sources: Mapping[int, Tensor] | None, idx: Tensor, width: int) -> dict[int, Tensor] | None:
-    """The part of per-row sources that belongs to rows ``idx`` (shared ``[head, d_head]`` kept)."""
-    if sources is None:
-        return None
-    return {l: (s[idx, :width] if s.ndim == 4 else s) for l, s in sources.items()}
-
-
-def metrics(scores: RowScores) -> dict[str, Tensor]:
-    """Per configuration, means over rows: ``logprob`` (summed target log-prob), ``logprob_mean``
-    (per target token), ``accuracy`` (all targets argmax-correct) and, with answers, ``logit_diff``."""
-    out = {
-        "logprob": scores.logprob_sum.mean(dim=1),
-        "logprob_mean": scores.logprob_mean.mean(dim=1),
-        "accuracy": scores.correct.float().mean(dim=1),
-    }
-    if scores.answer_logits is not None and scores.answer_logits.shape[-1] >= 2:
-        out["logit_diff"] = scores.logit_diff.mean(dim=1)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Mean ablation
-# --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def mean_z(model, reference: TaskDataset, batch_size: int = 32) -> dict[int, Float[Tensor, "head d_head"]]:
-    """Mean ``z`` per layer and head over every real (non-padding) position of ``reference``;
-    the source of mean ablation. Read by hooks that change nothing.
+    """Mean ``z`` per layer and head over every real (non-padding) position of ``reference``; the
+    source of mean ablation (:func:`chg_lens.scoring.collect_z` with ``mean=True``).
 
     Example::
 
         means = mean_z(model, train)
         score_configs(model, val, configs, sources=means)      # mean ablation
     """
-    model = models.as_model(model)
-    reference.check_model(model)
-    total: dict[int, Tensor] = {}
-    count = 0
-    dev = models.device(model)
-    for r in range(0, len(reference), batch_size):
-        idx = torch.arange(r, min(r + batch_size, len(reference)))
-        width = int(reference.lengths[idx].max())
-        real = (torch.arange(width)[None, :] < reference.lengths[idx, None]).to(dev)
-        for l, z in models.cache_z(model, reference.tokens[idx, :width].to(dev)).items():
-            total[l] = total.get(l, 0) + (z.float() * real[..., None, None]).sum(dim=(0, 1))
-        count += int(real.sum())
-    return {l: (t / count).cpu() for l, t in total.items()}
+    return collect_z(model, reference, mean=True, batch_size=batch_size)
 
 
 def _sources(model, method: str, reference: TaskDataset | None, data: TaskDataset, batch_size: int):
@@ -255,10 +123,6 @@ def _with_deltas(frame: pd.DataFrame, values: dict[str, Tensor], baseline: dict[
 # --------------------------------------------------------------------------------------------
 
 
-def all_heads(model) -> list[tuple[int, int]]:
-    return [(l, h) for l in range(models.n_layers(model)) for h in range(models.n_heads(model))]
-
-
 def head_sweep(
     model,
     data: TaskDataset,
@@ -283,7 +147,7 @@ def head_sweep(
     """
     model = models.as_model(model)
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
-    _check_heads(model, heads)
+    check_heads(model, heads)
     src = _sources(model, method, reference, data, batch_size)
     start = gates_mod.ones(model) if base is None else base.detach().float().cpu()
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
@@ -311,7 +175,7 @@ def head_order(model, order: str | Heads = "forward", seed: int = 0) -> list[tup
             return heads
         raise ValueError(f"order must be one of {ORDERS} or a list of (layer, head); got {order!r}")
     given = [(int(l), int(h)) for l, h in order]
-    _check_heads(model, given)
+    check_heads(model, given)
     if len(set(given)) != len(given):
         raise ValueError("the given order names a head more than once")
     return given
@@ -439,10 +303,3 @@ def figure2(
     meta = _meta(model, data, mode="figure2", method=method, seeds=seed_list, scores=list(scores), n_steps=n,
                  chg_task=result.meta.get("task"))
     return AblationResult(frame, baseline, meta)
-
-
-def _check_heads(model, heads: Heads) -> None:
-    L, H = models.n_layers(model), models.n_heads(model)
-    bad = [(l, h) for l, h in heads if not (0 <= l < L and 0 <= h < H)]
-    if bad:
-        raise ValueError(f"heads {bad[:5]} are outside the model's {L} layers x {H} heads")

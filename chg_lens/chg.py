@@ -26,7 +26,7 @@ from . import models, taxonomy
 from .data import TaskDataset
 from .fitting import (Checkpointer, DataLoss, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
-from .logprobs import evaluate, row_logprobs
+from .scoring import evaluate, row_logprobs
 from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
                       snapshots_frame, traces_frame, unpack_stages)
 

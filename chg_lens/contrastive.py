@@ -32,7 +32,7 @@ from .chg import CHGResult
 from .data import TaskDataset, concat
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
-from .logprobs import evaluate, row_logprobs
+from .scoring import evaluate, row_logprobs
 from .results import (cached, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
                       snapshots_frame, traces_frame, unpack_stages)
 from .stats import t_interval, wilson_interval

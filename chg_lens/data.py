@@ -221,6 +221,14 @@ class TaskSplits(NamedTuple):
     validation: TaskDataset
 
 
+def first_target_position(loss_mask: Bool[Tensor, "rows pos"]) -> Int[Tensor, "rows"]:
+    """Per row, the position that predicts its first target token (the prompt's last token)::
+
+        first_target_position(torch.tensor([[False, False, True, True]]))   # tensor([1])
+    """
+    return loss_mask[:, 1:].to(torch.long).argmax(dim=1)
+
+
 def concat(datasets: Sequence[TaskDataset], name: str | None = None) -> TaskDataset:
     """Rows of several data sets (same tokenizer and pad id) in order, right-padded to one width.
 

@@ -34,9 +34,8 @@ from torch import Tensor
 
 from . import gates as gates_mod
 from . import models
-from .ablation import _check_heads, all_heads, score_configs
-from .data import TaskDataset
-from .logprobs import RowScores
+from .data import TaskDataset, first_target_position
+from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
 from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
 
 METRICS = ("logprob", "prob", "logit_diff")
@@ -72,7 +71,7 @@ def position_mask(data: TaskDataset, positions: Any = "all") -> Bool[Tensor, "ro
         return positions
     if positions is None or positions == "all":
         return None
-    last = data.loss_mask[:, 1:].to(torch.long).argmax(dim=1)  # predicts the first target
+    last = first_target_position(data.loss_mask)
     mask = torch.zeros_like(data.tokens, dtype=torch.bool)
     rows = torch.arange(len(data))
     if positions == "last":
@@ -172,17 +171,10 @@ def label_mediating(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def clean_z(model, data: TaskDataset, batch_size: int = 32) -> dict[int, Float[Tensor, "rows pos head d_head"]]:
-    """Every head's ``z`` on ``data`` (CPU), batch by batch; the source of a patch."""
-    model = models.as_model(model)
-    out: dict[int, list[Tensor]] = {}
-    dev = models.device(model)
-    width = data.tokens.shape[1]
-    for r in range(0, len(data), batch_size):
-        for l, z in models.cache_z(model, data.tokens[r : r + batch_size].to(dev)).items():
-            out.setdefault(l, []).append(z[:, :width].cpu())
-    return {l: torch.cat(v) for l, v in out.items()}
+    """Every head's ``z`` on ``data`` (CPU), batch by batch; the source of a patch
+    (:func:`chg_lens.scoring.collect_z` with ``mean=False``)."""
+    return collect_z(model, data, mean=False, batch_size=batch_size)
 
 
 def patch_heads(
@@ -223,7 +215,7 @@ def patch_heads(
     if metric == "logit_diff" and answers is None:
         raise ValueError("metric 'logit_diff' needs clean.row_meta['answers'] = [[correct_id, wrong_id], ...]")
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
-    _check_heads(model, heads)
+    check_heads(model, heads)
     if not heads:
         raise ValueError("no heads to patch")
     corrupted.check_model(model)

@@ -6,7 +6,7 @@ import torch
 
 import chg_lens
 from chg_lens import ablation, fit_chg, gates, models
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 from conftest import known_answer_data
 

@@ -30,7 +30,7 @@ def test_prepend_bos_is_explicit(tiny_gpt2_vocab_model):
 
 
 def test_padding_never_leaks_into_the_loss(tiny_gpt2_vocab_model):
-    from chg_lens.logprobs import row_logprobs
+    from chg_lens.scoring import row_logprobs
 
     data = TaskDataset.from_prompts(tiny_gpt2_vocab_model, ["Short", "A much longer prompt than that one"], [" x", " y"])
     both = row_logprobs(tiny_gpt2_vocab_model, data.tokens, data.loss_mask)

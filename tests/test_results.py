@@ -37,3 +37,18 @@ def test_load_returns_the_class_of_the_saved_kind(tmp_path):
     assert type(back) is AblationResult and back.tensor()[0, 1].item() == 0.5
     with pytest.raises(FileNotFoundError):
         chg_lens.load(tmp_path / "missing")
+
+
+def test_logprobs_is_a_deprecated_alias_of_scoring():
+    import importlib
+    import sys
+    import warnings
+
+    from chg_lens import scoring
+
+    sys.modules.pop("chg_lens.logprobs", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("chg_lens.logprobs")
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    assert old.evaluate is scoring.evaluate and old.row_logprobs is scoring.row_logprobs

@@ -35,6 +35,7 @@ def run(a: argparse.Namespace) -> int:
     from .. import models
     from ..ablation import ORDERS, figure2, head_sweep, sequential_ablation
     from ..chg import CHGResult
+    from ..scoring import parse_heads
 
     t0 = time.time()
     result = None
@@ -48,7 +49,9 @@ def run(a: argparse.Namespace) -> int:
     order: Any = a.order
     if a.order not in ORDERS:
         try:
-            order = [tuple(int(x) for x in item.split(".")) for item in a.order.split(",")]
+            order = parse_heads(a.order)
+            if not order:
+                raise ValueError
         except ValueError:
             raise ValueError(f"--order must be forward, backward, random or 'L.H,L.H'; got {a.order!r}") from None
     seeds: Any = "each" if a.chg_seeds == "each" else [int(s) for s in a.chg_seeds.split(",")]

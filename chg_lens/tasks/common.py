@@ -299,12 +299,7 @@ def matched_prompt_datasets(
                                         prepend_bos=prepend_bos, name=name)
         for k, v in (row_meta or {}).items():
             data.row_meta[k] = [v[i] for i in keep]
-        data.row_meta["query_pos"] = [int(m.nonzero()[0]) - 1 for m in data.loss_mask]
+        data.row_meta["query_pos"] = first_target_position(data.loss_mask).tolist()
         data.meta["n_dropped_too_long"] = len(worst) - len(keep)
         out[name] = data
     return out
-
-
-def target_first_ids(data: TaskDataset) -> list[int]:
-    """The first target token of each row."""
-    return [int(row[int(m.nonzero()[0])]) for row, m in zip(data.tokens, data.loss_mask)]
