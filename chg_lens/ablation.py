@@ -35,7 +35,7 @@ from . import models
 from .data import TaskDataset
 from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
                       score_configs)
-from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+from .results import FrameResult, frame_from_json, library_versions
 
 METHODS = ("zero", "mean")
 ORDERS = ("forward", "backward", "random")
@@ -68,39 +68,28 @@ def _sources(model, method: str, reference: TaskDataset | None, data: TaskDatase
 
 
 @dataclass
-class AblationResult:
+class AblationResult(FrameResult):
     """A long DataFrame (one row per configuration: ``layer``, ``head``, metrics, ``delta_*``), the
     baseline metrics (the unablated configuration) and metadata."""
 
+    kind = "ablation"
+    noun = "an ablation result"
     frame: pd.DataFrame
     baseline: dict[str, float]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def tensor(self, column: str = "delta_logprob") -> Float[Tensor, "layer head"]:
         """``column`` as an ``[n_layers, n_heads]`` tensor (single-head sweeps; NaN where absent)."""
-        L, H = int(self.meta["n_layers"]), int(self.meta["n_heads"])
-        out = torch.full((L, H), float("nan"))
-        f = self.frame
-        out[torch.tensor(f["layer"].to_numpy(dtype="int64")), torch.tensor(f["head"].to_numpy(dtype="int64"))] = torch.tensor(
-            f[column].to_numpy(dtype="float64"), dtype=torch.float32)
-        return out
+        return super().tensor(column)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` (+ tensors.safetensors)."""
-        tensors = {}
+    def tensors_to_save(self) -> dict[str, Tensor]:
         if {"layer", "head"} <= set(self.frame.columns) and "step" not in self.frame.columns:
-            tensors["delta_logprob"] = self.tensor("delta_logprob")
-        path = save_bundle(path, tensors, {"kind": "ablation", "frame": frame_to_json(self.frame),
-                                           "baseline": self.baseline, "meta": self.meta})
-        self.frame.to_parquet(path / "frame.parquet", index=False)
-        self.frame.to_csv(path / "frame.csv", index=False)
-        return path
+            return {"delta_logprob": self.tensor("delta_logprob")}
+        return {}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AblationResult":
-        _, meta = load_bundle(path)
-        if meta.get("kind") != "ablation":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not an ablation result")
+        _, meta = cls.read(path)
         return cls(frame_from_json(meta["frame"]), meta["baseline"], meta["meta"])
 
 

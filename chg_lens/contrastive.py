@@ -33,7 +33,7 @@ from .data import TaskDataset, concat
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (cached, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
+from .results import (Result, cached, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
                       snapshots_frame, traces_frame, unpack_stages)
 from .stats import t_interval, wilson_interval
 
@@ -116,7 +116,7 @@ def check_matched(retain: TaskDataset, forget: TaskDataset) -> None:
 
 # --------------------------------------------------------------------------------------------- result
 @dataclass
-class ContrastiveResult:
+class ContrastiveResult(Result):
     """Fitted contrastive gates of every seed, per-update traces and the metadata to reproduce them.
 
     ``logits`` is ``[n_seeds, n_layers, n_heads]``; ``traces`` maps ``retain_nll``, ``forget_nll``,
@@ -124,6 +124,8 @@ class ContrastiveResult:
     evaluation data) is the frame of :func:`evaluate_contrastive`.
     """
 
+    kind = "contrastive"
+    noun = "a contrastive CHG result"
     logits: Float[Tensor, "seeds layer head"]
     traces: dict[str, Float[Tensor, "updates seeds"]]
     snapshots: Float[Tensor, "snaps seeds layer head"]
@@ -183,12 +185,15 @@ class ContrastiveResult:
                 lines.append(f"  {variant:7s} {gates:8s} accuracy {row.accuracy:.3f}  logprob {row.logprob:8.4f}")
         return "\n".join(lines)
 
+    def to_frame(self) -> pd.DataFrame:
+        return self.gates_frame()
+
     # ------------------------------------------------------------------ io
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tensors.safetensors``, ``meta.json`` and ``gates.csv`` to the folder ``path``."""
         tensors = pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
                               {STAGE: self.snapshot_steps})
-        meta = {"kind": "contrastive", "config": self.config, "meta": self.meta,
+        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
                 "evaluation": None if self.evaluation is None else frame_to_json(self.evaluation)}
         path = save_bundle(path, tensors, meta)
         self.gates_frame().to_csv(path / "gates.csv", index=False)
@@ -196,9 +201,7 @@ class ContrastiveResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ContrastiveResult":
-        tensors, meta = load_bundle(path)
-        if meta.get("kind") != "contrastive":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a contrastive CHG result")
+        tensors, meta = cls.read(path)
         logits, traces, snapshots, steps = unpack_stages(tensors)
         ev = meta.get("evaluation")
         return cls(logits=logits[STAGE], traces=traces[STAGE], snapshots=snapshots[STAGE],

@@ -36,7 +36,7 @@ from . import gates as gates_mod
 from . import models
 from .data import TaskDataset, first_target_position
 from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
-from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+from .results import FrameResult, frame_from_json, library_versions
 
 METRICS = ("logprob", "prob", "logit_diff")
 RULES = ("std", "significance")
@@ -94,10 +94,12 @@ def position_mask(data: TaskDataset, positions: Any = "all") -> Bool[Tensor, "ro
 
 
 @dataclass
-class PatchResult:
+class PatchResult(FrameResult):
     """Per head: ``frame`` (``layer, head, effect`` (AIE), ``se``, ``t``, ``p``, ``mediating``),
     ``per_prompt`` indirect effects ``[n_heads_patched, rows]``, and the clean/corrupted baselines."""
 
+    kind = "patching"
+    noun = "a patching result"
     frame: pd.DataFrame
     per_prompt: Float[Tensor, "heads rows"]
     baseline: dict[str, float]
@@ -105,12 +107,7 @@ class PatchResult:
 
     def tensor(self, column: str = "effect") -> Float[Tensor, "layer head"]:
         """``column`` as ``[n_layers, n_heads]`` (NaN for heads not patched)."""
-        L, H = int(self.meta["n_layers"]), int(self.meta["n_heads"])
-        out = torch.full((L, H), float("nan"))
-        f = self.frame
-        out[torch.tensor(f["layer"].to_numpy(dtype="int64")), torch.tensor(f["head"].to_numpy(dtype="int64"))] = torch.tensor(
-            f[column].to_numpy(dtype="float64"), dtype=torch.float32)
-        return out
+        return super().tensor(column)
 
     @property
     def effects(self) -> Float[Tensor, "layer head"]:
@@ -121,19 +118,12 @@ class PatchResult:
         f = self.frame[self.frame["mediating"]].sort_values("effect", ascending=False)
         return list(zip(f["layer"].astype(int), f["head"].astype(int)))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = save_bundle(path, {"per_prompt": self.per_prompt, "effects": self.effects},
-                           {"kind": "patching", "frame": frame_to_json(self.frame), "baseline": self.baseline,
-                            "meta": self.meta})
-        self.frame.to_parquet(path / "frame.parquet", index=False)
-        self.frame.to_csv(path / "frame.csv", index=False)
-        return path
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        return {"per_prompt": self.per_prompt, "effects": self.effects}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchResult":
-        tensors, meta = load_bundle(path)
-        if meta.get("kind") != "patching":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a patching result")
+        tensors, meta = cls.read(path)
         frame = frame_from_json(meta["frame"])
         frame["mediating"] = frame["mediating"].astype(bool)
         return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])

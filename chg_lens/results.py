@@ -62,6 +62,75 @@ def load_bundle(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, A
     return load_file(str(path / TENSORS)), json.loads((path / META).read_text())
 
 
+class Result:
+    """The protocol every saved result follows (CHG, contrastive, ablation, patching).
+
+    A result class declares its ``kind`` (written to ``meta.json``; :func:`load` finds the class by
+    it) and ``noun`` (for errors), and implements ``save(path)``, ``load(path)`` (a classmethod that
+    reads the bundle through :meth:`read`, which checks the kind), ``to_frame()`` (its main table)
+    and ``tensor(column)`` (a column of that table as ``[n_layers, n_heads]``, for tables with one
+    row per head). ``frame`` is not the method's name because ablation and patching results already
+    hold their table in a ``frame`` field.
+    """
+
+    kind: str = ""
+    noun: str = "result"
+    meta: dict[str, Any]
+
+    def to_frame(self):
+        raise NotImplementedError
+
+    def tensor(self, column: str) -> Tensor:
+        return head_tensor(self.to_frame(), column, int(self.meta["n_layers"]), int(self.meta["n_heads"]))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        raise NotImplementedError
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """:func:`load_bundle`, and a ``ValueError`` unless the folder holds a result of ``cls.kind``."""
+        tensors, meta = load_bundle(path)
+        if meta.get("kind") != cls.kind:
+            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not {cls.noun}")
+        return tensors, meta
+
+
+class FrameResult(Result):
+    """A result whose data is one table (``frame``), ``baseline`` metrics and ``meta`` (ablation,
+    patching): saved as ``meta.json`` (the table as JSON, exact), ``frame.parquet``, ``frame.csv``
+    and the tensors of :meth:`tensors_to_save`."""
+
+    frame: Any
+    baseline: dict[str, float]
+
+    def to_frame(self):
+        return self.frame
+
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        return {}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` (+ tensors.safetensors)."""
+        path = save_bundle(path, self.tensors_to_save(), {"kind": self.kind, "frame": frame_to_json(self.frame),
+                                                          "baseline": self.baseline, "meta": self.meta})
+        self.frame.to_parquet(path / "frame.parquet", index=False)
+        self.frame.to_csv(path / "frame.csv", index=False)
+        return path
+
+
+def head_tensor(frame, column: str, n_layers: int, n_heads: int) -> Tensor:
+    """``frame[column]`` (one row per ``layer``, ``head``) as an ``[n_layers, n_heads]`` float32
+    tensor, NaN where a head has no row."""
+    out = torch.full((n_layers, n_heads), float("nan"))
+    out[torch.tensor(frame["layer"].to_numpy(dtype="int64")), torch.tensor(frame["head"].to_numpy(dtype="int64"))] = \
+        torch.tensor(frame[column].to_numpy(dtype="float64"), dtype=torch.float32)
+    return out
+
+
 def read_kind(path: str | os.PathLike) -> str | None:
     """The ``kind`` in ``path/meta.json`` (None if the folder holds no chg_lens result)."""
     meta = Path(path) / META

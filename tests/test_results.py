@@ -52,3 +52,20 @@ def test_logprobs_is_a_deprecated_alias_of_scoring():
         old = importlib.import_module("chg_lens.logprobs")
     assert any(issubclass(w.category, DeprecationWarning) for w in caught)
     assert old.evaluate is scoring.evaluate and old.row_logprobs is scoring.row_logprobs
+
+
+def test_every_result_class_declares_its_kind_and_refuses_another():
+    from chg_lens import results
+
+    for kind in results.KINDS:
+        cls = results.result_class(kind)
+        assert issubclass(cls, results.Result) and cls.kind == kind
+    assert _result(0.5).to_frame() is not None
+
+
+def test_loading_a_result_as_the_wrong_class_is_an_error(tmp_path):
+    from chg_lens.patching import PatchResult
+
+    _result(0.5).save(tmp_path / "abl")
+    with pytest.raises(ValueError, match="holds a 'ablation' result, not a patching result"):
+        PatchResult.load(tmp_path / "abl")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .. import models
-from ..data import TaskDataset, _tokenizer_of
+from ..data import TaskDataset, _tokenizer_of, first_target_position
 
 Pair = tuple[str, str]
 
