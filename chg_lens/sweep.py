@@ -679,11 +679,11 @@ def run_sweep(
         for job in jobs:
             job.result()  # runs in this process
     elif wait:
-        _wait(root, [(kind, str(j.job_id)) for j in jobs], poll_s or float(cfg.executor.get("poll_s", 2.0)))
+        _wait([(kind, str(j.job_id)) for j in jobs], poll_s or float(cfg.executor.get("poll_s", 2.0)))
     return status(cfg, write=True)
 
 
-def _wait(root: Path, kind_ids: list[tuple[str, str]], poll_s: float) -> None:
+def _wait(kind_ids: list[tuple[str, str]], poll_s: float) -> None:
     while _active_job_ids(kind_ids):
         time.sleep(poll_s)
 

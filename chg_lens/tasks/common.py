@@ -176,13 +176,13 @@ def columns(records: Sequence[dict], names: Iterable[str], source: str) -> None:
 
 
 def load_hf_dataset(name: str, split: str = "train", config: str | None = None, **kwargs: Any) -> list[dict]:
-    """Records of a Hugging Face dataset (needs the optional ``datasets`` package and internet)."""
+    """Records of a Hugging Face dataset (needs internet; ``datasets`` is a dependency of chg_lens)."""
     try:
-        import datasets  # optional extra: pip install chg-lens[data]
+        import datasets
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             f"loading the Hugging Face dataset {name!r} needs the `datasets` package: "
-            "pip install 'chg-lens[data]' (or pass a local file / data_dir instead)"
+            "pip install datasets (a dependency of chg_lens; or pass a local file / data_dir instead)"
         ) from e
     return list(datasets.load_dataset(name, config, split=split, **kwargs))
 
