@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import gates as gates_mod
 from . import models
+from .deprecation import renamed
 from .data import TaskDataset
 from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
                       score_configs)
@@ -112,6 +113,7 @@ def _with_deltas(frame: pd.DataFrame, values: dict[str, Tensor], baseline: dict[
 # --------------------------------------------------------------------------------------------
 
 
+@renamed(max_rows_per_pass="rows_per_pass")
 def head_sweep(
     model,
     data: TaskDataset,
@@ -121,7 +123,7 @@ def head_sweep(
     base: Float[Tensor, "layer head"] | None = None,
     prefix_reuse: bool = True,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
 ) -> AblationResult:
     """Ablate every head (or ``heads``) on its own (the "individual" mode), many heads per pass.
@@ -141,7 +143,7 @@ def head_sweep(
     start = gates_mod.ones(model) if base is None else base.detach().float().cpu()
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
     scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse,
-                           batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
+                           batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
                            desc="head sweep")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
@@ -170,6 +172,7 @@ def head_order(model, order: str | Heads = "forward", seed: int = 0) -> list[tup
     return given
 
 
+@renamed(max_rows_per_pass="rows_per_pass")
 def sequential_ablation(
     model,
     data: TaskDataset,
@@ -181,7 +184,7 @@ def sequential_ablation(
     seed: int = 0,
     prefix_reuse: bool = True,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
 ) -> AblationResult:
     """Cumulative ablation: step ``i`` ablates the first ``i`` heads of ``order`` (see
@@ -202,7 +205,7 @@ def sequential_ablation(
     for i, (l, h) in enumerate(heads):
         configs[i + 1 :, l, h] = 0.0
     scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse, batch_size=batch_size,
-                           max_rows_per_pass=max_rows_per_pass, progress=progress, desc="sequential")
+                           rows_per_pass=rows_per_pass, progress=progress, desc="sequential")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
     frame = pd.DataFrame({"step": range(1, len(heads) + 1), "layer": [l for l, _ in heads],
@@ -212,6 +215,7 @@ def sequential_ablation(
     return AblationResult(frame, baseline, _meta(model, data, mode="sequential", method=method, order=label, seed=seed))
 
 
+@renamed(max_rows_per_pass="rows_per_pass")
 def figure2(
     model,
     data: TaskDataset,
@@ -223,7 +227,7 @@ def figure2(
     reference: TaskDataset | None = None,
     prefix_reuse: bool = True,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
 ) -> AblationResult:
     """The paper's Figure 2 test from a fitted :class:`~chg_lens.chg.CHGResult`.
@@ -275,7 +279,7 @@ def figure2(
     for i, s in enumerate(seed_list):
         part = slice(i * per, (i + 1) * per)
         sc = score_configs(model, data, cfg[part], src, base=g_plus[s], answers=None, prefix_reuse=prefix_reuse,
-                           batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
+                           batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
                            desc=f"figure 2, seed {s}")
         lp[part] = sc.logprob_sum.mean(dim=1)
         acc[part] = sc.correct.float().mean(dim=1)
@@ -287,7 +291,7 @@ def figure2(
     frame["accuracy_ablated"] = acc[1::2].double().numpy()
     frame["delta_accuracy"] = frame["accuracy_ablated"] - frame["accuracy_retained"]
     base_scores = score_configs(model, data, g_plus[seed_list], src, answers=None, prefix_reuse=False,
-                                batch_size=batch_size, max_rows_per_pass=max_rows_per_pass)
+                                batch_size=batch_size, rows_per_pass=rows_per_pass)
     baseline = {f"g_plus_seed{s}": float(v) for s, v in zip(seed_list, base_scores.logprob_sum.mean(dim=1))}
     meta = _meta(model, data, mode="figure2", method=method, seeds=seed_list, scores=list(scores), n_steps=n,
                  chg_task=result.meta.get("task"))

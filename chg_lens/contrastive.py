@@ -253,6 +253,7 @@ def fit_contrastive(
     snapshot_every: int = 10,
     one_pass: bool | None = None,
     check_pairs: bool = True,
+    validation: tuple[TaskDataset, TaskDataset] | None = None,
     evaluate_on: tuple[TaskDataset, TaskDataset] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -277,7 +278,8 @@ def fit_contrastive(
     decaying linearly from ``lr`` to ``lr_end``; the ``n_seeds`` masks are batched as configurations
     of one forward pass, and retain and forget rows share that pass when their widths allow
     (``one_pass``); ``configs_per_pass`` caps the masks per pass (the same gradient, less memory).
-    ``evaluate_on=(retain_eval, forget_eval)`` attaches :func:`evaluate_contrastive`. With
+    ``validation=(retain_eval, forget_eval)`` (formerly ``evaluate_on``, still accepted for one
+    release with a ``DeprecationWarning``) attaches :func:`evaluate_contrastive`. With
     ``checkpoint_dir`` the fit resumes where it stopped.
 
     Example::
@@ -296,6 +298,14 @@ def fit_contrastive(
         raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
     retain.check_model(model)
     forget.check_model(model)
+    if evaluate_on is not None:
+        import warnings
+
+        if validation is not None:
+            raise ValueError("give validation=(retain_eval, forget_eval) only; evaluate_on is its old name")
+        warnings.warn("fit_contrastive(evaluate_on=...) is now validation=...", DeprecationWarning, stacklevel=2)
+        validation = evaluate_on
+    evaluate_on = validation
     if evaluate_on is not None:
         check_matched(*evaluate_on)
         for d in evaluate_on:
@@ -511,7 +521,7 @@ def icl_vs_instruction(
             def fit(folder: Path | None, keep=keep, drop=drop, direction=direction, task=task) -> ContrastiveResult:
                 result = fit_contrastive(
                     model, train[keep], train[drop], n_seeds=n_seeds, updates=updates, batch_size=batch_size,
-                    lam=lam, max_diff=max_diff, lr=lr, lr_end=lr_end, seed=seed, evaluate_on=(ev[keep], ev[drop]),
+                    lam=lam, max_diff=max_diff, lr=lr, lr_end=lr_end, seed=seed, validation=(ev[keep], ev[drop]),
                     checkpoint_dir=None if folder is None else folder / "checkpoint", progress=progress,
                     **fit_kwargs)
                 result.meta.update(direction=direction, heldout_task=task, tasks=tasks)
@@ -533,7 +543,7 @@ def figure5_rows(result: ContrastiveResult, direction: str, task: str) -> pd.Dat
     """Figure 5 rows of one fit from its stored evaluation (seeds pooled): direction, heldout_task,
     format, gates, accuracy, ci_low, ci_high, n."""
     if result.evaluation is None:
-        raise ValueError("the result has no evaluation; fit with evaluate_on=(retain_eval, forget_eval)")
+        raise ValueError("the result has no evaluation; fit with validation=(retain_eval, forget_eval)")
     keep, drop = _direction_roles(direction)
     ev = result.evaluation
     rows = []

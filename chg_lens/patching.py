@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import gates as gates_mod
 from . import models
+from .deprecation import renamed
 from .data import TaskDataset, first_target_position
 from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
 from .results import FrameResult, frame_from_json, library_versions
@@ -167,6 +168,7 @@ def clean_z(model, data: TaskDataset, batch_size: int = 32) -> dict[int, Float[T
     return collect_z(model, data, mean=False, batch_size=batch_size)
 
 
+@renamed(max_rows_per_pass="rows_per_pass")
 def patch_heads(
     model,
     clean: TaskDataset,
@@ -179,7 +181,7 @@ def patch_heads(
     alpha: float = 0.05,
     prefix_reuse: bool = True,
     batch_size: int = 16,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
 ) -> PatchResult:
     """Patch each head's ``z`` from the clean run into the corrupted run, one head per
@@ -216,7 +218,7 @@ def patch_heads(
     ones = gates_mod.ones(model)
     configs = torch.cat([ones[None], gates_mod.single_head_configs(model, heads, 0.0)])
     kw = dict(answers=answers if metric == "logit_diff" else None, batch_size=batch_size,
-              max_rows_per_pass=max_rows_per_pass)
+              rows_per_pass=rows_per_pass)
     patched = score_configs(model, corrupted, configs, src, pos, prefix_reuse=prefix_reuse, progress=progress,
                             desc="patching", **kw)
     clean_run = score_configs(model, clean, ones, **kw)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import gates as gates_mod
 from . import models
+from .deprecation import renamed
 from .data import TaskDataset, first_target_position
 from .models import Hook
 
@@ -147,19 +148,20 @@ def row_logprobs(
 
 
 @torch.no_grad()
+@renamed(max_rows_per_pass="rows_per_pass")
 def evaluate(
     model,
     data: TaskDataset,
     gates: Float[Tensor, "*configs layer head"] | None = None,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "evaluate",
     autocast: str | None = None,
 ) -> RowScores:
     """Score every row of ``data`` under each configuration in ``gates`` (None = ungated).
 
-    Configurations are batched into the same pass, ``max_rows_per_pass`` rows (configurations x
+    Configurations are batched into the same pass, ``rows_per_pass`` rows (configurations x
     rows) at a time. Returns :class:`RowScores` with ``[n_configs, len(data)]`` tensors on the CPU.
     ``autocast="bf16"`` runs the passes in mixed precision (see :func:`row_logprobs`). This is
     :func:`score_configs` without answers or prefix reuse.
@@ -170,7 +172,7 @@ def evaluate(
         scores.logprob_sum.mean(1), scores.correct.float().mean(1)
     """
     return score_configs(model, data, gates, answers=None, prefix_reuse=False, batch_size=batch_size,
-                         max_rows_per_pass=max_rows_per_pass, progress=progress, desc=desc, autocast=autocast)
+                         rows_per_pass=rows_per_pass, progress=progress, desc=desc, autocast=autocast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +189,7 @@ def first_changed_layer(configs: Float[Tensor, "configs layer head"], base: Floa
 
 
 @torch.no_grad()
+@renamed(max_rows_per_pass="rows_per_pass")
 def score_configs(
     model,
     data: TaskDataset,
@@ -197,7 +200,7 @@ def score_configs(
     answers: Any = "auto",
     prefix_reuse: bool = True,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "configs",
     autocast: str | None = None,
@@ -211,7 +214,7 @@ def score_configs(
     rows under ``base`` and each group's pass starts there. ``answers``: ``"auto"`` uses
     ``data.row_meta["answers"]`` when present (their logits give the logit difference), None skips.
 ``configs=None`` scores the ungated model (one configuration, no gate hooks). Rows are taken
-``batch_size`` at a time and configurations grouped so a pass holds at most ``max_rows_per_pass``
+``batch_size`` at a time and configurations grouped so a pass holds at most ``rows_per_pass``
 rows (configurations x rows); ``autocast`` as in :func:`row_logprobs`.
 
     Example::
@@ -236,7 +239,7 @@ rows (configurations x rows); ``autocast`` as in :func:`row_logprobs`.
     start = start.clamp(max=L - 1)  # a config equal to base still needs the last block to run
     groups = {int(k): (start == k).nonzero().flatten() for k in start.unique()}
     rows_per = max(1, min(batch_size, N))
-    cfg_per = max(1, max_rows_per_pass // rows_per)
+    cfg_per = max(1, rows_per_pass // rows_per)
     dev = models.device(model)
 
     lp = torch.zeros(K, N)

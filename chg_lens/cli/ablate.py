@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-steps", type=int, default=None, help="sequential/figure2: at most this many steps")
     p.add_argument("--chg-seeds", default="each", help="figure2: 'each' or seed numbers '0,2'")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-rows-per-pass", type=int, default=256)
+    p.add_argument("--rows-per-pass", "--max-rows-per-pass", dest="rows_per_pass", type=int, default=256,
+                   help="at most N rows (configurations x prompts) per forward pass")
     p.add_argument("--no-prefix-reuse", action="store_true")
     options.add_run(p, out=options.OUT["ablate"])
 
@@ -59,7 +60,7 @@ def run(a: argparse.Namespace) -> int:
     train, val = options.build_task(model, task, a, options.task_options(a.task_option), n=options.n_prompts(a, task))
     data = val if a.split == "validation" else train
     common = dict(method=a.method, reference=train, prefix_reuse=not a.no_prefix_reuse, batch_size=a.batch_size,
-                  max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress)
+                  rows_per_pass=a.rows_per_pass, progress=not a.no_progress)
     if a.mode == "individual":
         res = head_sweep(model, data, **common)
         top = res.frame.nsmallest(5, "delta_logprob")

@@ -103,7 +103,7 @@ def run(a: argparse.Namespace) -> int:
     check_matched(r_train, f_train)
     check_matched(r_val, f_val)
     print(f"loaded {a.model} in {time.time() - t0:.0f}s; {len(r_train)} train / {len(r_val)} evaluation pairs")
-    result = fit_contrastive(model, r_train, f_train, evaluate_on=(r_val, f_val), checkpoint_dir=out / "checkpoint",
+    result = fit_contrastive(model, r_train, f_train, validation=(r_val, f_val), checkpoint_dir=out / "checkpoint",
                              checkpoint_every=a.checkpoint_every, **kw)
     result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
     result.save(out)

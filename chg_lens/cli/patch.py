@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default=None, help="all, last, or token indices '2,-1' (default: the preset's)")
     p.add_argument("--metric", choices=[*METRICS, "auto"], default=None, help="default: the preset's")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-rows-per-pass", type=int, default=256)
+    p.add_argument("--rows-per-pass", "--max-rows-per-pass", dest="rows_per_pass", type=int, default=256,
+                   help="at most N rows (configurations x prompts) per forward pass")
     options.add_run(p, out=options.OUT["patch"])
 
 
@@ -48,7 +49,7 @@ def run(a: argparse.Namespace) -> int:
     corruption = a.corruption or ("all" if a.task == "aba_abb" else kinds[0])
     if corruption != "all" and corruption not in kinds:
         raise ValueError(f"--corruption for {a.task} must be one of {kinds}" + (" or all" if a.task == "aba_abb" else ""))
-    kw: dict[str, Any] = dict(batch_size=a.batch_size, max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress)
+    kw: dict[str, Any] = dict(batch_size=a.batch_size, rows_per_pass=a.rows_per_pass, progress=not a.no_progress)
     if a.positions is not None:
         kw["positions"] = a.positions if a.positions in ("all", "last") else [int(x) for x in a.positions.split(",")]
     if a.metric is not None:
