@@ -629,15 +629,5 @@ def parse_simulation(answer: str, n: int) -> np.ndarray:
     return out
 
 
-def make_explainer(kind: str, **kwargs):
-    """``"pattern"`` or ``"openai"`` -> an explainer; kwargs go to :class:`OpenAIExplainer`."""
-    if kind == "pattern":
-        return PatternExplainer()
-    if kind == "openai":
-        return OpenAIExplainer(**kwargs)
-    raise ValueError(f"unknown explainer {kind!r}: use pattern or openai")
-
-
 __all__ = ["PatternExplainer", "OpenAIExplainer", "LLMError", "correlation", "evidence_lines", "label_from_text",
-           "label_of", "make_explainer", "parse_explanation", "parse_simulation", "pattern_fits", "pattern_sources",
-           "show_context"]
+           "label_of", "parse_explanation", "parse_simulation", "pattern_fits", "pattern_sources", "show_context"]

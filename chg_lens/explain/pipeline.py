@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -207,9 +206,3 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
     steps.append("report")
     return ExplainOutput(outdir=outdir, records=records, scores=scores, clusters=clusters, summary=summary,
                          steps_run=steps)
-
-
-def config_from(**kwargs: Any) -> ExplainConfig:
-    """An :class:`ExplainConfig` from keyword arguments, ignoring unknown ones."""
-    names = {f.name for f in dataclasses.fields(ExplainConfig)}
-    return ExplainConfig(**{k: v for k, v in kwargs.items() if k in names})
