@@ -30,8 +30,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import checks, models
 from . import gates as gates_mod
-from . import models
 from .data import TaskDataset
 from .logprobs import RowScores, row_logprobs
 from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
@@ -86,8 +86,9 @@ def score_configs(
     model = models.as_model(model)
     data.check_model(model)
     L, H = models.n_layers(model), models.n_heads(model)
+    checks.gate_tensor("configs", configs, (L, H), trailing=True)
     cfg = gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
-    base = torch.ones(L, H) if base is None else base.detach().float().cpu()
+    base = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
     if isinstance(answers, str) and answers == "auto":
         answers = data.row_meta.get("answers")
     ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)
@@ -217,16 +218,20 @@ class AblationResult:
             f[column].to_numpy(dtype="float64"), dtype=torch.float32)
         return out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` (+ tensors.safetensors)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` (+ tensors.safetensors),
+        written atomically as a whole; a folder holding another kind of result or a different
+        sweep is refused unless ``overwrite``."""
         tensors = {}
         if {"layer", "head"} <= set(self.frame.columns) and "step" not in self.frame.columns:
             tensors["delta_logprob"] = self.tensor("delta_logprob")
-        path = save_bundle(path, tensors, {"kind": "ablation", "frame": frame_to_json(self.frame),
-                                           "baseline": self.baseline, "meta": self.meta})
-        self.frame.to_parquet(path / "frame.parquet", index=False)
-        self.frame.to_csv(path / "frame.csv", index=False)
-        return path
+        frame = self.frame
+        identity = {k: self.meta.get(k) for k in ("mode", "method", "order", "seed", "data_fingerprint", "model")}
+        return save_bundle(path, tensors, {"kind": "ablation", "frame": frame_to_json(frame),
+                                           "baseline": self.baseline, "meta": self.meta},
+                           files={"frame.parquet": lambda p: frame.to_parquet(p, index=False),
+                                  "frame.csv": lambda p: frame.to_csv(p, index=False)},
+                           identity=identity, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AblationResult":
@@ -284,8 +289,9 @@ def head_sweep(
     model = models.as_model(model)
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
     _check_heads(model, heads)
+    L, H = models.n_layers(model), models.n_heads(model)
+    start = gates_mod.ones(model) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
     src = _sources(model, method, reference, data, batch_size)
-    start = gates_mod.ones(model) if base is None else base.detach().float().cpu()
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
     scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse,
                            batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
@@ -341,10 +347,12 @@ def sequential_ablation(
         seq.frame[["step", "layer", "head", "delta_logprob"]]
     """
     model = models.as_model(model)
+    if n_steps is not None:
+        n_steps = checks.positive_int("n_steps", n_steps)
     heads = head_order(model, order, seed)[: n_steps]
-    src = _sources(model, method, reference, data, batch_size)
     L, H = models.n_layers(model), models.n_heads(model)
-    start = torch.ones(L, H) if base is None else base.detach().float().cpu()
+    start = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
+    src = _sources(model, method, reference, data, batch_size)
     configs = start.repeat(len(heads) + 1, 1, 1)
     for i, (l, h) in enumerate(heads):
         configs[i + 1 :, l, h] = 0.0

@@ -20,8 +20,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import checks, models
 from . import gates as gates_mod
-from . import models
 from .data import TaskDataset
 from .models import Hook
 
@@ -162,6 +162,8 @@ def evaluate(
     """
     model = models.as_model(model)
     data.check_model(model)
+    if gates is not None:
+        checks.gate_tensor("gates", gates, (models.n_layers(model), models.n_heads(model)), trailing=True)
     cfg = None if gates is None else gates_mod.as_config_gates(gates, models.n_layers(model), models.n_heads(model))
     n_cfg = 1 if cfg is None else cfg.shape[0]
     rows_per = max(1, min(batch_size, len(data)))

@@ -37,7 +37,7 @@ from . import models
 from .ablation import _check_heads, all_heads, score_configs
 from .data import TaskDataset
 from .logprobs import RowScores
-from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+from .results import frame_from_json, frame_to_json, library_versions, load_bundle, require, save_bundle
 
 METRICS = ("logprob", "prob", "logit_diff")
 RULES = ("std", "significance")
@@ -122,19 +122,24 @@ class PatchResult:
         f = self.frame[self.frame["mediating"]].sort_values("effect", ascending=False)
         return list(zip(f["layer"].astype(int), f["head"].astype(int)))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = save_bundle(path, {"per_prompt": self.per_prompt, "effects": self.effects},
-                           {"kind": "patching", "frame": frame_to_json(self.frame), "baseline": self.baseline,
-                            "meta": self.meta})
-        self.frame.to_parquet(path / "frame.parquet", index=False)
-        self.frame.to_csv(path / "frame.csv", index=False)
-        return path
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` and tensors, written
+        atomically as a whole; a folder holding another kind of result is refused unless ``overwrite``."""
+        frame = self.frame
+        identity = {k: self.meta.get(k) for k in ("model", "preset", "corruption", "metric", "kind")}
+        return save_bundle(path, {"per_prompt": self.per_prompt, "effects": self.effects},
+                           {"kind": "patching", "frame": frame_to_json(frame), "baseline": self.baseline,
+                            "meta": self.meta},
+                           files={"frame.parquet": lambda p: frame.to_parquet(p, index=False),
+                                  "frame.csv": lambda p: frame.to_csv(p, index=False)},
+                           identity=identity, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchResult":
         tensors, meta = load_bundle(path)
         if meta.get("kind") != "patching":
             raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a patching result")
+        require(tensors, ["per_prompt"], path, "patching result")
         frame = frame_from_json(meta["frame"])
         frame["mediating"] = frame["mediating"].astype(bool)
         return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])

@@ -433,14 +433,13 @@ def _fit_cell(cell: Cell, folder: Path, ckpt: Path, loaded: dict):
 
 
 def _checkpoint_step(ckpt: Path) -> str | None:
-    meta = ckpt / "meta.json"
-    if not meta.exists():
-        return None
+    from .fitting import checkpoint_meta
+
     try:
-        m = json.loads(meta.read_text())
-        return f"{m.get('stage')}@{m.get('step')}"
-    except (OSError, ValueError):
+        m = checkpoint_meta(ckpt)
+    except OSError:
         return None
+    return None if m is None else f"{m.get('stage')}@{m.get('step')}"
 
 
 def _job_id() -> str:

@@ -137,7 +137,7 @@ def local_sweep(tmp_path_factory, model_folder):
     try:
         while killed is None and time.time() < deadline and sweep._pid_alive(str(pid)):
             for d in (out / "cells").glob("*") if (out / "cells").exists() else []:
-                if (d / "checkpoint" / "meta.json").exists() and not (d / sweep.DONE).exists():
+                if sweep._checkpoint_step(d / "checkpoint") is not None and not (d / sweep.DONE).exists():
                     # A hard kill of the task and its controller. (SIGINT is not used: a process started in
                     # the background of a non-interactive shell, as CI may be, inherits SIGINT ignored.)
                     task = int([e for e in sweep.read_events(d) if e["event"] == "start"][-1]["pid"])
