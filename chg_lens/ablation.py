@@ -490,9 +490,14 @@ def run_cli(a) -> int:
     import time
 
     from .chg import CHGResult
-    from .cli import build_task, parse_task_options
+    from .cli import build_task, check_run_options, parse_task_options
 
     t0 = time.time()
+    for name in ("batch_size", "max_rows_per_pass"):
+        checks.positive_int(f"--{name.replace('_', '-')}", getattr(a, name))
+    if a.n_steps is not None:
+        checks.positive_int("--n-steps", a.n_steps)
+    check_run_options(a, "ablation")
     result = None
     if a.mode == "figure2":
         if not a.chg:
@@ -526,6 +531,6 @@ def run_cli(a) -> int:
         res = figure2(model, data, result, seeds=seeds, n_steps=a.n_steps, **common)
         print(res.frame.groupby(["score", "step"]).delta_logprob.mean().unstack(0).head(10).to_string())
     res.meta.update(model=model_name, task=task, split=a.split)
-    path = res.save(a.out)
+    path = res.save(a.out, overwrite=a.overwrite)
     print(f"wrote {path}/ (frame.parquet, frame.csv, meta.json) in {time.time() - t0:.0f}s")
     return 0

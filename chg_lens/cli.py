@@ -11,8 +11,8 @@ Subcommands are registered in ``COMMANDS``: small ones with ``@command`` here, l
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +46,26 @@ def add_run_options(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different result already in --out (default: refuse and say what is there)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_run_options(a: argparse.Namespace, kind: str | None, identity: dict | None = None,
+                      out: Path | None = None) -> Path:
+    """Check ``--device``, ``--dtype`` and the ``--out`` folder (for a ``kind`` result) before any
+    model is loaded; returns the output folder. Raises ValueError (never exits)."""
+    from . import checks
+    from .results import check_target
+
+    checks.device(a.device)
+    checks.dtype(a.dtype)
+    out = Path(a.out) if out is None else out
+    if kind is None:
+        checks.output_dir(out)
+    else:
+        check_target(out, kind, identity, overwrite=getattr(a, "overwrite", False), what="--out")
+    return out
 
 
 def parse_task_options(items: list[str]) -> dict:
@@ -54,7 +73,7 @@ def parse_task_options(items: list[str]) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"--task-option expects key=value; got {item!r}")
+            raise ValueError(f"--task-option expects key=value; got {item!r}")
         key, value = item.split("=", 1)
         try:
             out[key.replace("-", "_")] = json.loads(value)
@@ -67,19 +86,24 @@ def build_task(model, name: str, n_prompts: int | None, seed: int, data_dir: str
     """Call a registered task with the options it accepts; unknown options are an error."""
     from . import tasks
 
+    kwargs = task_kwargs(name, n_prompts, seed, data_dir, options)
+    return tasks.get_task(name)(model, **kwargs)
+
+
+def task_kwargs(name: str, n_prompts: int | None, seed: int, data_dir: str | None, options: dict) -> dict:
+    """The keyword arguments :func:`build_task` passes to task ``name``, checked (unknown options
+    and values of the wrong type are a ValueError) without building anything."""
+    from . import checks, tasks
+
     fn = tasks.get_task(name)
-    params = inspect.signature(fn).parameters
     kwargs = dict(options)
     if n_prompts is not None:
         kwargs["n_prompts"] = n_prompts
     kwargs.setdefault("seed", seed)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
-    unknown = [k for k in kwargs if k not in params]
-    if unknown:
-        raise SystemExit(f"task '{name}' does not take {', '.join(unknown)}; it takes: "
-                         f"{', '.join(p for p in list(params)[1:])}")
-    return fn(model, **kwargs)
+    checks.call_options(fn, kwargs, f"task '{name}'")
+    return kwargs
 
 
 @command("fit", "fit CHG (G0, G+, G-) on a task and write a results folder")
@@ -105,25 +129,40 @@ class Fit:
         add_run_options(p, out="runs/chg")
         p.add_argument("--checkpoint-every", type=int, default=25,
                        help="write a resumable checkpoint to OUT/checkpoint every N updates")
+        p.add_argument("--keep-checkpoint", action="store_true",
+                       help="keep OUT/checkpoint after the fit finished (default: removed once the result is saved)")
 
     @staticmethod
     def run(a: argparse.Namespace) -> int:
+        from dataclasses import asdict
+
         from . import fit_chg, load_model
+        from .chg import CHGConfig, check_fit_options
+        from .results import write_text_atomic
 
         n_prompts = a.n_prompts if a.n_prompts is not None else (80 if a.task == "ioi" else None)
-        out = Path(a.out)
+        fit_options = dict(n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates, batch_size=a.batch_size,
+                           lam=a.lam, seed=a.seed, grad_accum=a.grad_accum)
+        check_fit_options(**fit_options, configs_per_pass=a.configs_per_pass, checkpoint_every=a.checkpoint_every)
+        options = task_kwargs(a.task, n_prompts, a.seed, a.data_dir, parse_task_options(a.task_option))
+        out = check_run_options(a, "chg", {"config": asdict(CHGConfig(**fit_options)), "model": a.model})
+        check_run_options(a, None, out=out / "checkpoint")
         t0 = time.time()
         model = load_model(a.model, device=a.device, dtype=a.dtype)
-        train, val = build_task(model, a.task, n_prompts, a.seed, a.data_dir, parse_task_options(a.task_option))
+        train, val = build_task(model, a.task, None, a.seed, None, options)
         print(f"loaded {a.model} in {time.time() - t0:.0f}s; task {a.task}: {len(train)} train / {len(val)} validation rows")
         result = fit_chg(model, train, n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates,
                          batch_size=a.batch_size, lam=a.lam, seed=a.seed, grad_accum=a.grad_accum,
                          configs_per_pass=a.configs_per_pass, validation=val, checkpoint_dir=out / "checkpoint",
                          checkpoint_every=a.checkpoint_every, task=a.task, progress=not a.no_progress)
         result.meta["model"] = a.model
-        result.save(out)
+        result.save(out, overwrite=a.overwrite)
+        if not a.keep_checkpoint:
+            import shutil
+
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
         summary = result.summary()
-        (out / "summary.txt").write_text(summary + "\n")
+        write_text_atomic(out / "summary.txt", summary + "\n")
         print(summary)
         print(f"wrote {out}/ (tensors.safetensors, meta.json, scores.csv, summary.txt) in {time.time() - t0:.0f}s")
         return 0
@@ -163,6 +202,8 @@ class Sweep:
     def run(a: argparse.Namespace) -> int:
         from . import sweep
 
+        if a.out:
+            _check_table_path(a.out)
         if a.action == "run":
             index = sweep.run_sweep(a.config, executor=a.executor, wait=not a.no_wait)
         elif a.action == "status":
@@ -171,16 +212,39 @@ class Sweep:
             frame = sweep.collect(a.config)
             cfg = sweep.load_config(a.config)
             if a.out:
-                frame.to_parquet(a.out, index=False) if a.out.endswith(".parquet") else frame.to_csv(a.out, index=False)
+                _write_table(frame, Path(a.out))
             n_cells = frame["cell"].nunique() if len(frame) else 0
             print(f"{len(frame)} rows from {n_cells} finished cell(s) -> {cfg.out / 'scores.parquet'}")
             if len(frame):
                 print(sweep.table2(frame).to_string(index=False))
             return 0
         counts = index["status"].value_counts().to_dict()
+        if a.action == "run" and a.no_wait and counts.get("running", 0) + counts.get("queued", 0):
+            print(f"{counts.get('running', 0) + counts.get('queued', 0)} cell(s) are still queued or running; "
+                  "`chg-lens sweep status CONFIG` follows them", file=sys.stderr)
         print(index[["cell", "status", "attempts", "seconds", "job_id", "error"]].to_string(index=False))
         print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         return 0 if a.action == "status" or set(counts) <= {"done", "queued", "running"} else 1
+
+
+def _check_table_path(path: str) -> None:
+    from . import checks
+
+    p = Path(path)
+    if p.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"--out {path}: give a .parquet or .csv file name")
+    if p.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a .parquet or .csv file name")
+    checks.output_dir(p.parent, "--out's folder")
+
+
+def _write_table(frame, path: Path) -> None:
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    frame.to_parquet(tmp, index=False) if path.suffix == ".parquet" else frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 @command("report", "write a self-contained HTML report, head_rankings.csv and a summary from a results folder")
@@ -190,14 +254,26 @@ class Report:
         p.add_argument("results_dir", help="a CHG results folder (or a folder of them; ablation/patching/"
                        "contrastive CSV or parquet files inside are plotted too)")
         p.add_argument("--out", default=None, help="where to write (default: RESULTS_DIR)")
+        p.add_argument("--allow-skipped", action="store_true",
+                       help="exit 0 even when some results or tables could not be read (they are listed either way)")
 
     @staticmethod
     def run(a: argparse.Namespace) -> int:
+        from . import checks
         from .report import write_report
 
+        if a.out is not None:
+            checks.output_dir(a.out)
         paths = write_report(a.results_dir, a.out)
+        skipped = getattr(paths, "skipped", [])
         print(paths["summary"].read_text(), end="")
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+        for where, why in skipped:
+            print(f"chg-lens report: skipped {where}: {why}", file=sys.stderr)
+        if skipped and not a.allow_skipped:
+            print(f"chg-lens report: {len(skipped)} item(s) skipped; fix or remove them, or pass --allow-skipped",
+                  file=sys.stderr)
+            return 1
         return 0
 
 
@@ -211,16 +287,37 @@ delegate("explain", "explain what attention heads do, score the explanations, cl
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; an error is one line on stderr and exit code 2 (``--debug`` or
+    ``CHG_LENS_DEBUG=1`` shows the traceback instead)."""
     parser = argparse.ArgumentParser(prog="chg-lens", description="Causal Head Gating on TransformerLens models")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, _, help_) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("CHG_LENS_DEBUG", "") not in ("", "0")
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"chg-lens {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"chg-lens {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback; --debug shows it
+        if debug:
+            raise
+        print(f"chg-lens {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an error: its message (the exception type for errors that are not ours), and
+    a pointer to ``--debug``."""
+    text = str(err).strip() or type(err).__name__
+    ours = isinstance(err, (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError))
+    if not ours:
+        text = f"{type(err).__name__}: {text} (run with --debug for the traceback)"
+    return text
 
 
 if __name__ == "__main__":

@@ -266,9 +266,10 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
     """Raise one ValueError listing every problem of every cell (unknown model, unknown task, bad
     task or fit option, bad executor parameter); returns None when the sweep can be submitted.
     ``executor`` overrides the config's executor kind."""
+    from . import checks
     from . import models as model_io
     from . import tasks as task_registry
-    from .chg import CHGConfig, fit_chg
+    from .chg import check_fit_options, fit_chg
 
     problems: list[str] = []
     fit_params = set(inspect.signature(fit_chg).parameters) - _RESERVED_FIT
@@ -280,9 +281,10 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
             params = list(inspect.signature(fn).parameters)[1:]
             bad = [k for k in t.options if k not in params]
             task_problem[t.label] = (f"task '{t.label}' does not take option(s) {bad}; it takes {params}" if bad else None)
+            if not bad:
+                checks.call_options(fn, t.options, f"task '{t.label}'")  # the check `chg-lens fit` makes
         except ValueError as err:
             task_problem[t.label] = str(err)
-    cfg_fields = {f.name for f in dataclasses.fields(CHGConfig)}
     for cell in cfg.cells():
         mine = []
         if model_problem[cell.model.label]:
@@ -295,8 +297,8 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
             hint = f" ({reserved} are set by the sweep: use seeds/lambdas/tasks)" if reserved else ""
             mine.append(f"unknown fit option(s) {bad}{hint}; fit_chg takes {sorted(fit_params)}")
         else:
-            try:
-                CHGConfig(**{k: v for k, v in cell.fit.items() if k in cfg_fields}, seed=cell.seed, lam=cell.lam).check()
+            try:  # the same checks fit_chg makes first
+                check_fit_options(**cell.fit, seed=cell.seed, lam=cell.lam)
             except (ValueError, TypeError) as err:
                 mine.append(f"bad fit option: {err}")
         problems += [f"cell {cell.id}: {p}" for p in mine]
@@ -320,6 +322,14 @@ def _model_problem(m: ModelEntry, model_io) -> str | None:
     if bad_keys:
         return (f"model '{m.label}': unknown load option(s) {bad_keys}; use device, dtype, n_devices, "
                 "device_map, max_memory")
+    from . import checks
+
+    try:
+        checks.dtype(m.load.get("dtype"))
+        if m.load.get("n_devices") is not None:
+            checks.positive_int("n_devices", m.load["n_devices"])
+    except ValueError as err:
+        return f"model '{m.label}': {err}"
     if spec.lower() == model_io.SMOLLM2_ALIAS:
         try:
             model_io.smollm2_gguf_path()
@@ -657,8 +667,16 @@ def run_sweep(
                                                  "cells": [c.to_dict() for c in cfg.cells()]}, indent=1, default=str))
     index = status(cfg, write=True)
     todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted"]), "cell"])
+    busy = set(index.loc[index.status.isin(["running", "queued"]), "cell"])  # from an earlier launch
     todo = [c for c in cfg.cells() if c.id in todo_ids]
+    poll = poll_s or float(cfg.executor.get("poll_s", 2.0))
+    if busy and progress:
+        print(f"sweep '{cfg.name}': {len(busy)} cell(s) are still queued or running from an earlier launch"
+              + ("; waiting for them" if wait else ""), file=sys.stderr)
     if not todo:
+        if busy and wait:
+            _wait_cells(cfg, busy, poll)
+            return status(cfg, write=True)
         return index
     per_job = int(cfg.executor.get("cells_per_job", 1))
     chunks = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
@@ -677,12 +695,23 @@ def run_sweep(
         for job in jobs:
             job.result()  # runs in this process
     elif wait:
-        _wait(root, [(kind, str(j.job_id)) for j in jobs], poll_s or float(cfg.executor.get("poll_s", 2.0)))
+        _wait(root, [(kind, str(j.job_id)) for j in jobs], poll)
+    if busy and wait:
+        _wait_cells(cfg, busy, poll)
     return status(cfg, write=True)
 
 
 def _wait(root: Path, kind_ids: list[tuple[str, str]], poll_s: float) -> None:
     while _active_job_ids(kind_ids):
+        time.sleep(poll_s)
+
+
+def _wait_cells(cfg: SweepConfig, cells: set[str], poll_s: float) -> None:
+    """Poll until none of ``cells`` is queued or running (jobs of an earlier launch)."""
+    while True:
+        index = status(cfg, write=False)
+        if not index[index.cell.isin(cells)].status.isin(["running", "queued"]).any():
+            return
         time.sleep(poll_s)
 
 
