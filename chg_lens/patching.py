@@ -220,6 +220,10 @@ def patch_heads(
     """
     model = models.as_model(model)
     check_pair(clean, corrupted)
+    from . import checks
+
+    checks.finite_float("n_std", n_std, min=0)
+    checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
     answers = clean.row_meta.get("answers")
     if metric == "auto":
         metric = "logit_diff" if answers is not None else "logprob"

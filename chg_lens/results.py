@@ -1,8 +1,12 @@
 """Saving and loading results without pickle: tensors in safetensors, everything else in JSON.
 
-A result folder holds ``tensors.safetensors`` and ``meta.json``. Every result type (CHG,
-contrastive CHG, sweeps) is written through :func:`save_bundle` and read through
-:func:`load_bundle`, so a reload is exact and needs no code execution.
+A result folder holds ``tensors.safetensors``, ``meta.json`` and the CSV/parquet files written
+beside them. Every result type (CHG, contrastive CHG, ablation, patching, sweep cells) is written
+through :func:`save_bundle` and read through :func:`load_bundle`, so a reload is exact and needs no
+code execution. A save is atomic as a whole (a new hidden folder, then one rename or an atomic
+exchange), locked against a second writer, and records the sha256 of every file in ``meta.json``;
+a load checks the tensors against it. :func:`check_target` refuses a folder that holds another kind
+of result or a different fit before any work starts.
 """
 
 from __future__ import annotations

@@ -386,6 +386,8 @@ def run_cells(root: str, cells: list[dict], threads: int | None = None) -> list[
 def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) -> dict:
     """Run one cell exactly once: lock it, skip it if done, fit (resuming its checkpoint), save the
     result, then write ``done.json`` last."""
+    from .results import write_text_atomic
+
     folder = cell_dir(root, cell)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK, "a+") as lock:
@@ -407,15 +409,13 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],
                     "resumed_from": resumed}
-            tmp = folder / (DONE + ".tmp")
-            tmp.write_text(json.dumps(done, indent=2))
-            os.replace(tmp, folder / DONE)  # the marker: written last
+            write_text_atomic(folder / DONE, json.dumps(done, indent=2))  # the marker: written last
             _event(folder, "completed", job_id=job_id, seconds=seconds)
             (folder / ERROR).unlink(missing_ok=True)
             shutil.rmtree(ckpt, ignore_errors=True)
             return {"cell": cell.id, "status": "done", "seconds": seconds}
         except Exception as err:  # noqa: BLE001 - recorded per cell; the next launch runs it again
-            (folder / ERROR).write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "job_id": job_id,
+            write_text_atomic(folder / ERROR, json.dumps({"error": f"{type(err).__name__}: {err}", "job_id": job_id,
                                                     "time": _now(), "traceback": traceback.format_exc()}, indent=2))
             _event(folder, "failed", job_id=job_id, error=f"{type(err).__name__}: {err}")
             return {"cell": cell.id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -601,7 +601,7 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
     index = pd.DataFrame(rows)
     if write:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / "index.parquet.tmp"
+        tmp = root / f".index.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
         index.to_parquet(tmp, index=False)
         os.replace(tmp, root / "index.parquet")
     return index
@@ -661,33 +661,18 @@ def run_sweep(
     kind = executor or cfg.executor_kind
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}; got {kind!r}")
+    from .results import folder_lock
+
     root = cfg.out
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps({"name": cfg.name, "source": cfg.source, "n_cells": len(cfg.cells()),
-                                                 "cells": [c.to_dict() for c in cfg.cells()]}, indent=1, default=str))
-    index = status(cfg, write=True)
-    todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted"]), "cell"])
-    busy = set(index.loc[index.status.isin(["running", "queued"]), "cell"])  # from an earlier launch
-    todo = [c for c in cfg.cells() if c.id in todo_ids]
     poll = poll_s or float(cfg.executor.get("poll_s", 2.0))
-    if busy and progress:
-        print(f"sweep '{cfg.name}': {len(busy)} cell(s) are still queued or running from an earlier launch"
-              + ("; waiting for them" if wait else ""), file=sys.stderr)
+    with folder_lock(root / "submit", "sweep submission"):  # two controllers never submit the same cells
+        index, busy, todo, jobs, chunks = _submit(cfg, kind, root, progress, wait)
     if not todo:
         if busy and wait:
             _wait_cells(cfg, busy, poll)
             return status(cfg, write=True)
         return index
-    per_job = int(cfg.executor.get("cells_per_job", 1))
-    chunks = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
-    ex = _make_executor(cfg, root / "submitit" / "%j", kind)
-    threads = cfg.executor.get("threads")
-    jobs = ex.map_array(run_cells, [str(root)] * len(chunks), [[c.to_dict() for c in ch] for ch in chunks],
-                        [threads] * len(chunks))
-    with open(root / "jobs.jsonl", "a") as f:
-        for job, chunk in zip(jobs, chunks):
-            for c in chunk:
-                f.write(json.dumps({"cell": c.id, "job_id": str(job.job_id), "kind": kind, "submitted": _now()}) + "\n")
     if progress:
         print(f"sweep '{cfg.name}': submitted {len(todo)} cell(s) in {len(chunks)} {kind} job(s); "
               f"{len(cfg.cells()) - len(todo)} done or running", file=sys.stderr)
@@ -699,6 +684,39 @@ def run_sweep(
     if busy and wait:
         _wait_cells(cfg, busy, poll)
     return status(cfg, write=True)
+
+
+def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool):
+    """Under the submission lock: the index, the cells busy from an earlier launch, the cells to
+    run, and the submitted jobs (with their chunks of cells)."""
+    from .results import write_text_atomic
+
+    write_text_atomic(root / "sweep.json", json.dumps({"name": cfg.name, "source": cfg.source,
+                                                        "n_cells": len(cfg.cells()),
+                                                        "cells": [c.to_dict() for c in cfg.cells()]},
+                                                       indent=1, default=str))
+    index = status(cfg, write=True)
+    todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted"]), "cell"])
+    busy = set(index.loc[index.status.isin(["running", "queued"]), "cell"])  # from an earlier launch
+    todo = [c for c in cfg.cells() if c.id in todo_ids]
+    if busy and progress:
+        print(f"sweep '{cfg.name}': {len(busy)} cell(s) are still queued or running from an earlier launch"
+              + ("; waiting for them" if wait else ""), file=sys.stderr)
+    if not todo:
+        return index, busy, todo, [], []
+    per_job = int(cfg.executor.get("cells_per_job", 1))
+    chunks = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
+    ex = _make_executor(cfg, root / "submitit" / "%j", kind)
+    threads = cfg.executor.get("threads")
+    jobs = ex.map_array(run_cells, [str(root)] * len(chunks), [[c.to_dict() for c in ch] for ch in chunks],
+                        [threads] * len(chunks))
+    with open(root / "jobs.jsonl", "a") as f:
+        for job, chunk in zip(jobs, chunks):
+            for c in chunk:
+                f.write(json.dumps({"cell": c.id, "job_id": str(job.job_id), "kind": kind, "submitted": _now()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return index, busy, todo, jobs, chunks
 
 
 def _wait(root: Path, kind_ids: list[tuple[str, str]], poll_s: float) -> None:
@@ -761,7 +779,9 @@ def collect(config: "str | os.PathLike | dict | SweepConfig", require_complete: 
                                      "g_minus", "facilitation", "interference", "irrelevance", "role", "cell"])
     frame = pd.concat(frames, ignore_index=True)
     if write:
-        frame.to_parquet(cfg.out / "scores.parquet", index=False)
+        tmp = cfg.out / f".scores.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, cfg.out / "scores.parquet")
     return frame
 
 
