@@ -443,8 +443,8 @@ def _load_hf(spec: str, dtype, **placement_kwargs):
         folder, gguf_file = spec, None
         local = spec.startswith((".", "/", "~")) or spec.count("/") > 1  # a hub name is "name" or "owner/name"
         if local and not Path(spec).expanduser().exists():
-            raise FileNotFoundError(f"model {spec!r}: no such file or folder; pass a local model folder (with "
-                                    f"config.json), a .gguf file, a hub name or '{SMOLLM2_ALIAS}'")
+            raise FileNotFoundError(f"model {spec!r}: no such file or folder. Offline, use a local path (a folder with "
+                                    f"config.json, or a .gguf file) or '{SMOLLM2_ALIAS}'")
         if Path(spec).expanduser().is_dir() and not (Path(spec).expanduser() / "config.json").exists():
             raise FileNotFoundError(f"model folder {spec!r} has no config.json; save the model there with "
                                     "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
