@@ -169,6 +169,29 @@ def test_a_result_save_killed_before_its_rename_leaves_the_old_result_whole(whol
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_without_an_atomic_exchange_a_kill_between_the_two_renames_is_reported(whole, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    whole.save(out)
+    real, calls = os.rename, {"n": 0}
+
+    def dying(a, b):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the old folder moved aside, the new one not yet in place
+            raise Killed
+        return real(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(results, "_exchange", lambda a, b: False)
+        m.setattr(os, "rename", dying)
+        with pytest.raises(Killed):
+            whole.save(out)
+    with pytest.raises(FileNotFoundError, match=r"a save was interrupted .* previous result is at .*\.run\.old-"):
+        CHGResult.load(out)
+    whole.save(out)  # a later save completes and clears the leftovers
+    assert_same_fit(CHGResult.load(out), whole)
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
+
+
 def test_a_second_writer_of_the_same_folder_gets_a_clear_error(whole, tmp_path):
     out = tmp_path / "run"
     with results.folder_lock(out):
