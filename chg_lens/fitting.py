@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .results import load_bundle, save_bundle
+from .results import load_bundle
 
 DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
 """``(gates, row_index) -> (loss [configs], traces {name: [configs]})``: mean over the rows given."""

@@ -4,13 +4,11 @@ error (type and message asserted) or in a result exactly equal to the one never 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
