@@ -27,8 +27,8 @@ from . import checks, models, taxonomy
 from .data import TaskDataset
 from .fitting import (Checkpointer, DataLoss, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
-from .logprobs import evaluate, row_logprobs
-from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, require,
+from .scoring import evaluate, row_logprobs
+from .results import (Result, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, require,
                       save_bundle, snapshots_frame, traces_frame, unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
@@ -111,11 +111,15 @@ def _check_autocast(mode: Any) -> None:
 
 
 @dataclass
-class CHGResult:
+class CHGResult(Result):
     """Fitted gates of every seed, traces of the fit, and the metadata to reproduce it.
 
-    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1].
+    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1]; ``to_frame()``
+    is :meth:`scores`.
     """
+
+    kind = "chg"
+    noun = "a CHG result"
 
     logits: dict[str, Float[Tensor, "seeds layer head"]]
     traces: dict[str, dict[str, Float[Tensor, "updates seeds"]]]
@@ -188,6 +192,9 @@ class CHGResult:
             f"{s} {pct['always_' + s]:.1f}% / {pct['any_' + s]:.1f}%" for s in taxonomy.SCORES))
         return "\n".join(lines)
 
+    def to_frame(self) -> pd.DataFrame:
+        return self.scores()
+
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
         """What makes two CHG results the same fit: options, data and model."""
@@ -198,7 +205,7 @@ class CHGResult:
         atomically as a whole (see :func:`chg_lens.results.save_bundle`). A folder holding another
         kind of result or a different fit is refused unless ``overwrite``."""
         tensors = pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps)
-        meta = {"kind": "chg", "config": self.config, "meta": self.meta,
+        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
                 "validation": None if self.validation is None else frame_to_json(self.validation)}
         scores = self.scores()
         return save_bundle(path, tensors, meta, identity=self.identity(), overwrite=overwrite,
@@ -207,9 +214,7 @@ class CHGResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CHGResult":
         """The result saved at ``path``, verified against the digests in its ``meta.json``."""
-        tensors, meta = load_bundle(path)
-        if meta.get("kind") != "chg":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a CHG result")
+        tensors, meta = cls.read(path)
         require(tensors, [f"logits/{s}" for s in STAGES] + [f"snapshots/{s}" for s in STAGES]
                 + [f"snapshot_steps/{s}" for s in STAGES], path, "CHG result")
         if "config" not in meta or "meta" not in meta:

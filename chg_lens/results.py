@@ -1,12 +1,16 @@
 """Saving and loading results without pickle: tensors in safetensors, everything else in JSON.
 
-A result folder holds ``tensors.safetensors``, ``meta.json`` and the CSV/parquet files written
-beside them. Every result type (CHG, contrastive CHG, ablation, patching, sweep cells) is written
-through :func:`save_bundle` and read through :func:`load_bundle`, so a reload is exact and needs no
-code execution. A save is atomic as a whole (a new hidden folder, then one rename or an atomic
-exchange), locked against a second writer, and records the sha256 of every file in ``meta.json``;
-a load checks the tensors against it. :func:`check_target` refuses a folder that holds another kind
-of result or a different fit before any work starts.
+A result folder holds ``tensors.safetensors`` and ``meta.json``. Every result type (CHG,
+contrastive CHG, ablation, patching) is written through :func:`save_bundle` and read through
+:func:`load_bundle`, so a reload is exact and needs no code execution. ``meta.json`` names the
+result's ``kind``; :func:`load` returns the right class for it, and :func:`cached` fits a result
+or loads the one already saved. A save is atomic as a whole (a new hidden folder, then one rename
+or an atomic exchange), locked against a second writer, and records the sha256 of every file in
+``meta.json``; a load checks the tensors against it. :func:`check_target` refuses a folder that
+holds another kind of result or a different fit before any work starts::
+
+    result = chg_lens.results.load("runs/chg")          # a CHGResult (or ContrastiveResult, ...)
+    result = cached("runs/fits/ioi", {"updates": 100}, lambda folder: fit_chg(model, train, updates=100))
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ from . import checks
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
+CACHE_KEY = "cache_key"
+"""The key under which :func:`cached` stores a result's settings in its ``meta``."""
+
+KINDS: dict[str, str] = {
+    "chg": "chg_lens.chg:CHGResult",
+    "contrastive": "chg_lens.contrastive:ContrastiveResult",
+    "ablation": "chg_lens.ablation:AblationResult",
+    "patching": "chg_lens.patching:PatchResult",
+}
+"""``kind`` in meta.json -> the result class (``module:Class``, imported when loaded)."""
+
+
 FORMAT = 2
 """meta.json format: 2 adds ``digests`` (sha256 of every file of the bundle) and ``identity``."""
 KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "evaluation.csv", "overlap.csv",
@@ -315,6 +331,149 @@ def require(tensors: Mapping[str, Tensor], names: list[str], path: str | os.Path
     if missing:
         raise ValueError(f"{path} is not a complete {what}: tensor(s) {', '.join(missing[:4])} are missing from "
                          f"{TENSORS}; write the result again")
+
+
+class Result:
+    """The protocol every saved result follows (CHG, contrastive, ablation, patching).
+
+    A result class declares its ``kind`` (written to ``meta.json``; :func:`load` finds the class by
+    it) and ``noun`` (for errors), and implements ``save(path)``, ``load(path)`` (a classmethod that
+    reads the bundle through :meth:`read`, which checks the kind), ``to_frame()`` (its main table)
+    and ``tensor(column)`` (a column of that table as ``[n_layers, n_heads]``, for tables with one
+    row per head). ``frame`` is not the method's name because ablation and patching results already
+    hold their table in a ``frame`` field.
+    """
+
+    kind: str = ""
+    noun: str = "result"
+    meta: dict[str, Any]
+
+    def to_frame(self):
+        raise NotImplementedError
+
+    def tensor(self, column: str) -> Tensor:
+        return head_tensor(self.to_frame(), column, int(self.meta["n_layers"]), int(self.meta["n_heads"]))
+
+    def identity(self) -> dict[str, Any] | None:
+        """What makes two results of this kind the same fit or analysis (compared before a save
+        replaces one; see :func:`check_target`); None compares the kind only."""
+        return None
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        raise NotImplementedError
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """:func:`load_bundle`, and a ``ValueError`` unless the folder holds a result of ``cls.kind``."""
+        tensors, meta = load_bundle(path)
+        if meta.get("kind") != cls.kind:
+            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not {cls.noun}")
+        return tensors, meta
+
+
+class FrameResult(Result):
+    """A result whose data is one table (``frame``), ``baseline`` metrics and ``meta`` (ablation,
+    patching): saved as ``meta.json`` (the table as JSON, exact), ``frame.parquet``, ``frame.csv``
+    and the tensors of :meth:`tensors_to_save`."""
+
+    frame: Any
+    baseline: dict[str, float]
+
+    def to_frame(self):
+        return self.frame
+
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        return {}
+
+    IDENTITY = ("mode", "method", "order", "seed", "preset", "corruption", "metric", "kind", "data_fingerprint",
+                "model")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: self.meta.get(k) for k in self.IDENTITY if k in self.meta}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` (+ tensors.safetensors),
+        written atomically as a whole; a folder holding another kind of result or a different one
+        of this kind is refused unless ``overwrite``."""
+        frame = self.frame
+        return save_bundle(path, self.tensors_to_save(), {"kind": self.kind, "frame": frame_to_json(frame),
+                                                          "baseline": self.baseline, "meta": self.meta},
+                           files={"frame.parquet": lambda p: frame.to_parquet(p, index=False),
+                                  "frame.csv": lambda p: frame.to_csv(p, index=False)},
+                           identity=self.identity(), overwrite=overwrite)
+
+
+def head_tensor(frame, column: str, n_layers: int, n_heads: int) -> Tensor:
+    """``frame[column]`` (one row per ``layer``, ``head``) as an ``[n_layers, n_heads]`` float32
+    tensor, NaN where a head has no row."""
+    out = torch.full((n_layers, n_heads), float("nan"))
+    out[torch.tensor(frame["layer"].to_numpy(dtype="int64")), torch.tensor(frame["head"].to_numpy(dtype="int64"))] = \
+        torch.tensor(frame[column].to_numpy(dtype="float64"), dtype=torch.float32)
+    return out
+
+
+def read_kind(path: str | os.PathLike) -> str | None:
+    """The ``kind`` in ``path/meta.json`` (None if the folder holds no chg_lens result)."""
+    meta = Path(path) / META
+    if not meta.is_file() or not (Path(path) / TENSORS).is_file():
+        return None
+    try:
+        return read_meta(path).get("kind")
+    except (OSError, ValueError):
+        return None
+
+
+def result_class(kind: str):
+    """The class that saves results of ``kind`` (see :data:`KINDS`)."""
+    import importlib
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown result kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    module, name = KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load(path: str | os.PathLike):
+    """The result saved in the folder ``path``, as the class its ``meta.json`` kind names::
+
+        result = chg_lens.load("runs/chg")      # CHGResult, ContrastiveResult, AblationResult or PatchResult
+    """
+    _, meta = load_bundle(path)
+    return result_class(meta.get("kind")).load(path)
+
+
+def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[Path], Any]):
+    """Fit or load: the result saved in ``folder`` if there is one, else ``fn(folder)`` saved there.
+
+    ``key`` (JSON-able settings) is stored in the result's ``meta``; a saved result whose stored
+    key differs is a ``ValueError`` naming the settings that differ, so a folder never silently
+    serves a fit made with other settings. ``fn`` may keep a checkpoint under ``folder`` (e.g.
+    ``folder / "checkpoint"``) so an interrupted fit resumes::
+
+        result = cached(out / "fits" / "ioi", {"updates": 100, "lam": 0.1},
+                        lambda folder: fit_chg(model, train, updates=100, checkpoint_dir=folder / "checkpoint"))
+    """
+    folder = Path(folder)
+    want = None if key is None else json.loads(json.dumps(_jsonable(key), sort_keys=True))
+    if (folder / META).exists():
+        result = load(folder)
+        stored = result.meta.get(CACHE_KEY)
+        if want is not None and stored is not None:
+            differs = [k for k in {**stored, **want} if stored.get(k) != want.get(k)]
+            if differs:
+                raise ValueError(f"{folder} holds a fit with other settings ({', '.join(differs)}); "
+                                 "use another output folder, or delete that one to refit")
+        return result
+    folder.mkdir(parents=True, exist_ok=True)
+    result = fn(folder)
+    if want is not None:
+        result.meta[CACHE_KEY] = want
+    result.save(folder)
+    return result
 
 
 def frame_to_json(frame) -> dict[str, Any]:

@@ -49,6 +49,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .results import cached
+
 EXECUTORS = ("local", "slurm", "debug")
 """``local``: one subprocess per job on this machine; ``slurm``: sbatch (job arrays); ``debug``: in this process."""
 STATUSES = ("done", "running", "queued", "failed", "interrupted", "pending")
@@ -403,8 +405,7 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
         resumed = _checkpoint_step(ckpt)
         _event(folder, "start", job_id=job_id, resumed_from=resumed)
         try:
-            result = _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {})
-            result.save(folder / "result")
+            result = cached(folder / "result", None, lambda _: _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {}))
             seconds = time.time() - t0
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],
@@ -680,7 +681,7 @@ def run_sweep(
         for job in jobs:
             job.result()  # runs in this process
     elif wait:
-        _wait(root, [(kind, str(j.job_id)) for j in jobs], poll)
+        _wait([(kind, str(j.job_id)) for j in jobs], poll)
     if busy and wait:
         _wait_cells(cfg, busy, poll)
     return status(cfg, write=True)
@@ -719,7 +720,7 @@ def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool)
     return index, busy, todo, jobs, chunks
 
 
-def _wait(root: Path, kind_ids: list[tuple[str, str]], poll_s: float) -> None:
+def _wait(kind_ids: list[tuple[str, str]], poll_s: float) -> None:
     while _active_job_ids(kind_ids):
         time.sleep(poll_s)
 

@@ -18,7 +18,8 @@ import torch
 import chg_lens
 from chg_lens import ablation, checks, fitting, results, sweep, taxonomy
 from chg_lens.chg import CHGResult, fit_chg
-from chg_lens.cli import main, parse_task_options
+from chg_lens.cli import main
+from chg_lens.cli.options import task_options as parse_task_options
 from chg_lens.contrastive import fit_contrastive
 
 from conftest import REPO, WORDS, tiny_llama_hf, word_tokenizer
@@ -232,7 +233,7 @@ def test_nan_inf_or_misshaped_gates_and_bases_are_refused(tiny_model):
     bad = torch.ones(L, H)
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"gates holds 1 non-finite value"):
-        chg_lens.logprobs.evaluate(tiny_model, d, bad)
+        chg_lens.scoring.evaluate(tiny_model, d, bad)
     with pytest.raises(ValueError, match=r"base holds 1 non-finite"):
         ablation.head_sweep(tiny_model, d, base=bad)
     with pytest.raises(ValueError, match=r"base must lie in \[0, 1\]"):
@@ -541,7 +542,7 @@ def test_explain_openai_checks_the_key_before_loading_and_takes_llm_options(tmp_
                                                                             no_model_load):
     import argparse
 
-    from chg_lens.explain.cli import add_cli_arguments
+    from chg_lens.cli.explain import add_arguments as add_cli_arguments
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     code, err = run_cli(["explain", "--explainer", "openai", "--wikitext-dir", str(tmp_path), "--outdir",
