@@ -30,8 +30,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import checks, models
 from . import gates as gates_mod
-from . import models
 from .deprecation import renamed
 from .data import TaskDataset
 from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
@@ -139,8 +139,9 @@ def head_sweep(
     model = models.as_model(model)
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
     check_heads(model, heads)
+    L, H = models.n_layers(model), models.n_heads(model)
+    start = gates_mod.ones(model) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
     src = _sources(model, method, reference, data, batch_size)
-    start = gates_mod.ones(model) if base is None else base.detach().float().cpu()
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
     scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse,
                            batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
@@ -197,10 +198,12 @@ def sequential_ablation(
         seq.frame[["step", "layer", "head", "delta_logprob"]]
     """
     model = models.as_model(model)
+    if n_steps is not None:
+        n_steps = checks.positive_int("n_steps", n_steps)
     heads = head_order(model, order, seed)[: n_steps]
-    src = _sources(model, method, reference, data, batch_size)
     L, H = models.n_layers(model), models.n_heads(model)
-    start = torch.ones(L, H) if base is None else base.detach().float().cpu()
+    start = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
+    src = _sources(model, method, reference, data, batch_size)
     configs = start.repeat(len(heads) + 1, 1, 1)
     for i, (l, h) in enumerate(heads):
         configs[i + 1 :, l, h] = 0.0

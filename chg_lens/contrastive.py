@@ -27,14 +27,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import models
+from . import checks, models
 from .chg import CHGResult
 from .data import TaskDataset, concat
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Result, cached, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
-                      snapshots_frame, traces_frame, unpack_stages)
+from .results import (Result, cached, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages,
+                      require, save_bundle, snapshots_frame, traces_frame, unpack_stages)
 from .stats import t_interval, wilson_interval
 
 STAGE = "contrast"
@@ -60,14 +60,18 @@ class ContrastiveConfig:
     snapshot_every: int = 10
 
     def check(self) -> None:
+        """Raise a ValueError naming the first bad option; ``lam`` follows CHG's rule (finite, >= 0:
+        it pulls every gate toward 1)."""
         for name in ("n_seeds", "updates", "batch_size", "grad_accum", "snapshot_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+            checks.positive_int(name, getattr(self, name))
+        checks.whole_int("seed", self.seed)
+        if isinstance(self.lam, (int, float)) and not isinstance(self.lam, bool) and self.lam < 0:
+            raise ValueError(f"lam must be >= 0 (got {self.lam}): it pulls every gate toward 1, so only heads the "
+                             "forget term needs gone are switched off")
+        checks.finite_float("lam", self.lam, min=0)
         for name in ("max_diff", "clip", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        if self.lr_end < 0:
-            raise ValueError(f"lr_end must be >= 0; got {self.lr_end}")
+            checks.finite_float(name, getattr(self, name), min=0, min_open=True)
+        checks.finite_float("lr_end", self.lr_end, min=0)
 
 
 # --------------------------------------------------------------------------------------------- pairing
@@ -189,19 +193,31 @@ class ContrastiveResult(Result):
         return self.gates_frame()
 
     # ------------------------------------------------------------------ io
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``tensors.safetensors``, ``meta.json`` and ``gates.csv`` to the folder ``path``."""
+    def identity(self) -> dict[str, Any]:
+        """What makes two contrastive results the same fit: options, data and model."""
+        return {"config": self.config, "model": self.meta.get("model"),
+                "retain": self.meta.get("retain_fingerprint"), "forget": self.meta.get("forget_fingerprint")}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and ``evaluation.csv`` when
+        evaluated) to the folder ``path``, atomically as a whole; a folder holding another kind of
+        result or a different fit is refused unless ``overwrite``."""
         tensors = pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
                               {STAGE: self.snapshot_steps})
         meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
                 "evaluation": None if self.evaluation is None else frame_to_json(self.evaluation)}
-        path = save_bundle(path, tensors, meta)
-        self.gates_frame().to_csv(path / "gates.csv", index=False)
-        return path
+        gates, ev = self.gates_frame(), self.evaluation
+        files = {"gates.csv": lambda p: gates.to_csv(p, index=False)}
+        if ev is not None:
+            files["evaluation.csv"] = lambda p: ev.to_csv(p, index=False)
+        return save_bundle(path, tensors, meta, files=files, identity=self.identity(), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ContrastiveResult":
+        """The result saved at ``path``, verified against the digests in its ``meta.json``."""
         tensors, meta = cls.read(path)
+        require(tensors, [f"logits/{STAGE}", f"snapshots/{STAGE}", f"snapshot_steps/{STAGE}"], path,
+                "contrastive CHG result")
         logits, traces, snapshots, steps = unpack_stages(tensors)
         ev = meta.get("evaluation")
         return cls(logits=logits[STAGE], traces=traces[STAGE], snapshots=snapshots[STAGE],
@@ -291,6 +307,14 @@ def fit_contrastive(
                             snapshot_every)
     cfg.check()
     check_configs_per_pass(configs_per_pass)
+    checks.positive_int("checkpoint_every", checkpoint_every)
+    if checkpoint_dir is not None:
+        checks.output_dir(checkpoint_dir, "checkpoint_dir")
+    n_seeds, updates, batch_size, seed = int(n_seeds), int(updates), int(batch_size), int(seed)
+    grad_accum, snapshot_every = int(grad_accum), int(snapshot_every)
+    lam, max_diff, clip = float(lam), float(max_diff), float(clip)
+    cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, float(lr), float(lr_end), clip, seed,
+                            grad_accum, snapshot_every)
     model = models.as_model(model)
     if check_pairs:
         check_matched(retain, forget)
@@ -375,9 +399,11 @@ def evaluate_contrastive(
         evaluate_contrastive(model, result, f["instruction"], f["icl"])
     """
     model = models.as_model(model)
-    g = gates.gates if isinstance(gates, ContrastiveResult) else torch.as_tensor(gates, dtype=torch.float32)
+    shape = (models.n_layers(model), models.n_heads(model))
+    g = gates.gates if isinstance(gates, ContrastiveResult) else checks.gate_tensor("gates", gates, shape, trailing=True)
     if g.ndim == 2:
         g = g.unsqueeze(0)
+    checks.gate_tensor("gates", g, shape, trailing=True)
     configs = torch.cat([torch.ones(1, *g.shape[1:]), g.detach().float().cpu()])
     rows = []
     for variant, data in (("retain", retain), ("forget", forget)):
@@ -562,12 +588,12 @@ def figure5_rows(result: ContrastiveResult, direction: str, task: str) -> pd.Dat
 def load_pairs_file(model: Any, path: str | os.PathLike, name: str | None = None) -> TaskDataset:
     """Rows of a .json/.jsonl/.csv/.tsv/.parquet file with ``prompt`` and ``target`` columns (optional
     ``pair_id``, kept in ``row_meta`` for the pairing check) as a :class:`TaskDataset`."""
-    from .tasks.common import columns, load_records
+    from .tasks.common import load_located_records, text_columns
 
-    records = load_records(path)
-    columns(records, ("prompt", "target"), str(path))
-    data = TaskDataset.from_prompts(model, [str(r["prompt"]) for r in records], [str(r["target"]) for r in records],
-                                    name=name or Path(path).stem)
+    located = load_located_records(path)
+    pairs = text_columns(located, ("prompt", "target"), str(path))
+    records = [r for _, r in located]
+    data = TaskDataset.from_prompts(model, [p for p, _ in pairs], [t for _, t in pairs], name=name or Path(path).stem)
     if "pair_id" in records[0]:
         data.row_meta["pair_id"] = [r["pair_id"] for r in records]
     return data

@@ -163,7 +163,7 @@ def autocast(model, mode: str | torch.dtype | None = None) -> contextlib.Abstrac
         return contextlib.nullcontext()
     try:
         dtype = _parse_dtype(mode)
-    except KeyError:
+    except (KeyError, ValueError):
         dtype = None
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be 'bf16', 'fp16' or None; got {mode!r}")
@@ -359,7 +359,10 @@ def load_model(
         model = load_model(my_bridge)                         # already loaded: returned as is
         model = load_model("meta-llama/Llama-3.1-70B", dtype="bfloat16", n_devices=4)   # split over 4 GPUs
     """
+    from . import checks
+
     dtype = _parse_dtype(dtype)
+    checks.device(device)
     place = placement(n_devices, device_map, max_memory, device)
     if is_tl_model(spec):
         if place["hf"] or place["tl"]:
@@ -394,10 +397,9 @@ def load_model(
 
 
 def _parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    from .checks import dtype as check_dtype
+
+    return check_dtype(dtype)
 
 
 def placement(
@@ -442,7 +444,7 @@ def placement(
 def _load_hf(spec: str, dtype, **placement_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"dtype": dtype or torch.float32, **placement_kwargs}
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": False, **placement_kwargs}
     if spec.lower() == SMOLLM2_ALIAS:
         path = smollm2_gguf_path()
         folder, gguf_file = str(path.parent), path.name
@@ -452,13 +454,22 @@ def _load_hf(spec: str, dtype, **placement_kwargs):
         folder, gguf_file = str(Path(spec).parent), Path(spec).name
     else:
         folder, gguf_file = spec, None
+        local = spec.startswith((".", "/", "~")) or spec.count("/") > 1  # a hub name is "name" or "owner/name"
+        if local and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"model {spec!r}: no such file or folder. Offline, use a local path (a folder with "
+                                    f"config.json, or a .gguf file) or '{SMOLLM2_ALIAS}'")
+        if Path(spec).expanduser().is_dir() and not (Path(spec).expanduser() / "config.json").exists():
+            raise FileNotFoundError(f"model folder {spec!r} has no config.json; save the model there with "
+                                    "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+        folder = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
     if gguf_file is not None:
         if importlib.util.find_spec("gguf") is None:
             raise ImportError("loading a .gguf file needs the `gguf` package: pip install gguf")
         kwargs["gguf_file"] = gguf_file
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False,
+                                            **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:
         raise OSError(
             f"could not load '{spec}': not a local folder or file, and the Hugging Face hub is not "
@@ -488,7 +499,7 @@ def _wrap_hf(hf_model, tok, device, **tl_kwargs):
         # Both loaders read config and tokenizer from a folder; the weights come from `hf_model`.
         config.save_pretrained(folder)
         tok.save_pretrained(folder)
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         if TL_MAJOR >= 4:
             return TransformerBridge.boot_transformers(
                 folder, hf_model=hf_model, tokenizer=tok, device=device, **tl_kwargs

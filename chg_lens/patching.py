@@ -32,12 +32,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from . import checks, models
 from . import gates as gates_mod
-from . import models
 from .deprecation import renamed
 from .data import TaskDataset, first_target_position
 from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
-from .results import FrameResult, frame_from_json, library_versions
+from .results import FrameResult, frame_from_json, library_versions, require
 
 METRICS = ("logprob", "prob", "logit_diff")
 RULES = ("std", "significance")
@@ -125,6 +125,7 @@ class PatchResult(FrameResult):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchResult":
         tensors, meta = cls.read(path)
+        require(tensors, ["per_prompt"], path, "patching result")
         frame = frame_from_json(meta["frame"])
         frame["mediating"] = frame["mediating"].astype(bool)
         return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])
@@ -199,6 +200,8 @@ def patch_heads(
     """
     model = models.as_model(model)
     check_pair(clean, corrupted)
+    checks.finite_float("n_std", n_std, min=0)
+    checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
     answers = clean.row_meta.get("answers")
     if metric == "auto":
         metric = "logit_diff" if answers is not None else "logprob"

@@ -25,8 +25,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import checks, models
 from . import gates as gates_mod
-from . import models
 from .deprecation import renamed
 from .data import TaskDataset, first_target_position
 from .models import Hook
@@ -171,6 +171,9 @@ def evaluate(
         scores = evaluate(model, val, torch.stack([g_plus, g_minus]))
         scores.logprob_sum.mean(1), scores.correct.float().mean(1)
     """
+    if gates is not None:
+        model = models.as_model(model)
+        checks.gate_tensor("gates", gates, (models.n_layers(model), models.n_heads(model)), trailing=True)
     return score_configs(model, data, gates, answers=None, prefix_reuse=False, batch_size=batch_size,
                          rows_per_pass=rows_per_pass, progress=progress, desc=desc, autocast=autocast)
 
@@ -225,8 +228,10 @@ rows (configurations x rows); ``autocast`` as in :func:`row_logprobs`.
     model = models.as_model(model)
     data.check_model(model)
     L, H = models.n_layers(model), models.n_heads(model)
+    if configs is not None:
+        checks.gate_tensor("configs", configs, (L, H), trailing=True)
     cfg = None if configs is None else gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
-    base = torch.ones(L, H) if base is None else base.detach().float().cpu()
+    base = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
     if isinstance(answers, str) and answers == "auto":
         answers = data.row_meta.get("answers")
     ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)

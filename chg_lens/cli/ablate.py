@@ -33,12 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from .. import models
+    from .. import checks, models
     from ..ablation import ORDERS, figure2, head_sweep, sequential_ablation
     from ..chg import CHGResult
     from ..scoring import parse_heads
 
     t0 = time.time()
+    for name in ("batch_size", "rows_per_pass"):
+        checks.positive_int(f"--{name.replace('_', '-')}", getattr(a, name))
+    if a.n_steps is not None:
+        checks.positive_int("--n-steps", a.n_steps)
+    options.check_run(a, "ablation")
     result = None
     if a.mode == "figure2":
         if not a.chg:
@@ -56,8 +61,11 @@ def run(a: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--order must be forward, backward, random or 'L.H,L.H'; got {a.order!r}") from None
     seeds: Any = "each" if a.chg_seeds == "each" else [int(s) for s in a.chg_seeds.split(",")]
+    task_kwargs = options.task_kwargs(task, a, options.task_options(a.task_option), n=options.n_prompts(a, task))
     model = models.load_model(model_name, device=a.device, dtype=a.dtype)
-    train, val = options.build_task(model, task, a, options.task_options(a.task_option), n=options.n_prompts(a, task))
+    from .. import tasks
+
+    train, val = tasks.build(task, model, **task_kwargs)
     data = val if a.split == "validation" else train
     common = dict(method=a.method, reference=train, prefix_reuse=not a.no_prefix_reuse, batch_size=a.batch_size,
                   rows_per_pass=a.rows_per_pass, progress=not a.no_progress)
@@ -73,6 +81,6 @@ def run(a: argparse.Namespace) -> int:
         res = figure2(model, data, result, seeds=seeds, n_steps=a.n_steps, **common)
         print(res.frame.groupby(["score", "step"]).delta_logprob.mean().unstack(0).head(10).to_string())
     res.meta.update(model=model_name, task=task, split=a.split)
-    path = res.save(a.out)
+    path = res.save(a.out, overwrite=a.overwrite)
     print(f"wrote {path}/ (frame.parquet, frame.csv, meta.json) in {time.time() - t0:.0f}s")
     return 0

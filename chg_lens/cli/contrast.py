@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs-per-pass", type=int, default=None,
                    help="at most N masks per pass (less memory; default: all)")
     options.add_run(p, out=options.OUT["contrast"])
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the fit finished")
     p.add_argument("--checkpoint-every", type=int, default=25)
 
 
@@ -69,17 +70,32 @@ def _side(model, spec: str, opts: dict, a: argparse.Namespace):
 
 
 def run(a: argparse.Namespace) -> int:
-    from .. import models
-    from ..chg import CHGResult
-    from ..contrastive import check_matched, facilitation_overlap, fit_contrastive, icl_vs_instruction
-    from ..data import TaskDataset
+    import os
+    import shutil
 
-    out, t0 = Path(a.out), time.time()
+    from .. import checks, models
+    from ..chg import CHGResult
+    from ..contrastive import (ContrastiveConfig, check_matched, facilitation_overlap, fit_contrastive,
+                               icl_vs_instruction)
+    from ..data import TaskDataset
+    from ..fitting import check_configs_per_pass
+    from ..results import write_text_atomic
+
+    t0 = time.time()
     kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
               lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress,
               configs_per_pass=a.configs_per_pass)
     if a.preset is None and (not a.retain or not a.forget):
         raise ValueError("give --retain and --forget (a task name or a file each), or --preset icl-vs-instruction")
+    # every option, input and the output folder are checked before the model loads
+    ContrastiveConfig(**{k: v for k, v in kw.items() if k not in ("progress", "configs_per_pass")}).check()
+    check_configs_per_pass(a.configs_per_pass)
+    checks.positive_int("--checkpoint-every", a.checkpoint_every)
+    for flag, spec in (("--retain", a.retain), ("--forget", a.forget), ("--chg-retain", a.chg_retain),
+                       ("--chg-forget", a.chg_forget)):
+        if spec and (_is_file(spec) or flag.startswith("--chg")) and not Path(spec).exists():
+            raise FileNotFoundError(f"{flag} {spec}: no such file or folder")
+    out = options.check_run(a, None if a.preset else "contrastive")
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
     if a.preset == "icl-vs-instruction":
         tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
@@ -87,8 +103,10 @@ def run(a: argparse.Namespace) -> int:
         frame = icl_vs_instruction(model, tasks=tasks, data_dir=a.data_dir, heldout=heldout,
                                    n_prompts=a.n_prompts or 32, n_shots=a.n_shots, out_dir=out,
                                    checkpoint_every=a.checkpoint_every, **kw)
-        frame.to_csv(out / "figure5.csv", index=False)
-        frame.to_parquet(out / "figure5.parquet", index=False)
+        write_text_atomic(out / "figure5.csv", frame.to_csv(index=False))
+        tmp = out / f".figure5.parquet.tmp-{os.getpid()}"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, out / "figure5.parquet")
         print(frame.to_string(index=False))
         print(f"wrote {out}/figure5.csv, figure5.parquet and fits/ in {time.time() - t0:.0f}s")
         return 0
@@ -106,13 +124,14 @@ def run(a: argparse.Namespace) -> int:
     result = fit_contrastive(model, r_train, f_train, validation=(r_val, f_val), checkpoint_dir=out / "checkpoint",
                              checkpoint_every=a.checkpoint_every, **kw)
     result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
-    result.save(out)
-    result.evaluation.to_csv(out / "evaluation.csv", index=False)
     chg = {k: CHGResult.load(p) for k, p in (("retain", a.chg_retain), ("forget", a.chg_forget)) if p}
+    result.save(out, overwrite=a.overwrite)  # with evaluation.csv and gates.csv, atomically
+    if not a.keep_checkpoint:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if chg:
-        facilitation_overlap(result, chg).to_csv(out / "overlap.csv", index=False)
+        write_text_atomic(out / "overlap.csv", facilitation_overlap(result, chg).to_csv(index=False))
     summary = result.summary()
-    (out / "summary.txt").write_text(summary + "\n")
+    write_text_atomic(out / "summary.txt", summary + "\n")
     print(summary)
     print(f"wrote {out}/ (tensors.safetensors, meta.json, gates.csv, evaluation.csv, summary.txt) "
           f"in {time.time() - t0:.0f}s")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from . import options
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulator-model", default=None, help="simulator model (default: --llm-model)")
     p.add_argument("--sim-windows", type=int, default=6, help="held-out windows the LLM simulates per head")
     p.add_argument("--requests-per-minute", type=float, default=None, help="space LLM calls out")
+    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per LLM request (default: %(default)s)")
+    p.add_argument("--llm-retries", type=int, default=4,
+                   help="retries of a failed LLM request (429, 5xx, timeouts; default: %(default)s)")
     p.add_argument("--embedding-model", default=DEFAULT_EMBEDDING, help="sentence embedding model (default: %(default)s)")
     p.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN min cluster size (default: %(default)s)")
     p.add_argument("--chg-result", default=None, help="a CHG results folder: join each head's role into the report")
@@ -61,8 +65,18 @@ def run(a: argparse.Namespace) -> int:
                         requests_per_minute=a.requests_per_minute, embedding_model=a.embedding_model,
                         min_cluster_size=a.min_cluster_size, batch_size=a.batch_size, seed=a.seed,
                         probe_sequences=a.probe_sequences, probe_length=a.probe_length,
-                        stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result)
+                        stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result,
+                        llm_timeout=a.llm_timeout, llm_retries=a.llm_retries)
     cfg.check()
+    from .. import checks
+
+    checks.finite_float("--llm-timeout", a.llm_timeout, min=0, min_open=True)
+    checks.whole_int("--llm-retries", a.llm_retries, min=0)
+    checks.device(a.device)
+    checks.output_dir(a.out, "--out")
+    if a.explainer == "openai" and not a.skip_explain and not os.environ.get("OPENAI_API_KEY") and not a.base_url:
+        raise ValueError("--explainer openai needs OPENAI_API_KEY in the environment (or --base-url of a local "
+                         "OpenAI-compatible server that needs no key); nothing was loaded")
     t0 = time.time()
     model = a.model if a.skip_cache else models.load_model(a.model, device=a.device)
     out = run_explain(model, a.out, cfg, skip_cache=a.skip_cache, skip_explain=a.skip_explain,

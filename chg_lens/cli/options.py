@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 MODEL = "smollm2-135m-instruct"
 """The model every subcommand runs when ``--model`` is not given (offline, embedded)."""
@@ -51,7 +52,26 @@ def add_run(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different result already in --out (default: refuse and say what is there)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_run(a: argparse.Namespace, kind: str | None, identity: dict | None = None, out: Path | None = None) -> Path:
+    """Check ``--device``, ``--dtype`` and the output folder (``--out``, or ``out``) for a ``kind``
+    result before any model is loaded (``kind`` None: only that the folder can be written); returns
+    the folder. Raises ValueError."""
+    from .. import checks
+    from ..results import check_target
+
+    checks.device(a.device)
+    checks.dtype(a.dtype)
+    out = Path(a.out) if out is None else Path(out)
+    if kind is None:
+        checks.output_dir(out)
+    else:
+        check_target(out, kind, identity, overwrite=getattr(a, "overwrite", False), what="--out")
+    return out
 
 
 def task_options(items: list[str] | None) -> dict:
@@ -73,9 +93,9 @@ def n_prompts(a: argparse.Namespace, task: str) -> int | None:
     return a.n_prompts if a.n_prompts is not None else (IOI_PROMPTS if task == "ioi" else None)
 
 
-def build_task(model, task: str, a: argparse.Namespace, options: dict, n: int | None = None):
-    """``tasks.build`` with the options of ``a``: ``--seed`` (unless ``options`` sets one), ``--n-prompts``
-    (``n`` when given) and ``--data-dir`` (when set and the task takes it)."""
+def task_kwargs(task: str, a: argparse.Namespace, options: dict, n: int | None = None) -> dict:
+    """The options :func:`build_task` passes to ``tasks.build``, checked (unknown options and values
+    of the wrong type are a ValueError) without building anything: call it before loading a model."""
     from .. import tasks
 
     kwargs = {"seed": a.seed, **options}
@@ -84,4 +104,13 @@ def build_task(model, task: str, a: argparse.Namespace, options: dict, n: int | 
         kwargs["n_prompts"] = n
     if a.data_dir is not None:
         kwargs["data_dir"] = a.data_dir
-    return tasks.build(task, model, **kwargs)
+    tasks.check_options(task, **kwargs)
+    return kwargs
+
+
+def build_task(model, task: str, a: argparse.Namespace, options: dict, n: int | None = None):
+    """``tasks.build`` with the options of ``a``: ``--seed`` (unless ``options`` sets one), ``--n-prompts``
+    (``n`` when given) and ``--data-dir`` (when set and the task takes it)."""
+    from .. import tasks
+
+    return tasks.build(task, model, **task_kwargs(task, a, options, n))

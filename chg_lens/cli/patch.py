@@ -54,8 +54,15 @@ def run(a: argparse.Namespace) -> int:
         kw["positions"] = a.positions if a.positions in ("all", "last") else [int(x) for x in a.positions.split(",")]
     if a.metric is not None:
         kw["metric"] = a.metric
-    model = models.load_model(a.model, device=a.device, dtype=a.dtype)
+    from .. import checks
+
+    for name in ("n_prompts", "batch_size", "rows_per_pass"):
+        checks.positive_int(f"--{name.replace('_', '-')}", getattr(a, name))
     out = Path(a.out)
+    names = list(kinds) if a.task == "aba_abb" and corruption == "all" else [corruption]
+    for name in names:  # every output folder checked before the model loads
+        options.check_run(a, "patching", out=out if len(names) == 1 else out / name)
+    model = models.load_model(a.model, device=a.device, dtype=a.dtype)
     if a.task == "ioi":
         results = {"abc": ioi_patching(model, n_prompts=a.n_prompts, seed=a.seed, **kw)}
     elif a.task == "fv":
@@ -73,13 +80,15 @@ def run(a: argparse.Namespace) -> int:
             results[kind].meta["kind"] = kind
     for name, res in results.items():
         res.meta.update(model=a.model, preset=a.task, corruption=name)
-        path = res.save(out if len(results) == 1 else out / name)
+        path = res.save(out if len(results) == 1 else out / name, overwrite=a.overwrite)
         top = res.frame.nlargest(5, "effect")
         print(f"{a.task}/{name}: clean {res.baseline['clean']:.3f}, corrupted {res.baseline['corrupted']:.3f} "
               f"({res.meta['metric']}); top heads: " + ", ".join(
                   f"L{int(r.layer)}H{int(r['head'])} {r.effect:+.3f}" for _, r in top.iterrows())
               + f"; {int(res.frame.mediating.sum())} mediating -> {path}")
     if a.task == "aba_abb" and len(results) > 1:
-        symbolic_frame(results).to_csv(out / "head_types.csv", index=False)
+        from ..results import write_text_atomic
+
+        write_text_atomic(out / "head_types.csv", symbolic_frame(results).to_csv(index=False))
     print(f"done in {time.time() - t0:.0f}s")
     return 0

@@ -62,13 +62,17 @@ def build(name: str, model, **options) -> TaskSplits:
 
         train, val = tasks.build("fv", model, n_prompts=64, task="antonym", data_dir="../shared/data/function_vectors")
     """
-    fn = get_task(name)
-    params = inspect.signature(fn).parameters
-    unknown = [k for k in options if k not in params]
-    if unknown:
-        raise ValueError(f"task '{name}' does not take {', '.join(unknown)}; it takes: "
-                         f"{', '.join(p for p in list(params)[1:])}")
-    return fn(model, **options)
+    check_options(name, **options)
+    return get_task(name)(model, **options)
+
+
+def check_options(name: str, **options) -> None:
+    """Raise a ``ValueError`` for an option the task ``name`` does not take, or a value whose type
+    differs from the option's default (``seed="abc"``, ``n_shots=1.5``), without building anything;
+    what :func:`build`, ``chg-lens fit`` and a sweep's pre-submission check run."""
+    from .. import checks
+
+    checks.call_options(get_task(name), options, f"task '{name}'")
 
 
 from .ioi import ioi, ioi_pairs  # noqa: E402  (registers itself)
