@@ -144,3 +144,19 @@ def test_row_logprobs_and_answer_logits_use_the_same_output_path():
     torch.testing.assert_close(out.logprob_sum[0], expect, atol=TOL * 10, rtol=0)
     torch.testing.assert_close(out.answer_logits[0], ref_logits[:, 3].gather(-1, answers), atol=TOL * 10, rtol=0)
     assert float(ref_logits.abs().max()) <= 5.0 + 1e-4 and float(ref_logits.abs().max()) > 4.0  # the cap bites
+
+
+@pytest.mark.skipif(models.TL_MAJOR >= 4, reason="HookedTransformerConfig models are TransformerLens 3.x")
+def test_fit_runs_on_an_attention_only_model_without_norms():
+    """Issue #13's crash: 'HookedTransformer' object has no attribute 'ln_final'."""
+    import chg_lens
+    from chg_lens.chg import fit_chg
+
+    model = pm.tl3_model("attn_only,norm=None")
+    assert not hasattr(model, "ln_final")
+    toks = pm.tokens(rows=8, width=6)
+    mask = torch.zeros_like(toks, dtype=torch.bool)
+    mask[:, 4:] = True
+    data = chg_lens.TaskDataset.from_tokens(toks, mask, name="toy")
+    result = fit_chg(model, data, n_seeds=1, updates=3, reg_updates=2, batch_size=4, progress=False)
+    assert torch.isfinite(result.logits["g0"]).all()
