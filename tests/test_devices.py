@@ -152,3 +152,22 @@ def test_a_model_without_hook_z_is_refused_before_any_work(tiny_model, monkeypat
     monkeypatch.setattr(models, "hook_names", lambda model: names)
     with pytest.raises(TypeError, match=f"{type(tiny_model).__name__}.*hook_z"):
         chg_lens.evaluate(tiny_model, _data())
+
+
+def test_gpu_smoke_script_runs_every_path_on_the_cpu_and_says_when_there_is_no_cuda(capsys):
+    import importlib.util
+
+    from conftest import REPO, SHARED_DATA
+
+    if not (SHARED_DATA / "tokenizers" / "gpt2").exists():
+        pytest.skip("shared GPT-2 tokenizer missing")
+    spec = importlib.util.spec_from_file_location("gpu_smoke", REPO / "benchmarks" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert smoke.main(["--device", "cpu", "--tiny", "--dtypes", "fp32"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fit+checkpoint+resume", "contrastive", "head sweep (mean ablation)", "patching",
+                 "explain recording", "report"):
+        assert f"PASS  [fp32] {name}" in out
+    if not torch.cuda.is_available():
+        assert smoke.main([]) == 2 and "NO CUDA" in capsys.readouterr().out
