@@ -181,7 +181,8 @@ def mean_z(model, reference: TaskDataset, batch_size: int = 32) -> dict[int, Flo
         width = int(reference.lengths[idx].max())
         real = (torch.arange(width)[None, :] < reference.lengths[idx, None]).to(dev)
         for l, z in models.cache_z(model, reference.tokens[idx, :width].to(dev)).items():
-            total[l] = total.get(l, 0) + (z.float() * real[..., None, None]).sum(dim=(0, 1))
+            # z lives on its layer's device (a split model): the mask follows it
+            total[l] = total.get(l, 0) + (z.float() * real.to(z.device)[..., None, None]).sum(dim=(0, 1))
         count += int(real.sum())
     return {l: (t / count).cpu() for l, t in total.items()}
 
