@@ -352,7 +352,7 @@ def readout_is_exact(model) -> bool:
     d_vocab = int(model.cfg.d_vocab)
     width = min(8, n_ctx(model) or 8)
     tokens = torch.randint(0, d_vocab, (2, width), generator=g).to(dev)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):  # compare like with like
         full = run_with_hooks(model, tokens).float()
         ours = unembed(model, final_residual(model, tokens)).float()
     worst = float((ours.log_softmax(-1) - full.log_softmax(-1)).abs().max())
