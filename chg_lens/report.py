@@ -1,10 +1,10 @@
 """A self-contained HTML report of a CHG results folder (``chg-lens report RESULTS_DIR``).
 
 The folder holds one CHG result (``meta.json`` of kind "chg", as written by ``CHGResult.save`` or
-``chg-lens fit``) or several in sub-folders. CSV/parquet files anywhere below it whose columns match
-an ablation sweep (:data:`chg_lens.plot.ABLATION_COLUMNS`), a CHG-vs-CMA frame
-(:data:`~chg_lens.plot.CMA_COLUMNS`) or a contrastive accuracy frame
-(:data:`~chg_lens.plot.CONTRASTIVE_COLUMNS`) are plotted too.
+``chg-lens fit``) or several in sub-folders. Saved ablation results (kind "ablation") below it are
+plotted too, and so are loose CSV/parquet tables whose columns match an ablation sweep
+(:data:`chg_lens.plot.ABLATION_COLUMNS`), a CHG-vs-CMA frame (:data:`~chg_lens.plot.CMA_COLUMNS`)
+or a contrastive accuracy frame (:data:`~chg_lens.plot.CONTRASTIVE_COLUMNS`).
 
 Example::
 
@@ -45,30 +45,43 @@ def _read_table(path: Path) -> pd.DataFrame | None:
 
 
 def find_results(results_dir: str | os.PathLike) -> ResultsFolder:
-    """Load every CHG result (folders with a ``meta.json`` of kind "chg") and every recognised
-    extra table below ``results_dir``. Raises ``ValueError`` when there is no CHG result."""
+    """Every saved result below ``results_dir``, discovered by the ``kind`` in its ``meta.json``:
+    CHG results (kind "chg"), and ablation results (kind "ablation") whose frame is an ablation
+    sweep. Loose tables (CSV or parquet, not part of a saved result; a parquet file wins over the CSV
+    of the same name) whose columns match a CHG-vs-CMA or contrastive accuracy frame are plotted
+    too. Raises ``ValueError`` when there is no CHG result."""
     from . import plot
+    from .results import load, read_kind
 
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist")
     found = ResultsFolder()
+    owned: set[Path] = set()  # folders of saved results: their own files are not loose tables
     for meta in sorted(root.rglob("meta.json")):
         if "checkpoint" in meta.parts:
             continue
-        try:
-            kind = json.loads(meta.read_text()).get("kind")
-        except (json.JSONDecodeError, OSError):
+        kind = read_kind(meta.parent)
+        if kind is None:
             continue
+        owned.add(meta.parent)
+        name = str(meta.parent.relative_to(root)) or "."
         if kind == "chg":
-            found.chg[str(meta.parent.relative_to(root)) or "."] = CHGResult.load(meta.parent)
+            found.chg[name] = CHGResult.load(meta.parent)
+        elif kind == "ablation":
+            frame = load(meta.parent).frame
+            if all(c in frame.columns for c in plot.ABLATION_COLUMNS) and len(frame):
+                found.extras["ablation"].append((name, frame))
     if not found.chg:
         raise ValueError(f"no CHG result below {root}: expected a folder written by `chg-lens fit` or "
                          "CHGResult.save (meta.json + tensors.safetensors)")
     columns = {"ablation": plot.ABLATION_COLUMNS, "cma": plot.CMA_COLUMNS, "contrastive": plot.CONTRASTIVE_COLUMNS}
-    for path in sorted([*root.rglob("*.csv"), *root.rglob("*.parquet")]):
-        if path.name in ("scores.csv", "head_rankings.csv") or "checkpoint" in path.parts:
+    tables = sorted([*root.rglob("*.csv"), *root.rglob("*.parquet")])
+    for path in tables:
+        if path.name in ("scores.csv", "head_rankings.csv") or "checkpoint" in path.parts or path.parent in owned:
             continue
+        if path.suffix == ".csv" and path.with_suffix(".parquet") in tables:
+            continue  # the same table twice: read the parquet file
         frame = _read_table(path)
         if frame is None:
             continue

@@ -50,6 +50,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .results import cached
+
 EXECUTORS = ("local", "slurm", "debug")
 """``local``: one subprocess per job on this machine; ``slurm``: sbatch (job arrays); ``debug``: in this process."""
 STATUSES = ("done", "running", "queued", "failed", "interrupted", "pending")
@@ -396,8 +398,7 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
         resumed = _checkpoint_step(ckpt)
         _event(folder, "start", job_id=job_id, resumed_from=resumed)
         try:
-            result = _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {})
-            result.save(folder / "result")
+            result = cached(folder / "result", None, lambda _: _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {}))
             seconds = time.time() - t0
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],
@@ -683,11 +684,11 @@ def run_sweep(
         for job in jobs:
             job.result()  # runs in this process
     elif wait:
-        _wait(root, [(kind, str(j.job_id)) for j in jobs], poll_s or float(cfg.executor.get("poll_s", 2.0)))
+        _wait([(kind, str(j.job_id)) for j in jobs], poll_s or float(cfg.executor.get("poll_s", 2.0)))
     return status(cfg, write=True)
 
 
-def _wait(root: Path, kind_ids: list[tuple[str, str]], poll_s: float) -> None:
+def _wait(kind_ids: list[tuple[str, str]], poll_s: float) -> None:
     while _active_job_ids(kind_ids):
         time.sleep(poll_s)
 

@@ -7,7 +7,7 @@ import torch
 
 import chg_lens
 from chg_lens import CHGResult, fit_chg
-from chg_lens.logprobs import evaluate
+from chg_lens.scoring import evaluate
 
 from conftest import known_answer_data
 

@@ -123,7 +123,7 @@ def test_a_readout_chg_lens_cannot_reproduce_falls_back_to_the_full_forward_and_
 
 def test_row_logprobs_and_answer_logits_use_the_same_output_path():
     """The soft-capped Gemma 3: target log-probs and answer logits of row_logprobs both equal HF's."""
-    from chg_lens.logprobs import row_logprobs
+    from chg_lens.scoring import row_logprobs
     from conftest import word_tokenizer
 
     if "gemma3" not in SUPPORTED:

@@ -423,14 +423,5 @@ def parse_simulation(answer: str, n: int) -> np.ndarray:
     return out
 
 
-def make_explainer(kind: str, **kwargs):
-    """``"pattern"`` or ``"openai"`` -> an explainer; kwargs go to :class:`OpenAIExplainer`."""
-    if kind == "pattern":
-        return PatternExplainer()
-    if kind == "openai":
-        return OpenAIExplainer(**kwargs)
-    raise ValueError(f"unknown explainer {kind!r}: use pattern or openai")
-
-
-__all__ = ["PatternExplainer", "OpenAIExplainer", "LLMError", "correlation", "make_explainer",
+__all__ = ["PatternExplainer", "OpenAIExplainer", "LLMError", "correlation",
            "parse_explanation", "parse_simulation", "pattern_fits", "pattern_sources", "show_context"]

@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -195,9 +194,3 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
     steps.append("report")
     return ExplainOutput(outdir=outdir, records=records, scores=scores, clusters=clusters, summary=summary,
                          steps_run=steps)
-
-
-def config_from(**kwargs: Any) -> ExplainConfig:
-    """An :class:`ExplainConfig` from keyword arguments, ignoring unknown ones."""
-    names = {f.name for f in dataclasses.fields(ExplainConfig)}
-    return ExplainConfig(**{k: v for k, v in kwargs.items() if k in names})

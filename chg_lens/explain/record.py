@@ -32,25 +32,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import models
+from ..scoring import parse_heads  # noqa: F401  (re-exported: "L.H" head lists live in the scoring engine)
 from .sources import Windows
 
 META_KEY = b"chg_lens.explain"
-
-
-def parse_heads(spec: str | Sequence | None) -> list[tuple[int, int]] | None:
-    """``"0.1,2.3"`` or ``[(0, 1), (2, 3)]`` -> list of (layer, head); None stays None."""
-    if spec is None or spec == "":
-        return None
-    if isinstance(spec, str):
-        out = []
-        for item in spec.split(","):
-            try:
-                layer, head = item.strip().split(".")
-                out.append((int(layer), int(head)))
-            except ValueError as err:
-                raise ValueError(f"heads are written LAYER.HEAD, comma separated (e.g. 0.1,5.3); got {item!r}") from err
-        return out
-    return [(int(l), int(h)) for l, h in spec]
 
 
 def select_heads(model, heads: Sequence[tuple[int, int]] | None = None, max_heads: int | None = None,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .. import models
-from ..data import TaskDataset, _tokenizer_of
+from ..data import TaskDataset, _tokenizer_of, first_target_position
 
 Pair = tuple[str, str]
 
@@ -176,13 +176,13 @@ def columns(records: Sequence[dict], names: Iterable[str], source: str) -> None:
 
 
 def load_hf_dataset(name: str, split: str = "train", config: str | None = None, **kwargs: Any) -> list[dict]:
-    """Records of a Hugging Face dataset (needs the optional ``datasets`` package and internet)."""
+    """Records of a Hugging Face dataset (needs internet; ``datasets`` is a dependency of chg_lens)."""
     try:
-        import datasets  # optional extra: pip install chg-lens[data]
+        import datasets
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             f"loading the Hugging Face dataset {name!r} needs the `datasets` package: "
-            "pip install 'chg-lens[data]' (or pass a local file / data_dir instead)"
+            "pip install datasets (a dependency of chg_lens; or pass a local file / data_dir instead)"
         ) from e
     return list(datasets.load_dataset(name, config, split=split, **kwargs))
 
@@ -299,12 +299,7 @@ def matched_prompt_datasets(
                                         prepend_bos=prepend_bos, name=name)
         for k, v in (row_meta or {}).items():
             data.row_meta[k] = [v[i] for i in keep]
-        data.row_meta["query_pos"] = [int(m.nonzero()[0]) - 1 for m in data.loss_mask]
+        data.row_meta["query_pos"] = first_target_position(data.loss_mask).tolist()
         data.meta["n_dropped_too_long"] = len(worst) - len(keep)
         out[name] = data
     return out
-
-
-def target_first_ids(data: TaskDataset) -> list[int]:
-    """The first target token of each row."""
-    return [int(row[int(m.nonzero()[0])]) for row, m in zip(data.tokens, data.loss_mask)]
