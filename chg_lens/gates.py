@@ -65,11 +65,12 @@ def gate_z(
     batch = z.shape[0]
     if batch % n_cfg:
         raise ValueError(f"batch of {batch} rows is not a multiple of {n_cfg} gate configurations")
+    # The one place where tensors meet an activation: all move to z's device (and dtype) here.
+    g = gates.to(z.device, z.dtype)[:, None, None, :, None]
     zz = z.reshape(n_cfg, batch // n_cfg, *z.shape[1:])
-    g = gates.to(z.dtype)[:, None, None, :, None]
     if source is None and positions is None:
         return (zz * g).reshape(z.shape)
-    other = torch.zeros((), dtype=z.dtype, device=z.device) if source is None else source.to(z.dtype)
+    other = torch.zeros((), dtype=z.dtype, device=z.device) if source is None else source.to(z.device, z.dtype)
     mixed = zz * g + (1 - g) * other
     if positions is not None:
         mixed = torch.where(positions.to(z.device)[None, :, :, None, None], mixed, zz)
@@ -101,7 +102,7 @@ def gate_hooks(
 
 def _layer_hook(g: Tensor, source: Tensor | None, positions: Tensor | None) -> Callable:
     def hook(z: Tensor, hook) -> Tensor:
-        return gate_z(z, g.to(z.device), source, positions)
+        return gate_z(z, g, source, positions)
 
     return hook
 

@@ -112,38 +112,35 @@ def row_logprobs(
     rows, pred_pos = loss_mask[:, 1:].nonzero(as_tuple=True)  # target at pos+1, predicted from pos
     targets = tokens[rows, pred_pos + 1]
     batch = tokens.repeat(n_cfg, 1) if n_cfg > 1 else tokens
-    amp = models.autocast(model, autocast)
+    select = [(rows, pred_pos)]
+    if answers is not None:
+        answers = torch.as_tensor(answers, device=dev).long()
+        if answers.ndim != 2 or answers.shape[0] != n_rows:
+            raise ValueError(f"answers must be [rows, n_answers] with {n_rows} rows; got {tuple(answers.shape)}")
+        select.append((torch.arange(n_rows, device=dev), first_target_position(loss_mask)))
+    start = None
     if start_at_layer is not None:
         if resid is None:
             raise ValueError("start_at_layer needs resid, the residual entering that block")
         start = resid[:, :width].to(dev)
         start = start.repeat(n_cfg, 1, 1) if n_cfg > 1 else start
-        with amp:
-            final = models.final_residual(model, None, hooks, start_at_layer=start_at_layer, resid=start)
-    else:
-        with amp:
-            final = models.final_residual(model, batch, hooks)
-    final = final.reshape(n_cfg, n_rows, *final.shape[1:])
+    # Target and answer logits come from the one output path (models.logits_at -> models.unembed).
+    with models.autocast(model, autocast):
+        out = models.logits_at(model, None if start is not None else batch, select, hooks,
+                               start_at_layer=start_at_layer if start is not None else None, resid=start, lead=n_cfg)
+    logits = out[0].float()  # [K, N, d_vocab]
     answer_logits = None
     if answers is not None:
-        answers = torch.as_tensor(answers, device=dev).long()
-        if answers.ndim != 2 or answers.shape[0] != n_rows:
-            raise ValueError(f"answers must be [rows, n_answers] with {n_rows} rows; got {tuple(answers.shape)}")
-        first = first_target_position(loss_mask)
-        at_first = final[:, torch.arange(n_rows, device=dev), first]  # [K, rows, d_model]
-        with models.autocast(model, autocast):  # as the target logits below
-            answer_logits = models.unembed(model, at_first).float().gather(
-                -1, answers.expand(n_cfg, -1, -1)).contiguous()
-    resid = final[:, rows, pred_pos]  # [K, N, d_model]
-    with models.autocast(model, autocast):
-        logits = models.unembed(model, resid).float()  # [K, N, d_vocab]
+        answer_logits = out[1].float().gather(-1, answers.to(out[1].device).expand(n_cfg, -1, -1)).contiguous()
+    targets = targets.to(logits.device)
     target_logit = logits.gather(-1, targets.expand(n_cfg, -1).unsqueeze(-1)).squeeze(-1)
     logprob = target_logit - logits.logsumexp(dim=-1)
     hit = (logits.argmax(dim=-1) == targets).to(torch.long)
 
-    logprob_sum = torch.zeros(n_cfg, n_rows, dtype=logprob.dtype, device=dev).index_add(1, rows, logprob)
-    n_hit = torch.zeros(n_cfg, n_rows, dtype=torch.long, device=dev).index_add(1, rows, hit)
-    n_targets = loss_mask.sum(dim=1)
+    out_dev, rows = logits.device, rows.to(logits.device)  # the last layer's device on a split model
+    logprob_sum = torch.zeros(n_cfg, n_rows, dtype=logprob.dtype, device=out_dev).index_add(1, rows, logprob)
+    n_hit = torch.zeros(n_cfg, n_rows, dtype=torch.long, device=out_dev).index_add(1, rows, hit)
+    n_targets = loss_mask.sum(dim=1).to(out_dev)
     return RowScores(logprob_sum, n_targets, n_hit == n_targets, answer_logits)
 
 
@@ -369,7 +366,8 @@ def collect_z(model, data: TaskDataset, *, mean: bool, batch_size: int = 32) -> 
             width = int(data.lengths[idx].max())
             real = (torch.arange(width)[None, :] < data.lengths[idx, None]).to(dev)
             for l, z in models.cache_z(model, data.tokens[idx, :width].to(dev)).items():
-                total[l] = total.get(l, 0) + (z.float() * real[..., None, None]).sum(dim=(0, 1))
+                # z lives on its layer's device (a split model): the mask follows it
+                total[l] = total.get(l, 0) + (z.float() * real.to(z.device)[..., None, None]).sum(dim=(0, 1))
             count += int(real.sum())
         else:
             width = data.tokens.shape[1]

@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import importlib.util
 import os
 import re
 import shutil
@@ -337,6 +338,10 @@ def _model_problem(m: ModelEntry, model_io) -> str | None:
             model_io.smollm2_gguf_path()
         except FileNotFoundError as err:
             return f"model '{m.label}': {err}"
+        return None
+    if spec.lower() == model_io.GEMMA3_ALIAS:  # installed? (assembling the GGUF waits for the load)
+        if importlib.util.find_spec(model_io._GEMMA3_PACKAGE) is None:
+            return f"model '{m.label}': '{spec}' is not installed: {model_io._GEMMA3_INSTALL}"
         return None
     looks_local = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.endswith(".gguf")
     if looks_local or os.path.exists(spec):

@@ -127,7 +127,7 @@ def head_activity(
     z: Float[Tensor, "batch pos head_index d_head"], W_O: Float[Tensor, "head_index d_head d_model"]
 ) -> Float[Tensor, "batch pos head_index"]:
     """Norm of each head's output per query token: ``||z[..., h, :] @ W_O[h]||``."""
-    return torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype)).norm(dim=-1)
+    return torch.einsum("bphd,hdm->bphm", z, W_O.to(z.device, z.dtype)).norm(dim=-1)
 
 
 def record_batch(model, tokens: Int[Tensor, "batch pos"], heads: Sequence[tuple[int, int]], top_sources: int = 3
