@@ -679,7 +679,7 @@ def check_hf_model(hf_model) -> None:
     if getattr(config, "is_encoder_decoder", False) or not causal:
         raise TypeError(
             f"chg_lens cannot drive a {cls}: it needs a decoder-only causal language model (a "
-            "...ForCausalLM / ...LMHeadModel class, e.g. AutoModelForCausalLM.from_pretrained(...)); "
+            "...ForCausalLM / ...LMHeadModel class, as loaded by AutoModelForCausalLM); "
             "encoder-only and encoder-decoder models are not supported")
 
 
