@@ -14,7 +14,7 @@ from .events import salient_events, split_windows, token_class
 from .explainers import LLMError, OpenAIExplainer, PatternExplainer, correlation, pattern_fits, pattern_sources
 from .pipeline import ExplainConfig, ExplainOutput, run_explain
 from .record import RawActivity, load_raw, record_to_parquet, select_heads
-from .report import build_summary, write_report
+from .report import build_summary, write_explain_report, write_report
 from .simulate import detection_score, score_all, score_head
 from .sources import Windows, sample_windows
 
@@ -22,5 +22,6 @@ __all__ = [
     "ExplainConfig", "ExplainOutput", "LLMError", "OpenAIExplainer", "PatternExplainer", "RawActivity", "Windows",
     "build_summary", "cluster_explanations", "correlation", "detection_score", "embed", "load_raw",
     "pattern_fits", "pattern_sources", "record_to_parquet", "run_explain", "salient_events", "sample_windows",
-    "score_all", "score_head", "select_heads", "split_windows", "token_class", "write_report",
+    "score_all", "score_head", "select_heads", "split_windows", "token_class", "write_explain_report",
+    "write_report",
 ]
