@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import checks, models
 from . import gates as gates_mod
-from .deprecation import renamed
+from .deprecation import keyword_only, renamed
 from .data import TaskDataset
 from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
                       score_configs)
@@ -113,10 +113,12 @@ def _with_deltas(frame: pd.DataFrame, values: dict[str, Tensor], baseline: dict[
 # --------------------------------------------------------------------------------------------
 
 
+@keyword_only("heads", "method", "reference", "base", "prefix_reuse", "batch_size", "rows_per_pass", "progress")
 @renamed(max_rows_per_pass="rows_per_pass")
 def head_sweep(
     model,
     data: TaskDataset,
+    *,
     heads: Heads | None = None,
     method: str = "zero",
     reference: TaskDataset | None = None,
@@ -173,10 +175,12 @@ def head_order(model, order: str | Heads = "forward", seed: int = 0) -> list[tup
     return given
 
 
+@keyword_only("order", "method", "reference", "base", "n_steps", "seed", "prefix_reuse", "batch_size", "rows_per_pass", "progress")
 @renamed(max_rows_per_pass="rows_per_pass")
 def sequential_ablation(
     model,
     data: TaskDataset,
+    *,
     order: str | Heads = "forward",
     method: str = "zero",
     reference: TaskDataset | None = None,
@@ -218,11 +222,13 @@ def sequential_ablation(
     return AblationResult(frame, baseline, _meta(model, data, mode="sequential", method=method, order=label, seed=seed))
 
 
+@keyword_only("seeds", "scores", "n_steps", "method", "reference", "prefix_reuse", "batch_size", "rows_per_pass", "progress")
 @renamed(max_rows_per_pass="rows_per_pass")
 def figure2(
     model,
     data: TaskDataset,
     result,
+    *,
     seeds: int | Sequence[int] | str = "each",
     scores: Sequence[str] = ("facilitation", "irrelevance", "interference"),
     n_steps: int | None = None,

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import checks, models, taxonomy
 from .data import TaskDataset
+from .deprecation import keyword_only
 from .fitting import (Checkpointer, DataLoss, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
@@ -239,16 +240,17 @@ def nll_loss(model: Any, data: TaskDataset, autocast: str | None = None) -> Data
     return data_loss
 
 
+@keyword_only("n_seeds", "updates", "reg_updates", "batch_size", "lam", "seed")
 def fit_chg(
     model: Any,
     data: TaskDataset,
+    *,
     n_seeds: int = 10,
     updates: int = 500,
     reg_updates: int = 500,
     batch_size: int = 64,
     lam: float = 0.1,
     seed: int = 0,
-    *,
     validation: TaskDataset | None = None,
     lr: float = 0.1,
     lr_end: float = 0.01,

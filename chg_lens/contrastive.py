@@ -30,6 +30,7 @@ from torch import Tensor
 from . import checks, models
 from .chg import CHGResult
 from .data import TaskDataset, concat
+from .deprecation import keyword_only
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
@@ -251,10 +252,12 @@ def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, 
     return lp[:, : len(rows)], lp[:, len(rows):]
 
 
+@keyword_only("n_seeds", "updates", "batch_size", "lam", "max_diff", "lr", "lr_end", "clip", "seed")
 def fit_contrastive(
     model: Any,
     retain: TaskDataset,
     forget: TaskDataset,
+    *,
     n_seeds: int = 1,
     updates: int = 500,
     batch_size: int = 64,
@@ -264,7 +267,6 @@ def fit_contrastive(
     lr_end: float = 0.01,
     clip: float = 4.0,
     seed: int = 0,
-    *,
     grad_accum: int = 1,
     snapshot_every: int = 10,
     one_pass: bool | None = None,

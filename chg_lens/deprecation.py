@@ -27,3 +27,43 @@ def renamed(**old_to_new: str):
         return inner
 
     return wrap
+
+
+def keyword_only(*old_positional: str):
+    """Decorator: options that became keyword-only still work positionally for one release, with a warning.
+
+    ``old_positional`` names the options in their old positional order, after the parameters that stay
+    positional (model and data)::
+
+        @keyword_only("n_seeds", "updates")
+        def fit(model, data, *, n_seeds=10, updates=500): ...
+
+        fit(model, data, 4, 100)  # DeprecationWarning; same as fit(model, data, n_seeds=4, updates=100)
+    """
+
+    def wrap(fn):
+        import inspect
+
+        params = inspect.signature(fn).parameters.values()
+        n_positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            extra = args[n_positional:]
+            if extra:
+                if len(extra) > len(old_positional):
+                    raise TypeError(f"{fn.__name__}() takes at most {n_positional + len(old_positional)} "
+                                    f"positional arguments but {len(args)} were given")
+                names = old_positional[: len(extra)]
+                for name in names:
+                    if name in kwargs:
+                        raise TypeError(f"{fn.__name__}() got multiple values for argument {name!r}")
+                warnings.warn(f"{fn.__name__}(): passing {', '.join(names)} by position is deprecated; "
+                              f"pass {names[0]}=... by keyword", DeprecationWarning, stacklevel=2)
+                kwargs.update(zip(names, extra))
+                args = args[:n_positional]
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap

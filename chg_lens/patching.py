@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import checks, models
 from . import gates as gates_mod
-from .deprecation import renamed
+from .deprecation import keyword_only, renamed
 from .data import TaskDataset, first_target_position
 from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
 from .results import FrameResult, frame_from_json, library_versions, require
@@ -169,11 +169,13 @@ def clean_z(model, data: TaskDataset, batch_size: int = 32) -> dict[int, Float[T
     return collect_z(model, data, mean=False, batch_size=batch_size)
 
 
+@keyword_only("heads", "positions", "metric", "mediating", "n_std", "alpha", "prefix_reuse", "batch_size", "rows_per_pass", "progress")
 @renamed(max_rows_per_pass="rows_per_pass")
 def patch_heads(
     model,
     clean: TaskDataset,
     corrupted: TaskDataset,
+    *,
     heads: Sequence[tuple[int, int]] | None = None,
     positions: Any = "all",
     metric: str = "auto",

@@ -113,8 +113,7 @@ def head_table(scores: Any) -> pd.DataFrame:
     mean = frame.groupby(by, sort=True)[value_cols].mean().add_prefix("mean_")
     agg = taxonomy.aggregate(frame, by=tuple(by)).set_index(by)
     out = pd.concat([mean, agg], axis=1).reset_index()
-    stacked = np.stack([out[f"mean_{s}"].to_numpy() for s in SCORES], axis=-1)
-    out["role"] = [taxonomy.ROLES[SCORES[i]] for i in stacked.argmax(axis=-1)]
+    out["role"] = taxonomy.frame_roles(out, prefix="mean_")
     return out
 
 

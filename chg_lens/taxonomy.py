@@ -52,6 +52,16 @@ def roles(scores: dict[str, Tensor]) -> Tensor:
     return stacked.argmax(dim=-1)  # argmax returns the first maximum: the documented tie order
 
 
+def frame_roles(frame: pd.DataFrame, prefix: str = "") -> list[str]:
+    """The role name of each row of a frame holding the three score columns (``prefix + score``),
+    by the one rule of :func:`roles`.
+
+    Example: ``per_head["role"] = taxonomy.frame_roles(per_head, prefix="mean_")``.
+    """
+    idx = roles({s: torch.as_tensor(frame[prefix + s].to_numpy(dtype="float64")) for s in SCORES})
+    return [ROLES[SCORES[i]] for i in idx.tolist()]
+
+
 def scores_frame(g_plus: Float[Tensor, "seeds layer head"], g_minus: Float[Tensor, "seeds layer head"]) -> pd.DataFrame:
     """Long frame: one row per (seed, layer, head) with G+, G-, the three scores and the role."""
     s = score_tensors(g_plus, g_minus)

@@ -138,3 +138,11 @@ def test_rows_per_pass_is_the_new_name_of_max_rows_per_pass(tiny_model):
     assert new.frame.equals(old.frame)
     with pytest.raises(TypeError, match="old name"):
         ablation.head_sweep(tiny_model, data, rows_per_pass=12, max_rows_per_pass=12)
+
+
+def test_positional_options_still_work_with_a_warning(tiny_model):
+    data = _data()
+    new = ablation.head_sweep(tiny_model, data, heads=[(0, 1), (1, 2)], method="zero")
+    with pytest.warns(DeprecationWarning, match="by position"):
+        old = ablation.head_sweep(tiny_model, data, [(0, 1), (1, 2)], "zero")
+    assert new.frame.equals(old.frame)

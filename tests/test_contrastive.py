@@ -372,3 +372,11 @@ def test_validation_is_the_new_name_of_evaluate_on(two_format_model):
     assert torch.equal(new.logits, old.logits)
     with pytest.raises(ValueError, match="validation=.* only"):
         fit_contrastive(two_format_model, retain, forget, validation=ev, evaluate_on=ev, **kw)
+
+
+def test_positional_options_still_work_with_a_warning(two_format_model):
+    retain, forget = two_format_data(8)
+    new = fit_contrastive(two_format_model, retain, forget, n_seeds=2, updates=2, batch_size=8, seed=5, progress=False)
+    with pytest.warns(DeprecationWarning, match="by position"):
+        old = fit_contrastive(two_format_model, retain, forget, 2, 2, 8, 0.1, 5.0, 0.1, 0.01, 4.0, 5, progress=False)
+    assert torch.equal(new.logits, old.logits)

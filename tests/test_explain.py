@@ -382,6 +382,13 @@ def test_report_joins_chg_roles(pattern_run, tmp_path):
     report = (outdir / "report.md").read_text()
     assert "layer 0 head 0 is facilitating for ioi: Previous-token head" in report
     assert "(simulation score " in report
+    from chg_lens.explain import write_explain_report, write_report
+    (tmp_path / "old").mkdir()
+    with pytest.warns(DeprecationWarning, match="write_explain_report"):
+        old = write_report(run.summary, (tmp_path / "old").resolve(), task="ioi", title="t")
+    new = write_explain_report(run.summary, tmp_path, task="ioi", title="t")
+    assert [p.read_text() for p in old] == [p.read_text() for p in new]
+    assert "layer 0 head 0 is facilitating for ioi" in new[0].read_text()
 
 
 CACHED = ("raw_events.parquet", "explanations.jsonl", "scores.parquet", "clusters.json", "probes.parquet")

@@ -167,3 +167,11 @@ def test_cli_ablate_and_patch_write_results_folders(tmp_path, capsys):
     assert res.per_prompt.shape == (8, 4) and res.meta["positions"] == "last" and res.meta["metric"] == "logit_diff"
     assert "ioi/abc" in capsys.readouterr().out
     assert main(["ablate", "--mode", "figure2", "--model", str(folder)]) == 2  # needs --chg
+
+
+def test_positional_options_still_work_with_a_warning(tiny_model):
+    clean, corrupted = _pair()
+    new = patching.patch_heads(tiny_model, clean, corrupted, heads=[(0, 1)], positions=[2], metric="logprob")
+    with pytest.warns(DeprecationWarning, match="by position"):
+        old = patching.patch_heads(tiny_model, clean, corrupted, [(0, 1)], [2], "logprob")
+    assert new.frame.equals(old.frame)

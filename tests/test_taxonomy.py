@@ -29,3 +29,15 @@ def test_always_is_min_and_any_is_max_over_seeds():
     pct = taxonomy.percent_above(frame).iloc[0]
     assert pct["any_facilitation"] == 50.0 and pct["always_facilitation"] == 0.0
     assert pct["always_interference"] == 50.0 and pct["any_interference"] == 100.0
+
+
+def test_frame_roles_is_the_one_rule_with_its_tie_order():
+    frame = pd.DataFrame({"mean_facilitation": [0.5, 0.1, 0.2, 0.0, 0.9],
+                          "mean_interference": [0.5, 0.4, 0.4, 0.0, 0.1],
+                          "mean_irrelevance": [0.1, 0.4, 0.7, 0.0, 0.0]})
+    assert taxonomy.frame_roles(frame, prefix="mean_") == [
+        "facilitating", "interfering", "irrelevant", "facilitating", "facilitating"]
+    g = torch.rand(3, 2, 4, generator=torch.Generator().manual_seed(0))
+    scores = taxonomy.scores_frame(g, g.flip(0))
+    assert taxonomy.frame_roles(scores) == scores.role.tolist()
+    assert taxonomy.frame_roles(frame.iloc[:0], prefix="mean_") == []

@@ -16,7 +16,7 @@ from .explainers import (LLMError, OpenAIExplainer, PatternExplainer, correlatio
 from .pipeline import ExplainConfig, ExplainOutput, run_explain
 from .probes import PROBES, load_probes, probe_scores, write_probes
 from .record import RawActivity, load_raw, pattern_masks, record_to_parquet, select_heads
-from .report import build_summary, write_report
+from .report import build_summary, write_explain_report, write_report
 from .simulate import detection_score, probe_agreement, score_all, score_head
 from .sources import Windows, sample_windows
 
@@ -25,5 +25,6 @@ __all__ = [
     "Windows", "build_summary", "cluster_explanations", "correlation", "detection_score", "embed",
     "label_from_text", "label_of", "load_probes", "load_raw", "pattern_fits", "pattern_masks", "pattern_sources",
     "probe_agreement", "probe_scores", "record_to_parquet", "run_explain", "salient_events", "sample_windows",
-    "score_all", "score_head", "select_heads", "split_windows", "token_class", "write_probes", "write_report",
+    "score_all", "score_head", "select_heads", "split_windows", "token_class", "write_explain_report", "write_probes",
+    "write_report",
 ]

@@ -34,11 +34,11 @@ from .events import salient_events, split_windows
 from .explainers import OpenAIExplainer, PatternExplainer
 from .probes import probe_scores, write_probes
 from .record import PROBES_FILE, load_raw, parse_heads, record_to_parquet, select_heads
-from .report import build_summary, write_report
+from .report import build_summary, write_explain_report
 from .simulate import score_all
 from .sources import check_sources, parse_sources, sample_windows
 
-RAW, EXPLANATIONS, SCORES, CLUSTERS, REPORT, SUMMARY = (
+RAW, EXPLANATIONS, SIM_SCORES, CLUSTERS, REPORT, SUMMARY = (
     "raw_events.parquet", "explanations.jsonl", "scores.parquet", "clusters.json", "report.md", "summary.csv")
 
 
@@ -140,8 +140,8 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
     cfg.check()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    paths = {n: outdir / n for n in (RAW, EXPLANATIONS, SCORES, CLUSTERS)}
-    for flag, name in (("--skip-cache", RAW), ("--skip-explain", EXPLANATIONS), ("--skip-simulate", SCORES),
+    paths = {n: outdir / n for n in (RAW, EXPLANATIONS, SIM_SCORES, CLUSTERS)}
+    for flag, name in (("--skip-cache", RAW), ("--skip-explain", EXPLANATIONS), ("--skip-simulate", SIM_SCORES),
                        ("--skip-cluster", CLUSTERS)):
         if {"--skip-cache": skip_cache, "--skip-explain": skip_explain, "--skip-simulate": skip_simulate,
             "--skip-cluster": skip_cluster}[flag]:
@@ -179,11 +179,11 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
 
     if not skip_simulate:
         scores = score_all(explainer, records, raw, held_out, topk=cfg.topk, seed=cfg.seed, progress=progress)
-        tmp = paths[SCORES].with_name(SCORES + ".tmp")
+        tmp = paths[SIM_SCORES].with_name(SIM_SCORES + ".tmp")
         scores.to_parquet(tmp, index=False)
-        os.replace(tmp, paths[SCORES])
+        os.replace(tmp, paths[SIM_SCORES])
         steps.append("simulate")
-    scores = pd.read_parquet(paths[SCORES])
+    scores = pd.read_parquet(paths[SIM_SCORES])
 
     if not skip_cluster:
         clusters = cluster_explanations(records, cfg.min_cluster_size, cfg.embedding_model)
@@ -201,7 +201,7 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
                 "explainer": explainer_name}
     if records and records[0].get("llm_model"):
         settings["llm model"] = records[0]["llm_model"]
-    write_report(summary, outdir, clusters, task, title=f"Head explanations: {raw.meta.get('model')}",
+    write_explain_report(summary, outdir, clusters, task, title=f"Head explanations: {raw.meta.get('model')}",
                  settings=settings)
     steps.append("report")
     return ExplainOutput(outdir=outdir, records=records, scores=scores, clusters=clusters, summary=summary,

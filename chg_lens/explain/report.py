@@ -6,7 +6,7 @@ agreement (:func:`chg_lens.explain.simulate.probe_agreement`): does the label pr
 Example::
 
     summary = build_summary(records, scores, clusters, chg_result="runs/ioi")
-    write_report(summary, "out/", title="SmolLM2 heads")
+    write_explain_report(summary, "out/", title="SmolLM2 heads")
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ def chg_head_scores(chg_result: Any) -> tuple[pd.DataFrame, str]:
     result = chg_result if isinstance(chg_result, CHGResult) else CHGResult.load(chg_result)
     scores = result.scores()
     per_head = scores.groupby(["layer", "head"], sort=True)[list(taxonomy.SCORES)].mean().reset_index()
-    best = per_head[list(taxonomy.SCORES)].to_numpy().argmax(axis=1)  # ties in SCORES order, as taxonomy.roles
-    per_head["role"] = [taxonomy.ROLES[taxonomy.SCORES[i]] for i in best]
+    per_head["role"] = taxonomy.frame_roles(per_head)
     return per_head, str(result.meta.get("task", "the task"))
 
 
@@ -128,13 +127,22 @@ def markdown(summary: pd.DataFrame, clusters: dict[str, Any] | None, task: str |
     return "\n".join(lines) + "\n"
 
 
-def write_report(summary: pd.DataFrame, outdir: str | os.PathLike, clusters: dict[str, Any] | None = None,
-                 task: str | None = None, title: str = "Head explanations",
-                 settings: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write ``summary.csv`` and ``report.md`` into ``outdir``."""
+def write_explain_report(summary: pd.DataFrame, outdir: str | os.PathLike, clusters: dict[str, Any] | None = None,
+                         task: str | None = None, title: str = "Head explanations",
+                         settings: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``summary.csv`` and ``report.md`` into ``outdir`` (the CHG HTML report is
+    :func:`chg_lens.report.write_report`)."""
     outdir = Path(outdir)
     csv = outdir / "summary.csv"
     summary.to_csv(csv, index=False, float_format="%.6g")
     md = outdir / "report.md"
     md.write_text(markdown(summary, clusters, task, title, settings or {}))
     return md, csv
+
+
+def write_report(*args, **kwargs) -> tuple[Path, Path]:
+    """Deprecated name of :func:`write_explain_report` (kept for one release)."""
+    import warnings
+
+    warnings.warn("chg_lens.explain.write_report is now write_explain_report", DeprecationWarning, stacklevel=2)
+    return write_explain_report(*args, **kwargs)

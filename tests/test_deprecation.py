@@ -1,0 +1,56 @@
+"""Old call styles that keep working for one release: renamed keywords and positional options."""
+
+import warnings
+
+import pytest
+import torch
+
+from chg_lens import fit_chg
+from chg_lens.deprecation import keyword_only, renamed
+
+from conftest import known_answer_data
+
+
+@keyword_only("a", "b")
+def _f(x, *, a=1, b=2, c=3):
+    return x, a, b, c
+
+
+def test_keyword_only_maps_old_positions_and_warns():
+    with pytest.warns(DeprecationWarning, match="passing a, b by position"):
+        assert _f(0, 10, 20) == (0, 10, 20, 3)
+    with pytest.warns(DeprecationWarning, match="passing a by position"):
+        assert _f(0, 10, c=30) == (0, 10, 2, 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _f(0, a=5) == (0, 5, 2, 3)                     # keyword calls stay silent
+
+
+def test_keyword_only_rejects_too_many_or_doubled_arguments():
+    with pytest.raises(TypeError, match="at most 3 positional"):
+        _f(0, 1, 2, 3)
+    with pytest.raises(TypeError, match="multiple values for argument 'a'"):
+        _f(0, 1, a=2)
+
+
+def test_renamed_maps_old_keyword_and_warns():
+    @renamed(old="new")
+    def g(*, new=0):
+        return new
+
+    with pytest.warns(DeprecationWarning, match=r"g\(old=...\) is now new="):
+        assert g(old=4) == 4
+    with pytest.raises(TypeError, match="both old= and new="):
+        g(old=1, new=2)
+
+
+def test_fit_chg_positional_options_still_work_with_a_warning(known_model):
+    data = known_answer_data(8)
+    kw = dict(n_seeds=1, updates=2, reg_updates=2, batch_size=4, lam=0.1, seed=3)
+    new = fit_chg(known_model, data, **kw, progress=False)
+    with pytest.warns(DeprecationWarning, match="by position"):
+        old = fit_chg(known_model, data, 1, 2, 2, 4, 0.1, 3, progress=False)
+    for stage in ("g0", "g_plus", "g_minus"):
+        assert torch.equal(new.gates(stage), old.gates(stage))
+    with pytest.raises(TypeError, match="at most"):
+        fit_chg(known_model, data, 1, 2, 2, 4, 0.1, 3, 7)
