@@ -15,6 +15,7 @@ import inspect
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +48,20 @@ def add_run_options(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+FIT_DEFAULTS = dict(n_seeds=2, updates=30, reg_updates=30, batch_size=8, lr=0.1, lr_end=0.01, reg_lr=0.5,
+                    reg_lr_end=0.1, n_prompts_ioi=80)
+"""``chg-lens fit`` with no arguments (and ``make fit``); measured by benchmarks/main_job.py."""
+
+
+def print_convergence(result) -> None:
+    """The last line of a fit's output: the one-line convergence warning (stderr), or that it converged."""
+    message = result.convergence_warning()
+    if message:
+        print(f"WARNING: {message}", file=sys.stderr)
+    else:
+        print("converged: every stage of every seed settled" + (" and G0 kept the task" if hasattr(result, "g0") else ""))
 
 
 def parse_task_options(items: list[str]) -> dict:
@@ -93,11 +108,18 @@ class Fit:
         p.add_argument("--n-prompts", type=int, default=None, help="rows to build (task default if unset)")
         p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                        help="any other task argument, e.g. --task-option n_shots=10")
-        p.add_argument("--n-seeds", type=int, default=2)
-        p.add_argument("--updates", type=int, default=30)
-        p.add_argument("--reg-updates", type=int, default=30)
-        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--n-seeds", type=int, default=FIT_DEFAULTS["n_seeds"])
+        p.add_argument("--updates", type=int, default=FIT_DEFAULTS["updates"])
+        p.add_argument("--reg-updates", type=int, default=FIT_DEFAULTS["reg_updates"])
+        p.add_argument("--batch-size", type=int, default=FIT_DEFAULTS["batch_size"])
         p.add_argument("--lam", type=float, default=0.1)
+        p.add_argument("--lr", type=float, default=FIT_DEFAULTS["lr"], help="G0 learning rate at the start (default: %(default)s)")
+        p.add_argument("--lr-end", type=float, default=FIT_DEFAULTS["lr_end"], help="G0 learning rate at the end (default: %(default)s)")
+        p.add_argument("--reg-lr", type=float, default=FIT_DEFAULTS["reg_lr"], help="G+/G- learning rate at the start (default: %(default)s)")
+        p.add_argument("--reg-lr-end", type=float, default=FIT_DEFAULTS["reg_lr_end"],
+                       help="G+/G- learning rate at the end (default: %(default)s)")
+        p.add_argument("--stop-when-settled", action="store_true",
+                       help="end a stage once its diagnostics say it settled (--updates/--reg-updates are then the maximum)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (less memory)")
         p.add_argument("--configs-per-pass", type=int, default=None,
@@ -109,23 +131,29 @@ class Fit:
     @staticmethod
     def run(a: argparse.Namespace) -> int:
         from . import fit_chg, load_model
+        from .diagnostics import NotConvergedWarning
 
-        n_prompts = a.n_prompts if a.n_prompts is not None else (80 if a.task == "ioi" else None)
+        n_prompts = a.n_prompts if a.n_prompts is not None else (FIT_DEFAULTS["n_prompts_ioi"] if a.task == "ioi" else None)
         out = Path(a.out)
         t0 = time.time()
         model = load_model(a.model, device=a.device, dtype=a.dtype)
         train, val = build_task(model, a.task, n_prompts, a.seed, a.data_dir, parse_task_options(a.task_option))
         print(f"loaded {a.model} in {time.time() - t0:.0f}s; task {a.task}: {len(train)} train / {len(val)} validation rows")
-        result = fit_chg(model, train, n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates,
-                         batch_size=a.batch_size, lam=a.lam, seed=a.seed, grad_accum=a.grad_accum,
-                         configs_per_pass=a.configs_per_pass, validation=val, checkpoint_dir=out / "checkpoint",
-                         checkpoint_every=a.checkpoint_every, task=a.task, progress=not a.no_progress)
+        with warnings.catch_warnings():  # the CLI prints the convergence warning itself, last
+            warnings.simplefilter("ignore", NotConvergedWarning)
+            result = fit_chg(model, train, n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates,
+                             batch_size=a.batch_size, lam=a.lam, seed=a.seed, lr=a.lr, lr_end=a.lr_end,
+                             reg_lr=a.reg_lr, reg_lr_end=a.reg_lr_end, stop_when_settled=a.stop_when_settled,
+                             grad_accum=a.grad_accum, configs_per_pass=a.configs_per_pass, validation=val,
+                             checkpoint_dir=out / "checkpoint", checkpoint_every=a.checkpoint_every, task=a.task,
+                             progress=not a.no_progress)
         result.meta["model"] = a.model
         result.save(out)
         summary = result.summary()
         (out / "summary.txt").write_text(summary + "\n")
         print(summary)
         print(f"wrote {out}/ (tensors.safetensors, meta.json, scores.csv, summary.txt) in {time.time() - t0:.0f}s")
+        print_convergence(result)
         return 0
 
 
@@ -158,6 +186,8 @@ class Sweep:
                        help="override the config's executor.kind")
         p.add_argument("--no-wait", action="store_true", help="run: return once the jobs are submitted")
         p.add_argument("--out", default=None, help="collect: also write the frame to this .parquet or .csv file")
+        p.add_argument("--converged-only", action="store_true",
+                       help="collect: only cells whose fit converged (the index's `converged` column)")
 
     @staticmethod
     def run(a: argparse.Namespace) -> int:
@@ -168,7 +198,7 @@ class Sweep:
         elif a.action == "status":
             index = sweep.status(a.config)
         else:
-            frame = sweep.collect(a.config)
+            frame = sweep.collect(a.config, converged_only=a.converged_only)
             cfg = sweep.load_config(a.config)
             if a.out:
                 frame.to_parquet(a.out, index=False) if a.out.endswith(".parquet") else frame.to_csv(a.out, index=False)
@@ -178,7 +208,7 @@ class Sweep:
                 print(sweep.table2(frame).to_string(index=False))
             return 0
         counts = index["status"].value_counts().to_dict()
-        print(index[["cell", "status", "attempts", "seconds", "job_id", "error"]].to_string(index=False))
+        print(index[["cell", "status", "converged", "attempts", "seconds", "job_id", "error"]].to_string(index=False))
         print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         return 0 if a.action == "status" or set(counts) <= {"done", "queued", "running"} else 1
 
