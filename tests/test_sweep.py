@@ -242,3 +242,28 @@ def test_cli_status_and_collect(local_sweep, capsys, tmp_path):
     assert len(pd.read_csv(out)) == 64
     assert main(["sweep", "run", str(local_sweep["path"])]) == 0  # nothing left to do
     assert main(["sweep", "run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_index_records_converged_and_collect_filters_on_it(local_sweep, capsys):
+    index = sweep.status(local_sweep["path"])
+    cells = sorted(index.cell)
+    for cell in cells:  # what run_cell recorded is the result's own verdict (these tiny fits do not converge)
+        done = json.loads((local_sweep["out"] / "cells" / cell / sweep.DONE).read_text())
+        assert done["converged"] is CHGResult.load(local_sweep["out"] / "cells" / cell / "result").converged is False
+    assert index.converged.tolist() == [False] * 4
+    assert pd.read_parquet(local_sweep["out"] / "index.parquet").converged.tolist() == [False] * 4
+    assert len(sweep.collect(local_sweep["path"], converged_only=True, write=False)) == 0
+    marker = local_sweep["out"] / "cells" / cells[0] / sweep.DONE
+    original = marker.read_text()
+    try:
+        marker.write_text(json.dumps({**json.loads(original), "converged": True}))
+        frame = sweep.collect(local_sweep["path"], converged_only=True, write=False)
+        assert set(frame.cell) == {cells[0]} and len(frame) == 16
+        assert main(["sweep", "collect", str(local_sweep["path"]), "--converged-only"]) == 0
+        assert "16 rows from 1 finished cell(s)" in capsys.readouterr().out
+        legacy = {k: v for k, v in json.loads(original).items() if k != "converged"}
+        marker.write_text(json.dumps(legacy))  # a cell finished before `converged` was recorded
+        assert sweep.status(local_sweep["path"], write=False).set_index("cell").converged[cells[0]] == False  # noqa: E712
+    finally:
+        marker.write_text(original)
+        sweep.status(local_sweep["path"])
