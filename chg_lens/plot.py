@@ -198,7 +198,7 @@ def convergence(result: Any, move: float = 0.05) -> go.Figure:
                                      line=dict(color=color, dash="dot"), legendgroup=stage), row=2, col=1)
         d = diag[diag.stage == stage]
         if len(d):
-            end = int(d.updates.max()) + off + 1
+            end = int(d.updates.max()) + off  # in snapshot coordinates: "after this many updates"
             fig.add_vrect(x0=end - int(d.window.max()), x1=end, fillcolor=color, opacity=0.08, line_width=0)
     fig.update_layout(title="Convergence" + (" (converged)" if diag.attrs.get("converged") else " (NOT converged)"),
                       template="plotly_white", height=520)
