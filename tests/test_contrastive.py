@@ -376,3 +376,16 @@ def test_contrastive_diagnostics(contrast_fit, two_format_model):
         short = fit_contrastive(two_format_model, retain, forget, n_seeds=1, updates=2, batch_size=8, lr=0.5,
                                 progress=False)
     assert not short.converged and "WARNING: contrastive CHG fit did not converge" in short.summary()
+
+
+def test_validation_is_the_new_name_of_evaluate_on(two_format_model):
+    retain, forget = two_format_data(8)
+    ev = two_format_data(8, seed=1)
+    kw = dict(updates=1, batch_size=8, progress=False)
+    new = fit_contrastive(two_format_model, retain, forget, validation=ev, **kw)
+    with pytest.warns(DeprecationWarning, match="validation"):
+        old = fit_contrastive(two_format_model, retain, forget, evaluate_on=ev, **kw)
+    pd.testing.assert_frame_equal(new.evaluation, old.evaluation)
+    assert torch.equal(new.logits, old.logits)
+    with pytest.raises(ValueError, match="validation=.* only"):
+        fit_contrastive(two_format_model, retain, forget, validation=ev, evaluate_on=ev, **kw)

@@ -3,7 +3,6 @@ a full budget and not at 3 updates (with the warning), stop-when-settled, resume
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -159,7 +158,7 @@ def test_stop_when_settled_resumes_from_a_checkpoint(tiny_model, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     monkeypatch.setattr(fitting, "batch_rows", real)
-    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    meta = fitting.checkpoint_meta(tmp_path / "ck")
     assert meta["stage"] == "g_pm" and meta["step"] == 2
     resumed = fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     assert resumed.updates_taken() == whole.updates_taken()
