@@ -24,9 +24,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import checks, models, taxonomy
+from . import diagnostics as diag
 from .data import TaskDataset
 from .deprecation import keyword_only
-from .fitting import (Checkpointer, DataLoss, Stage, StageResult, StageSpec, check_configs_per_pass,
+from .fitting import (Checkpointer, DataLoss, SettleRule, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
 from .results import (Result, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, require,
@@ -53,6 +54,8 @@ class CHGConfig:
     grad_accum: int = 1
     joint: bool = True
     snapshot_every: int = 10
+    stop_when_settled: bool = False
+    settle_thresholds: dict | None = None  # the diagnostics thresholds stop_when_settled used (None: defaults)
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad option (see :mod:`chg_lens.checks`)."""
@@ -167,16 +170,87 @@ class CHGResult(Result):
 
     def trajectories(self) -> pd.DataFrame:
         """Gate snapshots as a long frame (stage, update, seed, layer, head, gate); G+/G- updates
-        continue the count after G0's, as in the paper's Figure 1b."""
-        offset = {"g0": 0, "g_plus": self.config["updates"], "g_minus": self.config["updates"]}
+        continue the count after G0's (the updates G0 took), as in the paper's Figure 1b."""
+        g0_updates = self.updates_taken()["g0"]
+        offset = {"g0": 0, "g_plus": g0_updates, "g_minus": g0_updates}
         return snapshots_frame({k: self.snapshots[k] for k in STAGES}, self.snapshot_steps, offset)
 
     def trace_frame(self) -> pd.DataFrame:
         """Per-update traces (nll, reg, loss) as a long frame: stage, update, seed, name, value."""
         return traces_frame(self.traces)
 
+    # ------------------------------------------------------------------ diagnostics
+    def updates_taken(self) -> dict[str, int]:
+        """Updates each stage took (fewer than planned where ``stop_when_settled`` stopped it)."""
+        return {k: int(next(iter(self.traces[k].values())).shape[0]) for k in STAGES}
+
+    def seed_agreement(self) -> dict[str, float]:
+        """How far the seeds agree: ``role_agreement`` (share of heads whose role is the same in
+        every seed) and the mean pairwise Spearman correlation over heads of G+ (``spearman_g_plus``)
+        and of G- (``spearman_g_minus``) between seeds. NaN with one seed."""
+        role = taxonomy.roles(taxonomy.score_tensors(self.g_plus, self.g_minus))
+        return {"role_agreement": diag.same_in_every_seed(role),
+                "spearman_g_plus": diag.mean_pairwise_spearman(self.g_plus),
+                "spearman_g_minus": diag.mean_pairwise_spearman(self.g_minus)}
+
+    def diagnostics(self, **thresholds: Any) -> pd.DataFrame:
+        """Convergence diagnostics: one row per (stage, seed).
+
+        Columns: ``stage, seed, updates`` (taken), ``window`` (updates the movement is measured
+        over: the last 10% of the stage's planned updates, at least 10), ``mean_abs_change`` and
+        ``share_moving`` (gates that moved more than ``move``) over that window, ``nll_slope`` (per
+        update, least squares over the window), ``nll_change`` and ``settled``; on G0 rows also
+        ``val_logprob, val_accuracy, ungated_logprob, ungated_accuracy, kept_task`` (needs
+        validation data; NaN otherwise). ``frame.attrs`` holds ``converged`` and the
+        :meth:`seed_agreement` numbers. ``thresholds`` override :class:`chg_lens.diagnostics.Thresholds`
+        (``window, min_window, move, max_moving, max_nll_drop, g0_logprob_tol, g0_accuracy_tol``;
+        defaults: those the fit stopped with, if it was given a ``Thresholds``, else the module's);
+        docs/diagnostics.md explains each number and what to do when one fails.
+
+        Example::
+
+            d = result.diagnostics()              # or result.diagnostics(move=0.02)
+            d[~d.settled]                          # stages and seeds still moving
+            d.attrs["converged"], d.attrs["role_agreement"]
+        """
+        th = diag.Thresholds.of(self.config.get("settle_thresholds"), **thresholds)
+        planned = {"g0": self.config["updates"], "g_plus": self.config["reg_updates"],
+                   "g_minus": self.config["reg_updates"]}
+        frames = []
+        for stage in STAGES:
+            f = diag.stage_diagnostics(self.snapshots[stage], self.snapshot_steps[stage], self.traces[stage]["nll"],
+                                       planned[stage], th)
+            f.insert(0, "stage", stage)
+            frames.append(f)
+        frame = pd.concat(frames, ignore_index=True)
+        cols = ["val_logprob", "val_accuracy", "ungated_logprob", "ungated_accuracy", "kept_task"]
+        for c in cols:
+            frame[c] = pd.Series([pd.NA] * len(frame), dtype="object") if c == "kept_task" else float("nan")
+        if self.validation is not None:
+            g0 = diag.g0_task_check(self.validation, th)
+            rows = frame.index[frame.stage == "g0"]
+            for c in cols:
+                values = g0.set_index("seed")[c].reindex(frame.loc[rows, "seed"]).to_numpy()
+                frame.loc[rows, c] = values if c != "kept_task" else [bool(v) for v in values]
+        kept = frame.loc[frame.stage == "g0", "kept_task"]
+        frame.attrs["converged"] = bool(frame.settled.all() and (kept.isna().all() or kept.astype(bool).all()))
+        frame.attrs.update(self.seed_agreement())
+        return frame
+
+    @property
+    def converged(self) -> bool:
+        """Every stage of every seed settled and every G0 seed kept the task (default thresholds;
+        without validation data G0 is not checked, and the summary says so)."""
+        return self.diagnostics().attrs["converged"]
+
+    def convergence_warning(self, **thresholds: Any) -> str:
+        """The one-line warning of an unconverged fit (what failed, what to change); empty when converged."""
+        th = diag.Thresholds.of(self.config.get("settle_thresholds"), **thresholds)
+        return diag.advice(self.diagnostics(**thresholds), th)
+
     def summary(self) -> str:
-        """A few lines: model, task, budget, final NLLs, validation, and the share of each role."""
+        """A few lines: model, task, budget, final NLLs, validation, the share of each role, and
+        the convergence diagnostics (with the warning when the fit did not converge)."""
         lines = [f"CHG on {self.meta.get('model')} / {self.meta.get('task')}: {self.n_seeds} seeds, "
                  f"{self.config['updates']} + {self.config['reg_updates']} updates, batch {self.config['batch_size']}, "
                  f"lambda {self.config['lam']}"]
@@ -191,6 +265,11 @@ class CHGResult(Result):
         pct = self.percent_above().iloc[0]
         lines.append("  heads with score >= 0.5 (always / any seed): " + ", ".join(
             f"{s} {pct['always_' + s]:.1f}% / {pct['any_' + s]:.1f}%" for s in taxonomy.SCORES))
+        d = self.diagnostics()
+        lines.append(f"  converged: {'yes' if d.attrs['converged'] else 'NO'}")
+        lines += diag.describe(d, {k: d.attrs[k] for k in ("role_agreement", "spearman_g_plus", "spearman_g_minus")})
+        if not d.attrs["converged"]:
+            lines.append("  WARNING: " + diag.advice(d))
         return "\n".join(lines)
 
     def to_frame(self) -> pd.DataFrame:
@@ -266,6 +345,7 @@ def fit_chg(
     progress: bool = True,
     autocast: str | None = None,
     configs_per_pass: int | None = None,
+    stop_when_settled: bool | diag.Thresholds = False,
 ) -> CHGResult:
     """Fit Causal Head Gating: G0 (lambda = 0), then G+ and G- from G0's logits.
 
@@ -284,20 +364,39 @@ def fit_chg(
     fit's passes in mixed precision (faster on CPUs with AVX512-BF16/AMX and on GPUs; validation
     stays in full precision); see benchmarks/README.md.
 
+    Every fit keeps what its convergence diagnostics need (:meth:`CHGResult.diagnostics`, a
+    snapshot where each stage's diagnostic window starts) and ends with a
+    :class:`~chg_lens.diagnostics.NotConvergedWarning` when it did not converge. With
+    ``stop_when_settled=True`` (or a :class:`~chg_lens.diagnostics.Thresholds`) a stage ends at the
+    first update after which it has settled over its diagnostic window (every seed, the rule of
+    :mod:`chg_lens.diagnostics`); ``updates`` and ``reg_updates`` are then the maximum and
+    ``result.updates_taken()`` says what each stage took. The learning rate keeps its full-length
+    linear decay (from ``lr`` toward ``lr_end`` over ``updates``), so a stage that stops early stops
+    at a rate above ``lr_end``. The default (``False``) runs the paper's full schedule.
+
     Example::
 
         result = fit_chg(model, train, n_seeds=10, validation=val)
         result.g_plus.shape       # [10, n_layers, n_heads]
+        result.converged, result.diagnostics()
     """
+    settle_th = None
+    if stop_when_settled is not False and stop_when_settled is not True:
+        if not isinstance(stop_when_settled, diag.Thresholds):
+            raise TypeError(f"stop_when_settled must be True, False or a diagnostics.Thresholds; got {stop_when_settled!r}")
+        stop_when_settled.check()
+        settle_th = stop_when_settled
     cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, lr, lr_end, reg_lr,
                     reg_lr_end, clip, grad_accum, joint, snapshot_every)
-    check_fit_options(**asdict(cfg), checkpoint_every=checkpoint_every, configs_per_pass=configs_per_pass,
+    check_fit_options(**{k: v for k, v in asdict(cfg).items() if k != "settle_thresholds"},
+                      checkpoint_every=checkpoint_every, configs_per_pass=configs_per_pass,
                       autocast=autocast, checkpoint_dir=checkpoint_dir)
     n_seeds, updates, reg_updates, batch_size = int(n_seeds), int(updates), int(reg_updates), int(batch_size)
     grad_accum, snapshot_every, seed = int(grad_accum), int(snapshot_every), int(seed)
     lam, clip = float(lam), float(clip)
     cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, float(lr), float(lr_end), float(reg_lr),
-                    float(reg_lr_end), clip, grad_accum, joint, snapshot_every)
+                    float(reg_lr_end), clip, grad_accum, joint, snapshot_every, bool(stop_when_settled),
+                    None if settle_th is None else asdict(settle_th))
     model = models.as_model(model)
     if not isinstance(data, TaskDataset):
         raise TypeError(f"data must be a TaskDataset; got {type(data).__name__} (a task returns (train, validation))")
@@ -316,16 +415,20 @@ def fit_chg(
             return sign.to(r.device) * lam * r, {"reg": r}
         return regularizer
 
+    th = settle_th or diag.DEFAULT
+    w0, wr = diag.window_length(updates, th.window, th.min_window), diag.window_length(reg_updates, th.window, th.min_window)
+    rule = lambda w: SettleRule(w, th, "nll") if stop_when_settled else None
     plus, minus = -torch.ones(S), torch.ones(S)
     g0 = Stage("g0", updates, lr, lr_end)
-    specs = [StageSpec(g0, lambda done: uniform_gate_logits((S, L, H), seed))]
+    specs = [StageSpec(g0, lambda done: uniform_gate_logits((S, L, H), seed), window=w0, settle=rule(w0))]
     if joint:
         specs.append(StageSpec(Stage("g_pm", reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
-                               lambda done: done["g0"].logits.repeat(2, 1, 1), reg(torch.cat([plus, minus]))))
+                               lambda done: done["g0"].logits.repeat(2, 1, 1), reg(torch.cat([plus, minus])),
+                               window=wr, settle=rule(wr)))
     else:
         for name, sign in (("g_plus", plus), ("g_minus", minus)):
             specs.append(StageSpec(Stage(name, reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
-                                   lambda done: done["g0"].logits, reg(sign)))
+                                   lambda done: done["g0"].logits, reg(sign), window=wr, settle=rule(wr)))
     ckpt = None
     if checkpoint_dir is not None:
         key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
@@ -343,6 +446,7 @@ def fit_chg(
         "n_train": len(data), "data_fingerprint": data.fingerprint(), "versions": library_versions(),
         "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
         "autocast": None if autocast is None else str(autocast), "configs_per_pass": configs_per_pass,
+        "updates_taken": {k: v.updates for k, v in stages.items()},
     }
     result = CHGResult(
         logits={k: stages[k].logits for k in STAGES},
@@ -354,6 +458,7 @@ def fit_chg(
     if validation is not None:
         result.validation = validate(model, result, validation)
         result.meta["n_validation"] = len(validation)
+    diag.warn_if_not_converged(result.convergence_warning())
     return result
 
 
@@ -379,5 +484,6 @@ def _split_joint(done: dict[str, StageResult], S: int) -> dict[str, StageResult]
         out[name] = StageResult(
             logits=pm.logits[part], traces={k: v[:, part] for k, v in pm.traces.items()},
             snapshots=pm.snapshots[:, part], snapshot_steps=pm.snapshot_steps, seconds=pm.seconds,
+            updates=pm.updates,
         )
     return out

@@ -28,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import checks, models
+from . import diagnostics as diag
 from .chg import CHGResult
 from .data import TaskDataset, concat
 from .deprecation import keyword_only
@@ -173,6 +174,36 @@ class ContrastiveResult(Result):
         """Gate snapshots as a long frame: stage, update, seed, layer, head, gate."""
         return snapshots_frame({STAGE: self.snapshots}, {STAGE: self.snapshot_steps})
 
+    def seed_agreement(self) -> dict[str, float]:
+        """``off_agreement`` (share of heads switched off, or kept, in every seed) and
+        ``spearman_gates`` (mean pairwise Spearman correlation of the gates between seeds); NaN with one seed."""
+        return {"off_agreement": diag.same_in_every_seed(self.gates < 0.5),
+                "spearman_gates": diag.mean_pairwise_spearman(self.gates)}
+
+    def diagnostics(self, **thresholds: Any) -> pd.DataFrame:
+        """Convergence diagnostics, one row per seed, as :meth:`chg_lens.CHGResult.diagnostics`
+        (stage ``contrast``); the slope is that of the contrastive ``loss`` trace. There is no G0 here,
+        so ``converged`` (in ``frame.attrs``, with :meth:`seed_agreement`) means every seed settled.
+
+        Example: ``result.diagnostics().attrs["converged"]``.
+        """
+        th = diag.Thresholds.of(**thresholds)
+        frame = diag.stage_diagnostics(self.snapshots, self.snapshot_steps, self.traces["loss"],
+                                       self.config["updates"], th)
+        frame.insert(0, "stage", STAGE)
+        frame.attrs["converged"] = bool(frame.settled.all())
+        frame.attrs.update(self.seed_agreement())
+        return frame
+
+    @property
+    def converged(self) -> bool:
+        """Every seed settled (default thresholds of :class:`chg_lens.diagnostics.Thresholds`)."""
+        return self.diagnostics().attrs["converged"]
+
+    def convergence_warning(self, **thresholds: Any) -> str:
+        """The one-line warning of an unconverged fit; empty when converged."""
+        return diag.advice(self.diagnostics(**thresholds), diag.Thresholds.of(**thresholds), kind="contrastive CHG")
+
     def summary(self) -> str:
         t = self.traces
         lines = [f"contrastive CHG on {self.meta.get('model')}: retain {self.meta.get('retain')}, forget "
@@ -188,6 +219,11 @@ class ContrastiveResult(Result):
             e = self.evaluation.groupby(["variant", "gates"], sort=False)[["accuracy", "logprob"]].mean()
             for (variant, gates), row in e.iterrows():
                 lines.append(f"  {variant:7s} {gates:8s} accuracy {row.accuracy:.3f}  logprob {row.logprob:8.4f}")
+        d = self.diagnostics()
+        lines.append(f"  converged: {'yes' if d.attrs['converged'] else 'NO'}")
+        lines += diag.describe(d, {k: d.attrs[k] for k in ("off_agreement", "spearman_gates")})
+        if not d.attrs["converged"]:
+            lines.append("  WARNING: " + self.convergence_warning())
         return "\n".join(lines)
 
     def to_frame(self) -> pd.DataFrame:
@@ -349,7 +385,8 @@ def fit_contrastive(
         r = clipped_logit_mean(logits, clip)
         return -lam * r, {"reg": r}
 
-    spec = StageSpec(Stage(STAGE, updates, lr, lr_end), lambda done: uniform_gate_logits((S, L, H), seed), regularizer)
+    spec = StageSpec(Stage(STAGE, updates, lr, lr_end), lambda done: uniform_gate_logits((S, L, H), seed), regularizer,
+                     window=diag.window_length(updates))
     ckpt = None
     if checkpoint_dir is not None:
         key = {"kind": "contrastive", "config": asdict(cfg), "retain": retain.fingerprint(),
@@ -372,6 +409,7 @@ def fit_contrastive(
         result.evaluation = evaluate_contrastive(model, result, *evaluate_on)
         result.meta["n_eval"] = len(evaluate_on[0])
         result.meta["eval_fingerprints"] = [d.fingerprint() for d in evaluate_on]
+    diag.warn_if_not_converged(result.convergence_warning())
     return result
 
 

@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import diagnostics
 from .results import load_bundle
 
 DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
@@ -61,6 +62,26 @@ class StageResult:
     snapshots: Float[Tensor, "snaps configs layer head"]
     snapshot_steps: Int[Tensor, "snaps"]
     seconds: float = 0.0
+    updates: int = -1  # updates taken (fewer than planned when the stage stopped once settled)
+
+    def __post_init__(self):
+        if self.updates < 0:
+            self.updates = int(next(iter(self.traces.values())).shape[0]) if self.traces else 0
+
+
+@dataclass
+class SettleRule:
+    """Stop a stage once it has settled (:func:`chg_lens.diagnostics.is_settled` for every
+    configuration) over the last ``window`` updates, judged on the trace ``trace``."""
+
+    window: int
+    thresholds: diagnostics.Thresholds = field(default_factory=diagnostics.Thresholds)
+    trace: str = "nll"
+
+    def settled(self, start: Tensor, end: Tensor, trace: Tensor) -> bool:
+        _, share = diagnostics.gate_movement(start, end, self.thresholds.move)
+        slope, se = diagnostics.nll_slope(trace)
+        return bool(diagnostics.is_settled(share, slope, se, self.window, self.thresholds).all())
 
 
 def uniform_gate_logits(shape: tuple[int, ...], seed: int) -> Tensor:
@@ -206,10 +227,17 @@ def run_stage(
     carry: dict[str, Tensor] | None = None,
     progress: bool = True,
     configs_per_pass: int | None = None,
+    window: int | None = None,
+    settle: SettleRule | None = None,
 ) -> StageResult:
     """Fit ``logits`` for one stage and return them with per-update traces and snapshots.
 
     ``carry`` holds tensors of earlier stages that a checkpoint of this stage must keep.
+    ``window`` (the diagnostics window, in updates) adds a snapshot where that window starts, so
+    the gate movement over it is measured exactly. With ``settle`` the stage ends at the first
+    update after which the rule holds over its window (``stage.updates`` is then the maximum); the
+    learning rate keeps the full-length schedule, so a stage that stops early ends at a higher rate
+    than ``stage.lr_end``. The gates of the last ``settle.window`` updates are kept in checkpoints.
     ``configs_per_pass`` splits the gate configurations into groups that run (forward and backward)
     one after the other: each configuration's loss is its own, so the gradients are the same, and
     the activations held at once shrink with the group size.
@@ -218,6 +246,7 @@ def run_stage(
     opt = torch.optim.Adam([param], lr=stage.lr_start)
     traces: dict[str, list[Tensor]] = {}
     snaps, snap_steps = [], []
+    recent: list[Tensor] = []  # with ``settle``: gates after each of the last settle.window updates (and before)
     start, elapsed = 0, 0.0
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None and state[1].get("stage") == stage.name:
@@ -231,6 +260,8 @@ def run_stage(
         traces = {k[len("stage/trace/"):]: list(v) for k, v in t.items() if k.startswith("stage/trace/")}
         if "stage/snapshots" in t:
             snaps, snap_steps = list(t["stage/snapshots"]), t["stage/snapshot_steps"].tolist()
+        if "stage/recent" in t:
+            recent = list(t["stage/recent"])
 
     def save_checkpoint(step: int) -> None:
         exp = opt.state.get(param, {})
@@ -240,17 +271,23 @@ def run_stage(
         tensors.update({f"stage/trace/{k}": torch.stack(v) for k, v in traces.items() if v})
         if snaps:
             tensors.update({"stage/snapshots": torch.stack(snaps), "stage/snapshot_steps": torch.tensor(snap_steps)})
+        if recent:
+            tensors["stage/recent"] = torch.stack(recent)
         tensors.update(carry or {})
         checkpoint.save(tensors, {"stage": stage.name, "step": step, "seconds": elapsed + time.perf_counter() - t0})
 
     n_configs = param.shape[0]
     size = n_configs if configs_per_pass is None else configs_per_pass
     config_groups = [slice(i, min(i + size, n_configs)) for i in range(0, n_configs, size)]
+    window_at = None if window is None else stage.updates - min(window, stage.updates)
+    if settle is not None and not recent:
+        recent = [torch.sigmoid(param.detach()).clone()]
+    taken = stage.updates
     t0 = time.perf_counter()
     bar = tqdm(range(start, stage.updates), desc=f"CHG {stage.name}", disable=not progress,
                initial=start, total=stage.updates, leave=True)
     for step in bar:
-        if step % snapshot_every == 0:
+        if step % snapshot_every == 0 or step == window_at:
             snaps.append(torch.sigmoid(param.detach()).clone())
             snap_steps.append(step)
         for group in opt.param_groups:
@@ -280,17 +317,29 @@ def run_stage(
             traces.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
         if progress:
             bar.set_postfix(loss=f"{float(step_traces['loss'].mean()):.4f}")
+        if settle is not None:
+            recent = (recent + [torch.sigmoid(param.detach()).clone()])[-(settle.window + 1):]
+            done_now = step + 1
+            if done_now >= settle.window and done_now < stage.updates and settle.settled(
+                    recent[0], recent[-1], torch.stack(traces[settle.trace][-settle.window:])):
+                taken = done_now
+                if done_now - settle.window not in snap_steps:  # the window's start, for the diagnostics
+                    at = sum(s < done_now - settle.window for s in snap_steps)
+                    snaps.insert(at, recent[0])
+                    snap_steps.insert(at, done_now - settle.window)
+                break
         if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < stage.updates:
             save_checkpoint(step + 1)
     bar.close()
     snaps.append(torch.sigmoid(param.detach()).clone())
-    snap_steps.append(stage.updates)
+    snap_steps.append(taken)
     return StageResult(
         logits=param.detach().clone(),
         traces={k: torch.stack(v) for k, v in traces.items()},
         snapshots=torch.stack(snaps),
         snapshot_steps=torch.tensor(snap_steps),
         seconds=elapsed + time.perf_counter() - t0,
+        updates=taken,
     )
 
 
@@ -301,6 +350,8 @@ class StageSpec:
     stage: Stage
     init: Callable[[dict[str, StageResult]], Tensor]
     regularizer: Regularizer | None = None
+    window: int | None = None  # diagnostics window (updates): a snapshot is kept where it starts
+    settle: SettleRule | None = None  # stop the stage once settled
 
 
 def run_stages(
@@ -338,6 +389,7 @@ def _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot
             spec.stage, spec.init(done), data_loss, spec.regularizer, n_rows, batch_size, seed,
             grad_accum=grad_accum, snapshot_every=snapshot_every, checkpoint=checkpoint,
             carry=_pack_done(done), progress=progress, configs_per_pass=configs_per_pass,
+            window=spec.window, settle=spec.settle,
         )
         done[spec.stage.name] = result
         if checkpoint is not None:
@@ -352,6 +404,7 @@ def _pack_done(done: dict[str, StageResult]) -> dict[str, Tensor]:
         out[f"done/{name}/snapshots"] = r.snapshots
         out[f"done/{name}/snapshot_steps"] = r.snapshot_steps
         out[f"done/{name}/seconds"] = torch.tensor(r.seconds, dtype=torch.float64)
+        out[f"done/{name}/updates"] = torch.tensor(r.updates, dtype=torch.int64)
         out.update({f"done/{name}/trace/{k}": v for k, v in r.traces.items()})
     return out
 
@@ -365,5 +418,6 @@ def _unpack_done(tensors: dict[str, Tensor]) -> dict[str, StageResult]:
             logits=tensors[p + "logits"], snapshots=tensors[p + "snapshots"],
             snapshot_steps=tensors[p + "snapshot_steps"], seconds=float(tensors[p + "seconds"]),
             traces={k[len(p + "trace/"):]: v for k, v in tensors.items() if k.startswith(p + "trace/")},
+            updates=int(tensors[p + "updates"]) if p + "updates" in tensors else -1,
         )
     return done

@@ -165,6 +165,47 @@ def trajectories(
     return fig
 
 
+def convergence(result: Any, move: float = 0.05) -> go.Figure:
+    """How a fit settled: the NLL per update (mean over seeds, top) and the gate movement between
+    consecutive snapshots (bottom: share of gates that moved more than ``move``, mean over seeds),
+    per stage; G+/G- continue the update count after G0. The shaded spans are each stage's
+    diagnostic window (``result.diagnostics()``).
+
+    ``result`` is a ``CHGResult`` or ``ContrastiveResult`` (anything with ``trace_frame()``,
+    ``trajectories()`` and ``diagnostics()``). Example: ``plot.convergence(result)``.
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("NLL per update (mean over seeds)", f"share of gates moving > {move:g} between snapshots"))
+    traces = result.trace_frame()
+    traj = result.trajectories()
+    diag = result.diagnostics()
+    offsets = {st: int(u) - int(traces.loc[traces.stage == st, "update"].max()) - 1
+               for st, u in traj.groupby("stage")["update"].max().items()}  # trajectories' update numbering
+    colors = {"g0": "#444444", "g_plus": "#d62728", "g_minus": "#2ca02c"}
+    name = "nll" if "nll" in set(traces.name) else "loss"
+    for stage in dict.fromkeys(traces.stage):
+        part = traces[(traces.stage == stage) & (traces.name == name)].groupby("update").value.mean()
+        off = offsets.get(stage, 0)
+        color = colors.get(stage, "#1f77b4")
+        fig.add_trace(go.Scatter(x=part.index + off + 1, y=part.values, mode="lines", name=f"{stage} {name}",
+                                 line=dict(color=color), legendgroup=stage), row=1, col=1)
+        snaps = traj[traj.stage == stage].pivot_table(index=["seed", "layer", "head"], columns="update", values="gate")
+        steps = list(snaps.columns)
+        if len(steps) > 1:
+            moved = (snaps.diff(axis=1).abs() > move).groupby(level="seed").mean().mean(axis=0)
+            fig.add_trace(go.Scatter(x=steps[1:], y=moved.values[1:], mode="lines+markers", name=f"{stage} moving",
+                                     line=dict(color=color, dash="dot"), legendgroup=stage), row=2, col=1)
+        d = diag[diag.stage == stage]
+        if len(d):
+            end = int(d.updates.max()) + off  # in snapshot coordinates: "after this many updates"
+            fig.add_vrect(x0=end - int(d.window.max()), x1=end, fillcolor=color, opacity=0.08, line_width=0)
+    fig.update_layout(title="Convergence" + (" (converged)" if diag.attrs.get("converged") else " (NOT converged)"),
+                      template="plotly_white", height=520)
+    fig.update_xaxes(title_text="update", row=2, col=1)
+    fig.update_yaxes(rangemode="tozero", row=2, col=1)
+    return fig
+
+
 def gate_scatter(scores: Any, seed: int | str | None = None, grid: int = 101) -> go.Figure:
     """G+ (x) against G- (y) per head, coloured by layer, on a background of role regions (Fig. 1c).
 

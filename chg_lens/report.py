@@ -169,12 +169,28 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
         parts.append(f"<h3>{html.escape(caption)}</h3>" + frame.to_html(index=False, float_format=lambda v: f"{v:.4g}",
                                                                           classes="tbl", border=0))
 
+    diagnostics = {name: res.diagnostics() for name, res in found.chg.items()}
+    unconverged = {name: res.convergence_warning() for name, res in found.chg.items()
+                   if not diagnostics[name].attrs["converged"]}
+    banner = ""
+    if unconverged:  # only when some fit did not converge
+        items = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(msg)}</li>" for name, msg in unconverged.items())
+        banner = (f"<div id='not-converged' class='banner'><b>Not converged: {len(unconverged)} of {len(found.chg)} "
+                  f"fit(s) did not settle or lost the task, so their roles are not yet reliable.</b><ul>{items}</ul></div>")
     parts.append(f"<h2>Summary</h2><pre>{html.escape(_summary(found, scores))}</pre>")
     if len(found.chg) > 1:
         fig(plot.score_cdf(scores), "Empirical CDF of each score per model/task (paper Fig. 3a).")
     for name, res in found.chg.items():
         label = f"{res.meta.get('model')} / {res.meta.get('task')}"
         parts.append(f"<h2>{html.escape(label)} <small>({html.escape(name)})</small></h2>")
+        d = diagnostics[name]
+        table(d, f"Convergence diagnostics ({'converged' if d.attrs['converged'] else 'NOT converged'}): per stage "
+                 "and seed, gate movement and NLL slope over the last 10% of the stage's updates; G0 against the "
+                 "ungated model (docs/diagnostics.md)")
+        table(pd.DataFrame([{k: d.attrs[k] for k in ("role_agreement", "spearman_g_plus", "spearman_g_minus")}]),
+              "Seed agreement: share of heads with the same role in every seed, mean pairwise Spearman of G+ and G-")
+        fig(plot.convergence(res), "NLL per update and share of gates still moving between snapshots; "
+                                   "shaded: each stage's diagnostic window.")
         fig(plot.trajectories(res), "Gate trajectories of the top head per score, seed 0 (Fig. 1b).")
         fig(plot.gate_scatter(res), "G+ against G- per (seed, head), coloured by layer (Fig. 1c).")
         fig(plot.role_map(res), "Interference (red) and facilitation (green), always/any over seeds (Fig. 3b).")
@@ -204,10 +220,11 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
     js = plotly.offline.get_plotlyjs()
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              ".tbl{border-collapse:collapse;font-size:13px}.tbl td,.tbl th{padding:2px 8px;border-bottom:1px solid #ddd}"
-             "figcaption{color:#555;font-size:14px}#script-errors:empty{display:none}#script-errors{color:#b00}")
+             "figcaption{color:#555;font-size:14px}#script-errors:empty{display:none}#script-errors{color:#b00}"
+             ".banner{background:#fff3cd;border:2px solid #d9a400;padding:0.6em 1em;margin:1em 0}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style>{ERROR_HOOK}<script type='text/javascript'>{js}</script></head><body>"
-            f"<h1>{html.escape(title)}</h1><pre id='script-errors' data-count='0'></pre>"
+            f"<h1>{html.escape(title)}</h1>{banner}<pre id='script-errors' data-count='0'></pre>"
             f"<p data-figures='{n_fig}'>{n_fig} figures.</p>" + "\n".join(parts) + "</body></html>")
 
 

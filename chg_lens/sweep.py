@@ -414,7 +414,7 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
             seconds = time.time() - t0
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],
-                    "resumed_from": resumed}
+                    "resumed_from": resumed, "converged": result.converged}
             write_text_atomic(folder / DONE, json.dumps(done, indent=2))  # the marker: written last
             _event(folder, "completed", job_id=job_id, seconds=seconds)
             (folder / ERROR).unlink(missing_ok=True)
@@ -560,7 +560,8 @@ def _pid_alive(job_id: str) -> bool:
 def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True) -> pd.DataFrame:
     """The index: one row per cell with ``status`` (done, running, queued, failed, interrupted,
     pending), ``attempts``, ``completions``, ``started``, ``finished``, ``seconds``, ``job_id``,
-    ``result_path`` and ``error``; written to ``OUT/index.parquet`` when ``write``.
+    ``result_path``, ``error`` and ``converged`` (the finished fit's :attr:`CHGResult.converged`;
+    None while not done); written to ``OUT/index.parquet`` when ``write``.
 
     Example::
 
@@ -600,6 +601,7 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
             "finished": done["finished"] if done else None,
             "seconds": float(done["seconds"]) if done else float("nan"),
             "fit_seconds": float(done["fit_seconds"]) if done else float("nan"),
+            "converged": _cell_converged(done, folder),
             "job_id": (done or {}).get("job_id") or (job or {}).get("job_id"),
             "result_path": str(folder / "result") if done else None,
             "error": None if done or error is None else error["error"],
@@ -744,15 +746,31 @@ def _wait_cells(cfg: SweepConfig, cells: set[str], poll_s: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _cell_converged(done: dict | None, folder: Path) -> bool | None:
+    """``converged`` of a finished cell: from ``done.json``, or (cells finished before it was recorded
+    there) from the saved result."""
+    if done is None:
+        return None
+    if "converged" in done:
+        return bool(done["converged"])
+    from .chg import CHGResult
+
+    try:
+        return CHGResult.load(folder / "result").converged
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def collect(config: "str | os.PathLike | dict | SweepConfig", require_complete: bool = False,
-            write: bool = True) -> pd.DataFrame:
+            write: bool = True, converged_only: bool = False) -> pd.DataFrame:
     """Every finished cell's scores in one long frame: ``model, task, fit_seed, lam, <varied options>,
     seed, mask, layer, head, g_plus, g_minus, facilitation, interference, irrelevance, role, cell``.
 
     ``mask`` is the mask index inside a cell's fit and ``seed`` numbers masks across the cells of one
     (model, task, lambda, options) group (``fit_seed * n_seeds + mask``), so
     ``taxonomy.aggregate``/``percent_above`` over a group treat every mask as one seed. Written to
-    ``OUT/scores.parquet`` when ``write``. Example::
+    ``OUT/scores.parquet`` when ``write``. With ``converged_only`` only cells whose fit converged
+    (the index's ``converged``) are kept. Example::
 
         frame = collect("sweep.yaml")
         chg_lens.taxonomy.percent_above(frame, by=("model", "task", "lam"))
@@ -765,9 +783,12 @@ def collect(config: "str | os.PathLike | dict | SweepConfig", require_complete: 
     if require_complete and len(missing):
         raise ValueError(f"{len(missing)} of {len(index)} cells are not done: {', '.join(missing.cell[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}; run `chg-lens sweep run` again")
+    keep = index.status == "done"
+    if converged_only:
+        keep &= index.converged.eq(True)  # None (not done) is not converged
     frames = []
     for cell in cfg.cells():
-        if cell.id not in set(index.loc[index.status == "done", "cell"]):
+        if cell.id not in set(index.loc[keep, "cell"]):
             continue
         result = CHGResult.load(cell_dir(cfg.out, cell) / "result")
         scores = result.scores()

@@ -23,9 +23,18 @@ def test_fit_writes_a_results_folder_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["fit", "--model", str(folder), "--task", "ioi", "--n-prompts", "20", "--n-seeds", "2",
             "--updates", "4", "--reg-updates", "4", "--batch-size", "4", "--out", str(out), "--no-progress"]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "validation none" in printed and "heads with score >= 0.5" in printed
+    # a 4-update fit does not converge: the summary says so and the CLI ends with one warning line
+    assert "converged: NO" in printed and "converged: NO" in (out / "summary.txt").read_text()
+    assert captured.err.strip().splitlines()[-1].startswith("WARNING: CHG fit did not converge")
+    assert "more updates" in captured.err and not [w for w in caught if "did not converge" in str(w.message)]
     for name in ("tensors.safetensors", "meta.json", "scores.csv", "summary.txt"):
         assert (out / name).exists()
     scores = pd.read_csv(out / "scores.csv")

@@ -361,6 +361,23 @@ def test_smollm2_forgets_icl_more_than_instruction(smollm2):
     assert lp_drop_forget > lp_drop_retain + 3.0, result.evaluation
 
 
+def test_contrastive_diagnostics(contrast_fit, two_format_model):
+    d = contrast_fit.diagnostics()
+    assert list(d.stage) == ["contrast", "contrast"] and list(d.seed) == [0, 1] and (d.window == 10).all()
+    steps = contrast_fit.snapshot_steps.tolist()
+    assert 10 in steps  # the window's start is a kept snapshot
+    moved = (contrast_fit.gates - contrast_fit.snapshots[steps.index(10)]).abs().flatten(1)
+    assert d.share_moving.tolist() == pytest.approx((moved > 0.05).double().mean(1).tolist())
+    assert d.attrs["converged"] == bool(d.settled.all()) == contrast_fit.converged
+    assert d.attrs["off_agreement"] == 1.0  # both seeds switch off the same head
+    assert "converged:" in contrast_fit.summary() and "off_agreement 1.000" in contrast_fit.summary()
+    retain, forget = two_format_data(16)
+    with pytest.warns(chg_lens.diagnostics.NotConvergedWarning, match="contrastive CHG fit did not converge"):
+        short = fit_contrastive(two_format_model, retain, forget, n_seeds=1, updates=2, batch_size=8, lr=0.5,
+                                progress=False)
+    assert not short.converged and "WARNING: contrastive CHG fit did not converge" in short.summary()
+
+
 def test_validation_is_the_new_name_of_evaluate_on(two_format_model):
     retain, forget = two_format_data(8)
     ev = two_format_data(8, seed=1)

@@ -22,3 +22,7 @@ def test_quickstart_notebook_executes(tmp_path):
     assert len(figures) >= 4  # trajectories, scatter, role map, ablation curve
     text = "".join(o.get("text", "") for outs in outputs.values() for o in outs)
     assert "CHG on" in text and "heads with score >= 0.5" in text
+    # the toy budget does not converge, and the notebook shows it: warning, summary, diagnostics table
+    assert "NotConvergedWarning" in text and "converged: NO" in text and "converged: False" in text
+    assert any("share_moving" in o.get("data", {}).get("text/html", "") for outs in outputs.values() for o in outs)
+    assert len(figures) >= 5  # ... and the convergence figure

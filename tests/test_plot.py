@@ -160,3 +160,18 @@ def test_export_html_and_image_message(tmp_path, result):
     if not ok:
         with pytest.raises(RuntimeError, match="kaleido|Chrom"):
             plot.save_image(fig, tmp_path / "f.png")
+
+
+def test_convergence_figure_shows_nll_and_movement(result):
+    fig = plot.convergence(result)
+    names = [t.name for t in fig.data]
+    assert names == ["g0 nll", "g0 moving", "g_plus nll", "g_plus moving", "g_minus nll", "g_minus moving"]
+    np.testing.assert_allclose(fig.data[2].y, result.traces["g_plus"]["nll"].double().mean(1).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(fig.data[2].x, np.arange(10) + 11)  # after G0's 10 updates
+    snaps = result.snapshots["g0"]
+    want = [((snaps[i] - snaps[i - 1]).abs() > 0.05).double().flatten(1).mean(1).mean().item() for i in (1, 2)]
+    np.testing.assert_allclose(fig.data[1].y, want, rtol=1e-6)
+    np.testing.assert_array_equal(fig.data[1].x, [5, 10])
+    windows = [(s.x0, s.x1) for s in fig.layout.shapes]
+    assert windows == [(0, 10)] * 2 + [(10, 20)] * 4  # each stage's window, on both rows
+    assert "NOT converged" in fig.layout.title.text

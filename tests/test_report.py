@@ -9,12 +9,29 @@ import tempfile
 
 import pandas as pd
 import pytest
+import torch
 
 from chg_lens import cli
 from chg_lens.report import find_results, head_rankings, write_report
 from test_plot import make_result
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def converged_result(seed: int = 0, model: str = "c"):
+    """A hand-made result whose gates stopped moving and whose NLL is flat: it converged."""
+    res = make_result(seed, model=model)
+    for k in res.snapshots:
+        res.snapshots[k] = torch.sigmoid(res.logits[k]).expand_as(res.snapshots[k]).clone()
+    res.traces = {k: {"nll": torch.full((10, res.n_seeds), 0.5)} for k in res.traces}
+    return res
+
+
+@pytest.fixture(scope="module")
+def converged_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("converged")
+    converged_result().save(root / "c")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +63,24 @@ def test_report_cli_writes_files(results_dir, capsys):
     assert top.rank_facilitation == 1 and "mean_g0" in ranks.columns
 
 
+def test_banner_only_when_not_converged(results_dir, converged_dir, tmp_path):
+    assert converged_result().converged and not make_result(0).converged
+    good = (write_report(converged_dir, tmp_path / "good")["html"]).read_text()
+    assert "not-converged" not in good and "Not converged" not in good
+    assert "Convergence diagnostics (converged)" in good and "Seed agreement" in good
+    bad = (write_report(results_dir, tmp_path / "bad")["html"]).read_text()
+    body = bad.split("<body>", 1)[1]
+    assert body.index("id='not-converged'") < body.index("<h2>Summary</h2>")  # at the top
+    assert "2 of 2 fit(s)" in body and "CHG fit did not converge" in body
+    assert "Convergence diagnostics (NOT converged)" in body
+    mixed = tmp_path / "mixed"
+    converged_result().save(mixed / "c")
+    make_result(1, model="b").save(mixed / "b")
+    page = write_report(mixed)["html"].read_text()
+    assert "1 of 2 fit(s)" in page and "<b>b</b>" in page and "<b>c</b>" not in page
+    assert "converged: yes" in (mixed / "report_summary.txt").read_text()
+
+
 def test_report_errors(tmp_path):
     with pytest.raises(ValueError, match="no CHG result"):
         find_results(tmp_path)
@@ -70,9 +105,16 @@ def _render(path, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make setup-chromium)")
-def test_report_renders_in_headless_chromium(results_dir, tmp_path):
+def test_report_renders_in_headless_chromium(results_dir, converged_dir, tmp_path):
+    write_report(converged_dir)
+    dom, _ = _render(converged_dir / "report.html", tmp_path)
+    assert 'id="script-errors" data-count="0"' in dom and "Convergence diagnostics (converged)" in dom
+    assert 'id="not-converged"' not in dom  # no banner on a converged fit
     write_report(results_dir)
     dom, log = _render(results_dir / "report.html", tmp_path)
+    banner = re.search(r'<div id="not-converged" class="banner">(.*?)</div>', dom, re.S)
+    assert banner and "did not converge" in banner.group(1)
+    assert dom.index('id="not-converged"') < dom.index("<h2>Summary</h2>")
     n_fig = int(re.search(r"data-figures=\"(\d+)\"", dom).group(1))
     assert n_fig >= 15
     assert dom.count('class="plotly-graph-div js-plotly-plot"') == n_fig  # every figure div was drawn by plotly.js

@@ -245,3 +245,32 @@ def test_cli_status_and_collect(local_sweep, capsys, tmp_path):
     assert len(pd.read_csv(out)) == 64
     assert main(["sweep", "run", str(local_sweep["path"])]) == 0  # nothing left to do
     assert main(["sweep", "run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_index_records_converged_and_collect_filters_on_it(local_sweep, capsys):
+    index = sweep.status(local_sweep["path"])
+    cells = sorted(index.cell)
+    markers = {c: local_sweep["out"] / "cells" / c / sweep.DONE for c in cells}
+    originals = {c: m.read_text() for c, m in markers.items()}
+    for cell in cells:  # what run_cell recorded is the result's own verdict
+        verdict = CHGResult.load(local_sweep["out"] / "cells" / cell / "result").converged
+        assert json.loads(originals[cell])["converged"] is verdict
+        assert bool(index.set_index("cell").converged[cell]) is verdict
+    assert pd.read_parquet(local_sweep["out"] / "index.parquet").converged.tolist() == index.converged.tolist()
+    try:
+        for i, cell in enumerate(cells):  # one converged cell, three that did not
+            markers[cell].write_text(json.dumps({**json.loads(originals[cell]), "converged": i == 0}))
+        assert sweep.status(local_sweep["path"], write=False).converged.tolist() == [True, False, False, False]
+        frame = sweep.collect(local_sweep["path"], converged_only=True, write=False)
+        assert set(frame.cell) == {cells[0]} and len(frame) == 16
+        assert len(sweep.collect(local_sweep["path"], write=False)) == 64
+        assert main(["sweep", "collect", str(local_sweep["path"]), "--converged-only"]) == 0
+        assert "16 rows from 1 finished cell(s)" in capsys.readouterr().out
+        legacy = {k: v for k, v in json.loads(originals[cells[1]]).items() if k != "converged"}
+        markers[cells[1]].write_text(json.dumps(legacy))  # a cell finished before `converged` was recorded
+        verdict = CHGResult.load(local_sweep["out"] / "cells" / cells[1] / "result").converged
+        assert bool(sweep.status(local_sweep["path"], write=False).set_index("cell").converged[cells[1]]) is verdict
+    finally:
+        for cell, text in originals.items():
+            markers[cell].write_text(text)
+        sweep.status(local_sweep["path"])

@@ -77,7 +77,10 @@ def run(a: argparse.Namespace) -> int:
     from ..chg import CHGResult
     from ..contrastive import (ContrastiveConfig, check_matched, facilitation_overlap, fit_contrastive,
                                icl_vs_instruction)
+    import warnings
+
     from ..data import TaskDataset
+    from ..diagnostics import NotConvergedWarning
     from ..fitting import check_configs_per_pass
     from ..results import write_text_atomic
 
@@ -121,8 +124,10 @@ def run(a: argparse.Namespace) -> int:
     check_matched(r_train, f_train)
     check_matched(r_val, f_val)
     print(f"loaded {a.model} in {time.time() - t0:.0f}s; {len(r_train)} train / {len(r_val)} evaluation pairs")
-    result = fit_contrastive(model, r_train, f_train, validation=(r_val, f_val), checkpoint_dir=out / "checkpoint",
-                             checkpoint_every=a.checkpoint_every, **kw)
+    with warnings.catch_warnings():  # printed once, last, by options.print_convergence
+        warnings.simplefilter("ignore", NotConvergedWarning)
+        result = fit_contrastive(model, r_train, f_train, validation=(r_val, f_val), checkpoint_dir=out / "checkpoint",
+                                 checkpoint_every=a.checkpoint_every, **kw)
     result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
     chg = {k: CHGResult.load(p) for k, p in (("retain", a.chg_retain), ("forget", a.chg_forget)) if p}
     result.save(out, overwrite=a.overwrite)  # with evaluation.csv and gates.csv, atomically
@@ -135,4 +140,5 @@ def run(a: argparse.Namespace) -> int:
     print(summary)
     print(f"wrote {out}/ (tensors.safetensors, meta.json, gates.csv, evaluation.csv, summary.txt) "
           f"in {time.time() - t0:.0f}s")
+    options.print_convergence(result)
     return 0

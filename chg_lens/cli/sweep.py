@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override the config's executor.kind")
     p.add_argument("--no-wait", action="store_true", help="run: return once the jobs are submitted")
     p.add_argument("--out", default=None, help="collect: also write the frame to this .parquet or .csv file")
+    p.add_argument("--converged-only", action="store_true",
+                   help="collect: only cells whose fit converged (the index's `converged` column)")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -28,7 +30,7 @@ def run(a: argparse.Namespace) -> int:
     elif a.action == "status":
         index = sweep.status(a.config)
     else:
-        frame = sweep.collect(a.config)
+        frame = sweep.collect(a.config, converged_only=a.converged_only)
         cfg = sweep.load_config(a.config)
         if a.out:
             _write_table(frame, Path(a.out))
@@ -41,7 +43,7 @@ def run(a: argparse.Namespace) -> int:
     if a.action == "run" and a.no_wait and counts.get("running", 0) + counts.get("queued", 0):
         print(f"{counts.get('running', 0) + counts.get('queued', 0)} cell(s) are still queued or running; "
               "`chg-lens sweep status CONFIG` follows them", file=sys.stderr)
-    print(index[["cell", "status", "attempts", "seconds", "job_id", "error"]].to_string(index=False))
+    print(index[["cell", "status", "converged", "attempts", "seconds", "job_id", "error"]].to_string(index=False))
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0 if a.action == "status" or set(counts) <= {"done", "queued", "running"} else 1
 
