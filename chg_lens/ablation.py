@@ -68,6 +68,7 @@ def score_configs(
     max_rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "configs",
+    autocast: str | None = "auto",
 ) -> RowScores:
     """Score every row of ``data`` under each gate configuration; ``[n_configs, rows]`` on the CPU.
 
@@ -77,6 +78,8 @@ def score_configs(
     ``base`` (default: all ones); the residual entering that layer is computed once per batch of
     rows under ``base`` and each group's pass starts there. ``answers``: ``"auto"`` uses
     ``data.row_meta["answers"]`` when present (their logits give the logit difference), None skips.
+    ``autocast``: the precision of the passes (default ``"auto"``, see
+    :func:`chg_lens.models.resolve_autocast`); under autocast the weights are cast once for the sweep.
 
     Example::
 
@@ -87,6 +90,7 @@ def score_configs(
     data.check_model(model)
     L, H = models.n_layers(model), models.n_heads(model)
     cfg = gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
+    autocast = models.resolve_autocast(model, autocast)
     base = torch.ones(L, H) if base is None else base.detach().float().cpu()
     if isinstance(answers, str) and answers == "auto":
         answers = data.row_meta.get("answers")
@@ -109,29 +113,31 @@ def score_configs(
     chunks = [torch.arange(r, min(r + rows_per, N)) for r in range(0, N, rows_per)]
     steps = sum(len(range(0, len(g), cfg_per)) for g in groups.values()) * len(chunks)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    for idx in chunks:
-        tokens, mask = data.tokens[idx], data.loss_mask[idx]
-        width = int(mask.any(dim=0).nonzero().max()) + 1
-        src = _rows_of(sources, idx, width)
-        pos = None if positions is None else positions[idx, :width]
-        reuse = [k for k in groups if k > 0]
-        resid = {}
-        if reuse:
-            base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
-            resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
-        for k, members in groups.items():
-            for c in range(0, len(members), cfg_per):
-                which = members[c : c + cfg_per]
-                out = row_logprobs(
-                    model, tokens, mask, cfg[which].to(dev), src, pos,
-                    answers=None if ans is None else ans[idx],
-                    start_at_layer=k if k > 0 else None, resid=resid.get(k),
-                )
-                lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
-                ok[which[:, None], idx[None, :]] = out.correct.cpu()
-                if al is not None:
-                    al[which[:, None], idx[None, :]] = out.answer_logits.cpu()
-                bar.update(1)
+    with models.cast_weights_once(model, autocast):  # the weights cast once for the whole sweep
+        for idx in chunks:
+            tokens, mask = data.tokens[idx], data.loss_mask[idx]
+            width = int(mask.any(dim=0).nonzero().max()) + 1
+            src = _rows_of(sources, idx, width)
+            pos = None if positions is None else positions[idx, :width]
+            reuse = [k for k in groups if k > 0]
+            resid = {}
+            if reuse:
+                base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
+                with models.autocast(model, autocast):
+                    resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
+            for k, members in groups.items():
+                for c in range(0, len(members), cfg_per):
+                    which = members[c : c + cfg_per]
+                    out = row_logprobs(
+                        model, tokens, mask, cfg[which].to(dev), src, pos,
+                        answers=None if ans is None else ans[idx],
+                        start_at_layer=k if k > 0 else None, resid=resid.get(k), autocast=autocast,
+                    )
+                    lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
+                    ok[which[:, None], idx[None, :]] = out.correct.cpu()
+                    if al is not None:
+                        al[which[:, None], idx[None, :]] = out.answer_logits.cpu()
+                    bar.update(1)
     bar.close()
     return RowScores(lp, data.n_targets.clone(), ok, al)
 
@@ -236,10 +242,11 @@ class AblationResult:
         return cls(frame_from_json(meta["frame"]), meta["baseline"], meta["meta"])
 
 
-def _meta(model, data: TaskDataset, **extra) -> dict[str, Any]:
+def _meta(model, data: TaskDataset, autocast: str | None, **extra) -> dict[str, Any]:
     return {"model": models.model_name(model), "task": data.name, "n_rows": len(data),
             "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
-            "data_fingerprint": data.fingerprint(), "versions": library_versions(), **extra}
+            "data_fingerprint": data.fingerprint(), "versions": library_versions(),
+            **models.precision_meta(model, autocast), **extra}
 
 
 def _with_deltas(frame: pd.DataFrame, values: dict[str, Tensor], baseline: dict[str, float]) -> pd.DataFrame:
@@ -270,6 +277,7 @@ def head_sweep(
     batch_size: int = 32,
     max_rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> AblationResult:
     """Ablate every head (or ``heads``) on its own (the "individual" mode), many heads per pass.
 
@@ -287,14 +295,14 @@ def head_sweep(
     src = _sources(model, method, reference, data, batch_size)
     start = gates_mod.ones(model) if base is None else base.detach().float().cpu()
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
-    scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse,
+    scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
                            batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
                            desc="head sweep")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
     frame = pd.DataFrame({"layer": [l for l, _ in heads], "head": [h for _, h in heads]})
     frame = _with_deltas(frame, {k: v[1:] for k, v in values.items()}, baseline)
-    return AblationResult(frame, baseline, _meta(model, data, mode="individual", method=method))
+    return AblationResult(frame, baseline, _meta(model, data, autocast, mode="individual", method=method))
 
 
 def head_order(model, order: str | Heads = "forward", seed: int = 0) -> list[tuple[int, int]]:
@@ -330,6 +338,7 @@ def sequential_ablation(
     batch_size: int = 32,
     max_rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> AblationResult:
     """Cumulative ablation: step ``i`` ablates the first ``i`` heads of ``order`` (see
     :func:`head_order`); all steps share forward passes. The frame has ``step`` (1..n) and the
@@ -348,15 +357,17 @@ def sequential_ablation(
     configs = start.repeat(len(heads) + 1, 1, 1)
     for i, (l, h) in enumerate(heads):
         configs[i + 1 :, l, h] = 0.0
-    scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse, batch_size=batch_size,
-                           max_rows_per_pass=max_rows_per_pass, progress=progress, desc="sequential")
+    scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
+                           batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
+                           desc="sequential")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
     frame = pd.DataFrame({"step": range(1, len(heads) + 1), "layer": [l for l, _ in heads],
                           "head": [h for _, h in heads]})
     frame = _with_deltas(frame, {k: v[1:] for k, v in values.items()}, baseline)
     label = order if isinstance(order, str) else "given"
-    return AblationResult(frame, baseline, _meta(model, data, mode="sequential", method=method, order=label, seed=seed))
+    meta = _meta(model, data, autocast, mode="sequential", method=method, order=label, seed=seed)
+    return AblationResult(frame, baseline, meta)
 
 
 def figure2(
@@ -372,6 +383,7 @@ def figure2(
     batch_size: int = 32,
     max_rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> AblationResult:
     """The paper's Figure 2 test from a fitted :class:`~chg_lens.chg.CHGResult`.
 
@@ -421,9 +433,9 @@ def figure2(
     per = 2 * n * len(scores)
     for i, s in enumerate(seed_list):
         part = slice(i * per, (i + 1) * per)
-        sc = score_configs(model, data, cfg[part], src, base=g_plus[s], answers=None, prefix_reuse=prefix_reuse,
-                           batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
-                           desc=f"figure 2, seed {s}")
+        sc = score_configs(model, data, cfg[part], src, base=g_plus[s], answers=None, autocast=autocast,
+                           prefix_reuse=prefix_reuse, batch_size=batch_size, max_rows_per_pass=max_rows_per_pass,
+                           progress=progress, desc=f"figure 2, seed {s}")
         lp[part] = sc.logprob_sum.mean(dim=1)
         acc[part] = sc.correct.float().mean(dim=1)
     frame = pd.DataFrame(labels, columns=["score", "seed", "step", "layer", "head"])
@@ -433,11 +445,11 @@ def figure2(
     frame["accuracy_retained"] = acc[0::2].double().numpy()
     frame["accuracy_ablated"] = acc[1::2].double().numpy()
     frame["delta_accuracy"] = frame["accuracy_ablated"] - frame["accuracy_retained"]
-    base_scores = score_configs(model, data, g_plus[seed_list], src, answers=None, prefix_reuse=False,
-                                batch_size=batch_size, max_rows_per_pass=max_rows_per_pass)
+    base_scores = score_configs(model, data, g_plus[seed_list], src, answers=None, autocast=autocast,
+                                prefix_reuse=False, batch_size=batch_size, max_rows_per_pass=max_rows_per_pass)
     baseline = {f"g_plus_seed{s}": float(v) for s, v in zip(seed_list, base_scores.logprob_sum.mean(dim=1))}
-    meta = _meta(model, data, mode="figure2", method=method, seeds=seed_list, scores=list(scores), n_steps=n,
-                 chg_task=result.meta.get("task"))
+    meta = _meta(model, data, autocast, mode="figure2", method=method, seeds=seed_list, scores=list(scores),
+                 n_steps=n, chg_task=result.meta.get("task"))
     return AblationResult(frame, baseline, meta)
 
 
@@ -505,7 +517,8 @@ def run_cli(a) -> int:
     train, val = build_task(model, task, n_prompts, a.seed, a.data_dir, parse_task_options(a.task_option))
     data = val if a.split == "validation" else train
     common = dict(method=a.method, reference=train, prefix_reuse=not a.no_prefix_reuse, batch_size=a.batch_size,
-                  max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress)
+                  max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress, autocast=a.autocast)
+    print(f"precision: {models.describe_precision(model, a.autocast)}")
     if a.mode == "individual":
         res = head_sweep(model, data, **common)
         top = res.frame.nsmallest(5, "delta_logprob")

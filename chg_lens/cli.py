@@ -41,12 +41,20 @@ def delegate(name: str, help: str, module: str) -> None:
 
 
 def add_run_options(p: argparse.ArgumentParser, out: str) -> None:
-    """The options every model-running subcommand shares: ``--device``, ``--dtype``, ``--out``
-    (default ``out``) and ``--no-progress``."""
+    """The options every model-running subcommand shares: ``--device``, ``--dtype``, ``--autocast``,
+    ``--out`` (default ``out``) and ``--no-progress``."""
     p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    add_autocast_option(p)
     p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_autocast_option(p: argparse.ArgumentParser) -> None:
+    """``--autocast auto|bf16|fp16|off`` (default auto: bf16 where the hardware has it natively)."""
+    p.add_argument("--autocast", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="precision of the passes: auto (default; bf16 mixed precision on CUDA devices and CPUs "
+                        "with native bf16, float32 elsewhere), bf16, fp16, or off (float32)")
 
 
 def parse_task_options(items: list[str]) -> dict:
@@ -108,7 +116,7 @@ class Fit:
 
     @staticmethod
     def run(a: argparse.Namespace) -> int:
-        from . import fit_chg, load_model
+        from . import fit_chg, load_model, models
 
         n_prompts = a.n_prompts if a.n_prompts is not None else (80 if a.task == "ioi" else None)
         out = Path(a.out)
@@ -116,10 +124,12 @@ class Fit:
         model = load_model(a.model, device=a.device, dtype=a.dtype)
         train, val = build_task(model, a.task, n_prompts, a.seed, a.data_dir, parse_task_options(a.task_option))
         print(f"loaded {a.model} in {time.time() - t0:.0f}s; task {a.task}: {len(train)} train / {len(val)} validation rows")
+        print(f"precision: {models.describe_precision(model, a.autocast)}")
         result = fit_chg(model, train, n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates,
                          batch_size=a.batch_size, lam=a.lam, seed=a.seed, grad_accum=a.grad_accum,
                          configs_per_pass=a.configs_per_pass, validation=val, checkpoint_dir=out / "checkpoint",
-                         checkpoint_every=a.checkpoint_every, task=a.task, progress=not a.no_progress)
+                         checkpoint_every=a.checkpoint_every, task=a.task, progress=not a.no_progress,
+                         autocast=a.autocast)
         result.meta["model"] = a.model
         result.save(out)
         summary = result.summary()

@@ -59,21 +59,23 @@ def gate_z(
 
     ``source`` broadcasts against one block of rows ``[rows, pos, head_index, d_head]`` (e.g. the
     same prompts' ``z`` from another run, or a mean ``[head_index, d_head]``); ``positions`` limits
-    the gate to chosen token positions of each row (elsewhere ``z`` is left alone).
+    the gate to chosen token positions of each row (elsewhere ``z`` is left alone). The product is
+    computed in (at least) float32 and returned in ``z``'s dtype.
     """
     n_cfg = gates.shape[0]
     batch = z.shape[0]
     if batch % n_cfg:
         raise ValueError(f"batch of {batch} rows is not a multiple of {n_cfg} gate configurations")
-    zz = z.reshape(n_cfg, batch // n_cfg, *z.shape[1:])
-    g = gates.to(z.dtype)[:, None, None, :, None]
+    work = torch.promote_types(z.dtype, torch.float32)  # gates and the mix stay float32 under bf16/fp16
+    zz = z.reshape(n_cfg, batch // n_cfg, *z.shape[1:]).to(work)
+    g = gates.to(work)[:, None, None, :, None]
     if source is None and positions is None:
-        return (zz * g).reshape(z.shape)
-    other = torch.zeros((), dtype=z.dtype, device=z.device) if source is None else source.to(z.dtype)
+        return (zz * g).reshape(z.shape).to(z.dtype)
+    other = torch.zeros((), dtype=work, device=z.device) if source is None else source.to(work)
     mixed = zz * g + (1 - g) * other
     if positions is not None:
         mixed = torch.where(positions.to(z.device)[None, :, :, None, None], mixed, zz)
-    return mixed.reshape(z.shape)
+    return mixed.reshape(z.shape).to(z.dtype)
 
 
 def gate_hooks(

@@ -66,7 +66,7 @@ def row_logprobs(
     answers: Int[Tensor, "rows answers"] | None = None,
     start_at_layer: int | None = None,
     resid: Float[Tensor, "rows pos d_model"] | None = None,
-    autocast: str | None = None,
+    autocast: str | None = "auto",
 ) -> RowScores:
     """Score ``rows`` under each gate configuration in one forward pass (differentiable in ``gates``).
 
@@ -80,8 +80,9 @@ def row_logprobs(
     caller guarantees that every configuration's gates below ``k`` equal those ``resid`` was
     computed with.
 
-    ``autocast="bf16"`` runs the pass and the unembedding under mixed precision
-    (:func:`chg_lens.models.autocast`); log-softmax is always in float32.
+    ``autocast`` (``"auto"``: bf16 where the hardware has it natively, see
+    :func:`chg_lens.models.resolve_autocast`; ``"bf16"``, ``"fp16"``, ``"off"``) sets the precision
+    of the pass and the unembedding; gates and log-softmax are always float32.
     """
     width = int(loss_mask.any(dim=0).nonzero().max()) + 1
     tokens, loss_mask = tokens[:, :width], loss_mask[:, :width]
@@ -104,6 +105,7 @@ def row_logprobs(
     rows, pred_pos = loss_mask[:, 1:].nonzero(as_tuple=True)  # target at pos+1, predicted from pos
     targets = tokens[rows, pred_pos + 1]
     batch = tokens.repeat(n_cfg, 1) if n_cfg > 1 else tokens
+    autocast = models.resolve_autocast(model, autocast)
     amp = models.autocast(model, autocast)
     if start_at_layer is not None:
         if resid is None:
@@ -147,13 +149,13 @@ def evaluate(
     max_rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "evaluate",
-    autocast: str | None = None,
+    autocast: str | None = "auto",
 ) -> RowScores:
     """Score every row of ``data`` under each configuration in ``gates`` (None = ungated).
 
     Configurations are batched into the same pass, ``max_rows_per_pass`` rows (configurations x
     rows) at a time. Returns :class:`RowScores` with ``[n_configs, len(data)]`` tensors on the CPU.
-    ``autocast="bf16"`` runs the passes in mixed precision (see :func:`row_logprobs`).
+    ``autocast`` sets the precision (default ``"auto"``; see :func:`row_logprobs`).
 
     Example::
 
@@ -163,16 +165,18 @@ def evaluate(
     model = models.as_model(model)
     data.check_model(model)
     cfg = None if gates is None else gates_mod.as_config_gates(gates, models.n_layers(model), models.n_heads(model))
+    autocast = models.resolve_autocast(model, autocast)
     n_cfg = 1 if cfg is None else cfg.shape[0]
     rows_per = max(1, min(batch_size, len(data)))
     cfg_per = max(1, max_rows_per_pass // rows_per)
     lp = torch.zeros(n_cfg, len(data))
     ok = torch.zeros(n_cfg, len(data), dtype=torch.bool)
     steps = [(r, c) for r in range(0, len(data), rows_per) for c in range(0, n_cfg, cfg_per)]
-    for r, c in tqdm(steps, desc=desc, disable=not progress, leave=False):
-        idx = torch.arange(r, min(r + rows_per, len(data)))
-        sub = None if cfg is None else cfg[c : c + cfg_per]
-        out = row_logprobs(model, data.tokens[idx], data.loss_mask[idx], sub, autocast=autocast)
-        lp[c : c + out.logprob_sum.shape[0], idx] = out.logprob_sum.cpu()
-        ok[c : c + out.correct.shape[0], idx] = out.correct.cpu()
+    with models.cast_weights_once(model, autocast):
+        for r, c in tqdm(steps, desc=desc, disable=not progress, leave=False):
+            idx = torch.arange(r, min(r + rows_per, len(data)))
+            sub = None if cfg is None else cfg[c : c + cfg_per]
+            out = row_logprobs(model, data.tokens[idx], data.loss_mask[idx], sub, autocast=autocast)
+            lp[c : c + out.logprob_sum.shape[0], idx] = out.logprob_sum.cpu()
+            ok[c : c + out.correct.shape[0], idx] = out.correct.cpu()
     return RowScores(lp, data.n_targets.clone(), ok)

@@ -199,6 +199,7 @@ def patch_heads(
     batch_size: int = 16,
     max_rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> PatchResult:
     """Patch each head's ``z`` from the clean run into the corrupted run, one head per
     configuration, many configurations per pass.
@@ -207,6 +208,8 @@ def patch_heads(
     ``metric``: ``"logit_diff"`` (needs ``row_meta["answers"]`` = [correct, wrong] on ``clean``),
     ``"logprob"`` (summed target log-prob) or ``"prob"``; ``"auto"`` picks logit_diff when answers
     exist. ``positions``: see :func:`position_mask`. ``mediating``: see :func:`label_mediating`.
+    ``autocast``: the precision of the patched passes (default ``"auto"``, see
+    :func:`chg_lens.models.resolve_autocast`); the clean ``z`` is recorded in the model's dtype.
 
     Example::
 
@@ -233,8 +236,9 @@ def patch_heads(
     src = clean_z(model, clean, batch_size)
     ones = gates_mod.ones(model)
     configs = torch.cat([ones[None], gates_mod.single_head_configs(model, heads, 0.0)])
+    autocast = models.resolve_autocast(model, autocast)
     kw = dict(answers=answers if metric == "logit_diff" else None, batch_size=batch_size,
-              max_rows_per_pass=max_rows_per_pass)
+              max_rows_per_pass=max_rows_per_pass, autocast=autocast)
     patched = score_configs(model, corrupted, configs, src, pos, prefix_reuse=prefix_reuse, progress=progress,
                             desc="patching", **kw)
     clean_run = score_configs(model, clean, ones, **kw)
@@ -253,7 +257,8 @@ def patch_heads(
     meta = {"model": models.model_name(model), "task": clean.name, "corruption": corrupted.name,
             "n_rows": n, "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
             "metric": metric, "positions": positions if isinstance(positions, (str, list)) else "mask",
-            "mediating_rule": mediating, "n_std": n_std, "alpha": alpha, "versions": library_versions()}
+            "mediating_rule": mediating, "n_std": n_std, "alpha": alpha, "versions": library_versions(),
+            **models.precision_meta(model, autocast)}
     return PatchResult(frame, ie, baseline, meta)
 
 
@@ -475,12 +480,14 @@ def run_cli(a) -> int:
     corruption = a.corruption or ("all" if a.task == "aba_abb" else kinds[0])
     if corruption != "all" and corruption not in kinds:
         raise ValueError(f"--corruption for {a.task} must be one of {kinds}" + (" or all" if a.task == "aba_abb" else ""))
-    kw: dict[str, Any] = dict(batch_size=a.batch_size, max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress)
+    kw: dict[str, Any] = dict(batch_size=a.batch_size, max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress,
+                              autocast=a.autocast)
     if a.positions is not None:
         kw["positions"] = a.positions if a.positions in ("all", "last") else [int(x) for x in a.positions.split(",")]
     if a.metric is not None:
         kw["metric"] = a.metric
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
+    print(f"precision: {models.describe_precision(model, a.autocast)}")
     out = Path(a.out)
     if a.task == "ioi":
         results = {"abc": ioi_patching(model, n_prompts=a.n_prompts, seed=a.seed, **kw)}

@@ -17,6 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CHG_LENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _auto_precision_is_float32(request, monkeypatch):
+    """``autocast="auto"`` (the library default) means float32 in every test, on every machine, so a
+    test's tolerances do not depend on whether the CPU it runs on has native bf16. Tests of the
+    precision choice itself are marked ``@pytest.mark.hardware_precision`` and see the real rule."""
+    if request.node.get_closest_marker("hardware_precision") is None:
+        monkeypatch.setattr(models, "auto_precision", lambda model: None)
+
+
 def word_tokenizer(words: list[str]):
     """A whitespace word-level tokenizer over ``words`` (the first four: unk, bos, eos, pad)."""
     from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers

@@ -38,6 +38,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    from ..cli import add_autocast_option
+
+    add_autocast_option(p)
     p.add_argument("--outdir", default="runs/explain", help="output folder (default: %(default)s)")
     for step, name in (("cache", "raw_events.parquet"), ("explain", "explanations.jsonl"),
                        ("simulate", "scores.parquet"), ("cluster", "clusters.json")):
@@ -54,7 +57,8 @@ def run_cli(a: argparse.Namespace) -> int:
                         llm_model=a.llm_model, simulator_model=a.simulator_model, sim_windows=a.sim_windows,
                         requests_per_minute=a.requests_per_minute, embedding_model=a.embedding_model,
                         min_cluster_size=a.min_cluster_size, batch_size=a.batch_size, seed=a.seed,
-                        stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result)
+                        stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result,
+                        autocast=a.autocast)
     cfg.check()
     t0 = time.time()
     model = a.model if a.skip_cache else load_model(a.model, device=a.device)
