@@ -17,13 +17,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CHG_LENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _auto_precision_is_float32():
+    """``autocast="auto"`` (the library default) means float32 in every test and fixture, on every
+    machine, so tolerances do not depend on whether the CPU has native bf16. Yields the real rule."""
+    real = models.auto_precision
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "auto_precision", lambda model: None)
+        yield real
+
+
 @pytest.fixture(autouse=True)
-def _auto_precision_is_float32(request, monkeypatch):
-    """``autocast="auto"`` (the library default) means float32 in every test, on every machine, so a
-    test's tolerances do not depend on whether the CPU it runs on has native bf16. Tests of the
-    precision choice itself are marked ``@pytest.mark.hardware_precision`` and see the real rule."""
-    if request.node.get_closest_marker("hardware_precision") is None:
-        monkeypatch.setattr(models, "auto_precision", lambda model: None)
+def _hardware_precision(request, _auto_precision_is_float32, monkeypatch):
+    """Tests of the precision choice itself (``@pytest.mark.hardware_precision``) see the real rule."""
+    if request.node.get_closest_marker("hardware_precision") is not None:
+        monkeypatch.setattr(models, "auto_precision", _auto_precision_is_float32)
 
 
 def word_tokenizer(words: list[str]):

@@ -207,3 +207,16 @@ def test_gates_multiply_in_float32_on_low_precision_z():
     out = gates.gate_z(z, g)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, (z.float() * (1 / 3)).to(torch.bfloat16))
+
+
+def test_explain_recording_under_bf16_gives_float32_close_to_float32(tiny_model):
+    from chg_lens.explain.record import record_batch
+
+    toks, _ = _batch(tiny_model)
+    heads = [(0, 1), (1, 2)]
+    plain = record_batch(tiny_model, toks, heads)
+    with models.cast_weights_once(tiny_model, "bf16"), models.autocast(tiny_model, "bf16"):
+        fast = record_batch(tiny_model, toks, heads)
+    assert fast[0].dtype == fast[2].dtype == torch.float32
+    torch.testing.assert_close(fast[0], plain[0], rtol=0.05, atol=1e-3)
+    torch.testing.assert_close(fast[2], plain[2], rtol=0.05, atol=1e-2)

@@ -113,7 +113,7 @@ def record_batch(model, tokens: Int[Tensor, "batch pos"], heads: Sequence[tuple[
             w, s = pattern.topk(k, dim=-1)
             srcs.append(s.permute(0, 2, 1, 3))
             wts.append(w.permute(0, 2, 1, 3))
-    return torch.cat(acts, 2).cpu(), torch.cat(srcs, 2).cpu(), torch.cat(wts, 2).cpu()
+    return torch.cat(acts, 2).float().cpu(), torch.cat(srcs, 2).cpu(), torch.cat(wts, 2).float().cpu()
 
 
 def record_to_parquet(
@@ -147,7 +147,8 @@ def record_to_parquet(
     token_str = {int(i): tok.decode([i]) for i in ids}
     autocast = models.resolve_autocast(model, autocast)
     info = dict(meta or {})
-    info.update(**models.precision_meta(model, autocast), heads=[list(h) for h in heads], sources=list(windows.source), top_sources=top_sources,
+    info.update(**models.precision_meta(model, autocast), heads=[list(h) for h in heads],
+                sources=list(windows.source), top_sources=top_sources,
                 n_windows=int(tokens.shape[0]), window_len=int(tokens.shape[1]),
                 bos_token_id=getattr(tok, "bos_token_id", None),
                 token_str={str(k): v for k, v in token_str.items()})
