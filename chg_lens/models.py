@@ -203,9 +203,20 @@ def weight_dtype(model) -> torch.dtype:
     return torch.float32
 
 
+AUTOCAST_ENV = "CHG_LENS_AUTOCAST"
+"""Environment variable that fixes what ``"auto"`` means (``bf16``, ``fp16`` or ``off``), e.g. so that
+every worker of a sweep, on whatever machine, runs in the same precision."""
+
+
 def auto_precision(model) -> str | None:
     """What ``autocast="auto"`` means for ``model``: ``"bf16"`` on a CUDA device or CPU with native
-    bf16, None (full precision) elsewhere and for a model whose weights are already bf16/fp16."""
+    bf16, None (full precision) elsewhere and for a model whose weights are already bf16/fp16; the
+    environment variable ``CHG_LENS_AUTOCAST`` (``bf16``, ``fp16`` or ``off``), when set, decides instead."""
+    forced = os.environ.get(AUTOCAST_ENV, "").strip()
+    if forced:
+        if forced not in AUTOCAST_MODES or forced == "auto":
+            raise ValueError(f"{AUTOCAST_ENV} must be bf16, fp16 or off; got {forced!r}")
+        return None if forced == "off" else forced
     if weight_dtype(model) in (torch.bfloat16, torch.float16):
         return None
     dev = device(model)
@@ -219,7 +230,8 @@ def auto_precision(model) -> str | None:
 def resolve_autocast(model, mode: str | torch.dtype | None = "auto") -> str | None:
     """The one place that decides a pass's precision: ``"bf16"``, ``"fp16"`` or None (no autocast).
 
-    ``mode`` is ``"auto"`` (see :func:`auto_precision`), ``"bf16"``, ``"fp16"``, ``"off"`` or None.
+    ``mode`` is ``"auto"`` (see :func:`auto_precision`; the environment variable
+    ``CHG_LENS_AUTOCAST=bf16|fp16|off`` fixes it), ``"bf16"``, ``"fp16"``, ``"off"`` or None.
     Under autocast matrix products run in the low precision; norms, softmax, the log-softmax of the
     loss, the gates and the optimizer state stay float32. The choice is logged once per device
     (logger ``chg_lens``, level INFO).
@@ -253,10 +265,14 @@ def describe_precision(model, mode: str | torch.dtype | None = "auto") -> str:
     dev = device(model)
     if chosen is not None:
         why = ""
-        if mode == "auto":
+        if mode == "auto" and os.environ.get(AUTOCAST_ENV, "").strip():
+            why = f" ({AUTOCAST_ENV}={os.environ[AUTOCAST_ENV].strip()})"
+        elif mode == "auto":
             why = " (auto: " + ("CUDA device with native bf16" if dev.type == "cuda" else "CPU with native bf16") + ")"
         return f"{chosen} autocast on {dev}{why}"
     wd = str(weight_dtype(model)).replace("torch.", "")
+    if mode == "auto" and os.environ.get(AUTOCAST_ENV, "").strip():
+        return f"{wd} on {dev} ({AUTOCAST_ENV}=off)"
     if mode == "auto":
         if wd != "float32":
             return f"{wd} weights on {dev}, no autocast"

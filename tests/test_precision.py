@@ -78,6 +78,21 @@ def test_auto_is_off_for_low_precision_weights_and_other_devices(tiny_model, mon
     assert models.resolve_autocast(tiny_model, "auto") is None
 
 
+@hardware
+def test_the_environment_variable_fixes_what_auto_means(tiny_model, monkeypatch):
+    _cpu(monkeypatch, ("avx512_bf16",))
+    monkeypatch.setenv("CHG_LENS_AUTOCAST", "off")
+    assert models.resolve_autocast(tiny_model, "auto") is None
+    assert "CHG_LENS_AUTOCAST=off" in models.describe_precision(tiny_model, "auto")
+    assert models.resolve_autocast(tiny_model, "bf16") == "bf16"  # an explicit mode still wins
+    _cpu(monkeypatch)
+    monkeypatch.setenv("CHG_LENS_AUTOCAST", "bf16")
+    assert models.resolve_autocast(tiny_model, "auto") == "bf16"
+    monkeypatch.setenv("CHG_LENS_AUTOCAST", "float32")
+    with pytest.raises(ValueError, match="CHG_LENS_AUTOCAST"):
+        models.resolve_autocast(tiny_model, "auto")
+
+
 def test_explicit_modes_and_bad_values(tiny_model):
     assert models.resolve_autocast(tiny_model, "off") is None
     assert models.resolve_autocast(tiny_model, None) is None
