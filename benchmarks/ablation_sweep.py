@@ -18,7 +18,7 @@ import torch
 
 import chg_lens
 from chg_lens import ablation, gates, models
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 
 def tiny_model():
@@ -53,7 +53,7 @@ def bench(name: str, model, n_prompts: int, layers: list[int] | None, repeats: i
     data = chg_lens.tasks.ioi_pairs(model, n_prompts=n_prompts, seed=0)[0]
     L, H = models.n_layers(model), models.n_heads(model)
     heads = [(l, h) for l in (layers if layers is not None else range(L)) for h in range(H)]
-    kw = dict(heads=heads, batch_size=len(data), max_rows_per_pass=max_rows)
+    kw = dict(heads=heads, batch_size=len(data), rows_per_pass=max_rows)
     t_one, v_one = timed(lambda: one_pass_per_head(model, data, heads), repeats)
     t_bat, v_bat = timed(lambda: torch.tensor(ablation.head_sweep(model, data, prefix_reuse=False, **kw).frame.logprob.values), repeats)
     t_pre, v_pre = timed(lambda: torch.tensor(ablation.head_sweep(model, data, prefix_reuse=True, **kw).frame.logprob.values), repeats)

@@ -3,7 +3,7 @@
 Zero ablation is a gate of 0 with no source; mean ablation is a gate of 0 whose source is the mean
 ``z`` over a reference data set (:func:`mean_z`, read by hooks that change nothing). Every sweep
 scores many gate configurations per forward pass (rows of the batch = configurations x prompts)
-through :func:`chg_lens.logprobs.row_logprobs`, and, where the configurations agree below some
+through :func:`chg_lens.scoring.score_configs`, and, where the configurations agree below some
 layer, starts the pass at that layer from a residual stream computed once (prefix reuse).
 
 Example::
@@ -30,166 +30,29 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import checks, models
 from . import gates as gates_mod
-from . import models
+from .deprecation import renamed
 from .data import TaskDataset
-from .logprobs import RowScores, row_logprobs
-from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
+                      score_configs)
+from .results import FrameResult, frame_from_json, library_versions
 
 METHODS = ("zero", "mean")
 ORDERS = ("forward", "backward", "random")
-Heads = Sequence[tuple[int, int]]
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring many configurations: the shared engine of sweeps and patching
-# --------------------------------------------------------------------------------------------
-
-
-def first_changed_layer(configs: Float[Tensor, "configs layer head"], base: Float[Tensor, "layer head"]) -> Tensor:
-    """Per configuration, the lowest layer whose gates differ from ``base`` (n_layers if none)."""
-    diff = (configs != base.to(configs.dtype)).any(dim=2)  # [K, L]
-    L = configs.shape[1]
-    idx = torch.where(diff, torch.arange(L).expand_as(diff), torch.full_like(diff, L, dtype=torch.long))
-    return idx.min(dim=1).values
-
-
-@torch.no_grad()
-def score_configs(
-    model,
-    data: TaskDataset,
-    configs: Float[Tensor, "*configs layer head"],
-    sources: Mapping[int, Tensor] | None = None,
-    positions: Bool[Tensor, "rows pos"] | None = None,
-    base: Float[Tensor, "layer head"] | None = None,
-    answers: Any = "auto",
-    prefix_reuse: bool = True,
-    batch_size: int = 32,
-    max_rows_per_pass: int = 256,
-    progress: bool = False,
-    desc: str = "configs",
-    autocast: str | None = "auto",
-) -> RowScores:
-    """Score every row of ``data`` under each gate configuration; ``[n_configs, rows]`` on the CPU.
-
-    ``sources`` (layer -> ``[rows, pos, head, d_head]`` per data row, or ``[head, d_head]``) and
-    ``positions`` are passed to the gates (see :func:`chg_lens.gates.gate_z`). With
-    ``prefix_reuse``, configurations are grouped by the lowest layer where they differ from
-    ``base`` (default: all ones); the residual entering that layer is computed once per batch of
-    rows under ``base`` and each group's pass starts there. ``answers``: ``"auto"`` uses
-    ``data.row_meta["answers"]`` when present (their logits give the logit difference), None skips.
-    ``autocast``: the precision of the passes (default ``"auto"``, see
-    :func:`chg_lens.models.resolve_autocast`); under autocast the weights are cast once for the sweep.
-
-    Example::
-
-        scores = score_configs(model, data, gates.single_head_configs(model))
-        scores.logprob_sum.mean(1)     # [n_heads_total]
-    """
-    model = models.as_model(model)
-    data.check_model(model)
-    L, H = models.n_layers(model), models.n_heads(model)
-    cfg = gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
-    autocast = models.resolve_autocast(model, autocast)
-    base = torch.ones(L, H) if base is None else base.detach().float().cpu()
-    if isinstance(answers, str) and answers == "auto":
-        answers = data.row_meta.get("answers")
-    ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)
-    if ans is not None and (ans.ndim != 2 or ans.shape[0] != len(data)):
-        raise ValueError(f"answers must be [rows, n_answers] with {len(data)} rows; got {tuple(ans.shape)}")
-    if positions is not None and tuple(positions.shape) != tuple(data.tokens.shape):
-        raise ValueError(f"positions must be a bool mask shaped like the tokens {tuple(data.tokens.shape)}")
-    K, N = cfg.shape[0], len(data)
-    start = first_changed_layer(cfg, base) if prefix_reuse else torch.zeros(K, dtype=torch.long)
-    start = start.clamp(max=L - 1)  # a config equal to base still needs the last block to run
-    groups = {int(k): (start == k).nonzero().flatten() for k in start.unique()}
-    rows_per = max(1, min(batch_size, N))
-    cfg_per = max(1, max_rows_per_pass // rows_per)
-    dev = models.device(model)
-
-    lp = torch.zeros(K, N)
-    ok = torch.zeros(K, N, dtype=torch.bool)
-    al = None if ans is None else torch.zeros(K, N, ans.shape[1])
-    chunks = [torch.arange(r, min(r + rows_per, N)) for r in range(0, N, rows_per)]
-    steps = sum(len(range(0, len(g), cfg_per)) for g in groups.values()) * len(chunks)
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    with models.cast_weights_once(model, autocast):  # the weights cast once for the whole sweep
-        for idx in chunks:
-            tokens, mask = data.tokens[idx], data.loss_mask[idx]
-            width = int(mask.any(dim=0).nonzero().max()) + 1
-            src = _rows_of(sources, idx, width)
-            pos = None if positions is None else positions[idx, :width]
-            reuse = [k for k in groups if k > 0]
-            resid = {}
-            if reuse:
-                base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
-                with models.autocast(model, autocast):
-                    resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
-            for k, members in groups.items():
-                for c in range(0, len(members), cfg_per):
-                    which = members[c : c + cfg_per]
-                    out = row_logprobs(
-                        model, tokens, mask, cfg[which].to(dev), src, pos,
-                        answers=None if ans is None else ans[idx],
-                        start_at_layer=k if k > 0 else None, resid=resid.get(k), autocast=autocast,
-                    )
-                    lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
-                    ok[which[:, None], idx[None, :]] = out.correct.cpu()
-                    if al is not None:
-                        al[which[:, None], idx[None, :]] = out.answer_logits.cpu()
-                    bar.update(1)
-    bar.close()
-    return RowScores(lp, data.n_targets.clone(), ok, al)
-
-
-def _rows_of(sources: Mapping[int, Tensor] | None, idx: Tensor, width: int) -> dict[int, Tensor] | None:
-    """The part of per-row sources that belongs to rows ``idx`` (shared ``[head, d_head]`` kept)."""
-    if sources is None:
-        return None
-    return {l: (s[idx, :width] if s.ndim == 4 else s) for l, s in sources.items()}
-
-
-def metrics(scores: RowScores) -> dict[str, Tensor]:
-    """Per configuration, means over rows: ``logprob`` (summed target log-prob), ``logprob_mean``
-    (per target token), ``accuracy`` (all targets argmax-correct) and, with answers, ``logit_diff``."""
-    out = {
-        "logprob": scores.logprob_sum.mean(dim=1),
-        "logprob_mean": scores.logprob_mean.mean(dim=1),
-        "accuracy": scores.correct.float().mean(dim=1),
-    }
-    if scores.answer_logits is not None and scores.answer_logits.shape[-1] >= 2:
-        out["logit_diff"] = scores.logit_diff.mean(dim=1)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Mean ablation
-# --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def mean_z(model, reference: TaskDataset, batch_size: int = 32) -> dict[int, Float[Tensor, "head d_head"]]:
-    """Mean ``z`` per layer and head over every real (non-padding) position of ``reference``;
-    the source of mean ablation. Read by hooks that change nothing.
+    """Mean ``z`` per layer and head over every real (non-padding) position of ``reference``; the
+    source of mean ablation (:func:`chg_lens.scoring.collect_z` with ``mean=True``).
 
     Example::
 
         means = mean_z(model, train)
         score_configs(model, val, configs, sources=means)      # mean ablation
     """
-    model = models.as_model(model)
-    reference.check_model(model)
-    total: dict[int, Tensor] = {}
-    count = 0
-    dev = models.device(model)
-    for r in range(0, len(reference), batch_size):
-        idx = torch.arange(r, min(r + batch_size, len(reference)))
-        width = int(reference.lengths[idx].max())
-        real = (torch.arange(width)[None, :] < reference.lengths[idx, None]).to(dev)
-        for l, z in models.cache_z(model, reference.tokens[idx, :width].to(dev)).items():
-            total[l] = total.get(l, 0) + (z.float() * real[..., None, None]).sum(dim=(0, 1))
-        count += int(real.sum())
-    return {l: (t / count).cpu() for l, t in total.items()}
+    return collect_z(model, reference, mean=True, batch_size=batch_size)
 
 
 def _sources(model, method: str, reference: TaskDataset | None, data: TaskDataset, batch_size: int):
@@ -206,39 +69,28 @@ def _sources(model, method: str, reference: TaskDataset | None, data: TaskDatase
 
 
 @dataclass
-class AblationResult:
+class AblationResult(FrameResult):
     """A long DataFrame (one row per configuration: ``layer``, ``head``, metrics, ``delta_*``), the
     baseline metrics (the unablated configuration) and metadata."""
 
+    kind = "ablation"
+    noun = "an ablation result"
     frame: pd.DataFrame
     baseline: dict[str, float]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def tensor(self, column: str = "delta_logprob") -> Float[Tensor, "layer head"]:
         """``column`` as an ``[n_layers, n_heads]`` tensor (single-head sweeps; NaN where absent)."""
-        L, H = int(self.meta["n_layers"]), int(self.meta["n_heads"])
-        out = torch.full((L, H), float("nan"))
-        f = self.frame
-        out[torch.tensor(f["layer"].to_numpy(dtype="int64")), torch.tensor(f["head"].to_numpy(dtype="int64"))] = torch.tensor(
-            f[column].to_numpy(dtype="float64"), dtype=torch.float32)
-        return out
+        return super().tensor(column)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` (+ tensors.safetensors)."""
-        tensors = {}
+    def tensors_to_save(self) -> dict[str, Tensor]:
         if {"layer", "head"} <= set(self.frame.columns) and "step" not in self.frame.columns:
-            tensors["delta_logprob"] = self.tensor("delta_logprob")
-        path = save_bundle(path, tensors, {"kind": "ablation", "frame": frame_to_json(self.frame),
-                                           "baseline": self.baseline, "meta": self.meta})
-        self.frame.to_parquet(path / "frame.parquet", index=False)
-        self.frame.to_csv(path / "frame.csv", index=False)
-        return path
+            return {"delta_logprob": self.tensor("delta_logprob")}
+        return {}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AblationResult":
-        _, meta = load_bundle(path)
-        if meta.get("kind") != "ablation":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not an ablation result")
+        _, meta = cls.read(path)
         return cls(frame_from_json(meta["frame"]), meta["baseline"], meta["meta"])
 
 
@@ -262,10 +114,7 @@ def _with_deltas(frame: pd.DataFrame, values: dict[str, Tensor], baseline: dict[
 # --------------------------------------------------------------------------------------------
 
 
-def all_heads(model) -> list[tuple[int, int]]:
-    return [(l, h) for l in range(models.n_layers(model)) for h in range(models.n_heads(model))]
-
-
+@renamed(max_rows_per_pass="rows_per_pass")
 def head_sweep(
     model,
     data: TaskDataset,
@@ -275,7 +124,7 @@ def head_sweep(
     base: Float[Tensor, "layer head"] | None = None,
     prefix_reuse: bool = True,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
     autocast: str | None = "auto",
 ) -> AblationResult:
@@ -291,12 +140,13 @@ def head_sweep(
     """
     model = models.as_model(model)
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
-    _check_heads(model, heads)
+    check_heads(model, heads)
+    L, H = models.n_layers(model), models.n_heads(model)
+    start = gates_mod.ones(model) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
     src = _sources(model, method, reference, data, batch_size)
-    start = gates_mod.ones(model) if base is None else base.detach().float().cpu()
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
     scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
-                           batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
+                           batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
                            desc="head sweep")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
@@ -319,12 +169,13 @@ def head_order(model, order: str | Heads = "forward", seed: int = 0) -> list[tup
             return heads
         raise ValueError(f"order must be one of {ORDERS} or a list of (layer, head); got {order!r}")
     given = [(int(l), int(h)) for l, h in order]
-    _check_heads(model, given)
+    check_heads(model, given)
     if len(set(given)) != len(given):
         raise ValueError("the given order names a head more than once")
     return given
 
 
+@renamed(max_rows_per_pass="rows_per_pass")
 def sequential_ablation(
     model,
     data: TaskDataset,
@@ -336,7 +187,7 @@ def sequential_ablation(
     seed: int = 0,
     prefix_reuse: bool = True,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
     autocast: str | None = "auto",
 ) -> AblationResult:
@@ -350,16 +201,18 @@ def sequential_ablation(
         seq.frame[["step", "layer", "head", "delta_logprob"]]
     """
     model = models.as_model(model)
+    if n_steps is not None:
+        n_steps = checks.positive_int("n_steps", n_steps)
     heads = head_order(model, order, seed)[: n_steps]
-    src = _sources(model, method, reference, data, batch_size)
     L, H = models.n_layers(model), models.n_heads(model)
-    start = torch.ones(L, H) if base is None else base.detach().float().cpu()
+    start = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
+    src = _sources(model, method, reference, data, batch_size)
     configs = start.repeat(len(heads) + 1, 1, 1)
     for i, (l, h) in enumerate(heads):
         configs[i + 1 :, l, h] = 0.0
     scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
-                           batch_size=batch_size, max_rows_per_pass=max_rows_per_pass, progress=progress,
-                           desc="sequential")
+                           batch_size=batch_size,
+                           rows_per_pass=rows_per_pass, progress=progress, desc="sequential")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
     frame = pd.DataFrame({"step": range(1, len(heads) + 1), "layer": [l for l, _ in heads],
@@ -370,6 +223,7 @@ def sequential_ablation(
     return AblationResult(frame, baseline, meta)
 
 
+@renamed(max_rows_per_pass="rows_per_pass")
 def figure2(
     model,
     data: TaskDataset,
@@ -381,7 +235,7 @@ def figure2(
     reference: TaskDataset | None = None,
     prefix_reuse: bool = True,
     batch_size: int = 32,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
     autocast: str | None = "auto",
 ) -> AblationResult:
@@ -434,8 +288,9 @@ def figure2(
     for i, s in enumerate(seed_list):
         part = slice(i * per, (i + 1) * per)
         sc = score_configs(model, data, cfg[part], src, base=g_plus[s], answers=None, autocast=autocast,
-                           prefix_reuse=prefix_reuse, batch_size=batch_size, max_rows_per_pass=max_rows_per_pass,
-                           progress=progress, desc=f"figure 2, seed {s}")
+                           prefix_reuse=prefix_reuse,
+                           batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
+                           desc=f"figure 2, seed {s}")
         lp[part] = sc.logprob_sum.mean(dim=1)
         acc[part] = sc.correct.float().mean(dim=1)
     frame = pd.DataFrame(labels, columns=["score", "seed", "step", "layer", "head"])
@@ -446,91 +301,9 @@ def figure2(
     frame["accuracy_ablated"] = acc[1::2].double().numpy()
     frame["delta_accuracy"] = frame["accuracy_ablated"] - frame["accuracy_retained"]
     base_scores = score_configs(model, data, g_plus[seed_list], src, answers=None, autocast=autocast,
-                                prefix_reuse=False, batch_size=batch_size, max_rows_per_pass=max_rows_per_pass)
+                                prefix_reuse=False,
+                                batch_size=batch_size, rows_per_pass=rows_per_pass)
     baseline = {f"g_plus_seed{s}": float(v) for s, v in zip(seed_list, base_scores.logprob_sum.mean(dim=1))}
     meta = _meta(model, data, autocast, mode="figure2", method=method, seeds=seed_list, scores=list(scores),
                  n_steps=n, chg_task=result.meta.get("task"))
     return AblationResult(frame, baseline, meta)
-
-
-def _check_heads(model, heads: Heads) -> None:
-    L, H = models.n_layers(model), models.n_heads(model)
-    bad = [(l, h) for l, h in heads if not (0 <= l < L and 0 <= h < H)]
-    if bad:
-        raise ValueError(f"heads {bad[:5]} are outside the model's {L} layers x {H} heads")
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: `chg-lens ablate`
-# --------------------------------------------------------------------------------------------
-
-
-def add_cli_arguments(p) -> None:
-    """Arguments of ``chg-lens ablate``."""
-    from .cli import add_run_options
-
-    p.add_argument("--mode", choices=["individual", "sequential", "figure2"], default="individual",
-                   help="individual: each head alone; sequential: cumulative in --order; figure2: from --chg")
-    p.add_argument("--chg", default=None, help="a saved CHG result folder (figure2; its model/task are the defaults)")
-    p.add_argument("--model", default=None, help="default: the CHG result's model, else smollm2-135m-instruct")
-    p.add_argument("--task", default=None, help="default: the CHG result's task, else ioi")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--n-prompts", type=int, default=None)
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--split", choices=["validation", "train"], default="validation", help="rows to score")
-    p.add_argument("--seed", type=int, default=0, help="task seed, and the random order's seed")
-    p.add_argument("--method", choices=list(METHODS), default="zero", help="zero, or mean (mean z over the train split)")
-    p.add_argument("--order", default="forward", help="forward, backward, random, or heads 'L.H,L.H,...'")
-    p.add_argument("--n-steps", type=int, default=None, help="sequential/figure2: at most this many steps")
-    p.add_argument("--chg-seeds", default="each", help="figure2: 'each' or seed numbers '0,2'")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-rows-per-pass", type=int, default=256)
-    p.add_argument("--no-prefix-reuse", action="store_true")
-    add_run_options(p, out="runs/ablate")
-
-
-def run_cli(a) -> int:
-    """``chg-lens ablate``: writes ``frame.parquet``, ``frame.csv``, ``meta.json`` to ``--out``."""
-    import time
-
-    from .chg import CHGResult
-    from .cli import build_task, parse_task_options
-
-    t0 = time.time()
-    result = None
-    if a.mode == "figure2":
-        if not a.chg:
-            raise ValueError("--mode figure2 needs --chg, a saved CHG result folder (chg-lens fit --out DIR)")
-        result = CHGResult.load(a.chg)
-    meta = result.meta if result is not None else {}
-    model_name = a.model or meta.get("model") or "smollm2-135m-instruct"
-    task = a.task or meta.get("task") or "ioi"
-    order: Any = a.order
-    if a.order not in ORDERS:
-        try:
-            order = [tuple(int(x) for x in item.split(".")) for item in a.order.split(",")]
-        except ValueError:
-            raise ValueError(f"--order must be forward, backward, random or 'L.H,L.H'; got {a.order!r}") from None
-    seeds: Any = "each" if a.chg_seeds == "each" else [int(s) for s in a.chg_seeds.split(",")]
-    model = models.load_model(model_name, device=a.device, dtype=a.dtype)
-    n_prompts = a.n_prompts if a.n_prompts is not None else (80 if task == "ioi" else None)
-    train, val = build_task(model, task, n_prompts, a.seed, a.data_dir, parse_task_options(a.task_option))
-    data = val if a.split == "validation" else train
-    common = dict(method=a.method, reference=train, prefix_reuse=not a.no_prefix_reuse, batch_size=a.batch_size,
-                  max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress, autocast=a.autocast)
-    print(f"precision: {models.describe_precision(model, a.autocast)}")
-    if a.mode == "individual":
-        res = head_sweep(model, data, **common)
-        top = res.frame.nsmallest(5, "delta_logprob")
-        lines = [f"L{int(r.layer)}H{int(r['head'])} {r.delta_logprob:+.3f}" for _, r in top.iterrows()]
-        print("largest drops in target log-prob: " + ", ".join(lines))
-    elif a.mode == "sequential":
-        res = sequential_ablation(model, data, order=order, n_steps=a.n_steps, seed=a.seed, **common)
-        print(res.frame[["step", "layer", "head", "delta_logprob"]].tail(5).to_string(index=False))
-    else:
-        res = figure2(model, data, result, seeds=seeds, n_steps=a.n_steps, **common)
-        print(res.frame.groupby(["score", "step"]).delta_logprob.mean().unstack(0).head(10).to_string())
-    res.meta.update(model=model_name, task=task, split=a.split)
-    path = res.save(a.out)
-    print(f"wrote {path}/ (frame.parquet, frame.csv, meta.json) in {time.time() - t0:.0f}s")
-    return 0

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,13 +23,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import models, taxonomy
+from . import checks, models, taxonomy
 from .data import TaskDataset
 from .fitting import (Checkpointer, DataLoss, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
-from .logprobs import evaluate, row_logprobs
-from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
-                      snapshots_frame, traces_frame, unpack_stages)
+from .scoring import evaluate, row_logprobs
+from .results import (Result, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, require,
+                      save_bundle, snapshots_frame, traces_frame, unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
 
@@ -53,24 +54,75 @@ class CHGConfig:
     snapshot_every: int = 10
 
     def check(self) -> None:
+        """Raise a ValueError naming the first bad option (see :mod:`chg_lens.checks`)."""
         for name in ("n_seeds", "updates", "reg_updates", "batch_size", "grad_accum", "snapshot_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if self.lam < 0:
+            checks.positive_int(name, getattr(self, name))
+        checks.whole_int("seed", self.seed)
+        if isinstance(self.lam, (int, float)) and not isinstance(self.lam, bool) and self.lam < 0:
             raise ValueError(
                 f"lam must be >= 0 (got {self.lam}): its sign is set per stage, pushing G+ toward 1 "
                 "and G- toward 0"
             )
-        if self.clip <= 0:
-            raise ValueError(f"clip must be positive; got {self.clip}")
+        checks.finite_float("lam", self.lam, min=0)
+        checks.finite_float("clip", self.clip, min=0, min_open=True)
+        for name in ("lr", "reg_lr"):
+            checks.finite_float(name, getattr(self, name), min=0, min_open=True)
+        for name in ("lr_end", "reg_lr_end"):
+            checks.finite_float(name, getattr(self, name), min=0)
+        if not isinstance(self.joint, bool):
+            raise ValueError(f"joint must be true or false; got {self.joint!r}")
+
+
+def check_fit_options(**options: Any) -> None:
+    """Check every :func:`fit_chg` option given (a ValueError naming the first bad one), without a
+    model or data: what ``fit_chg`` itself checks first, and what a sweep checks before submitting.
+
+    Example::
+
+        check_fit_options(n_seeds=4, lam=0.1, checkpoint_every=25)
+    """
+    import dataclasses
+
+    params = inspect.signature(fit_chg).parameters
+    unknown = sorted(set(options) - set(params) - {"model", "data"})
+    if unknown:
+        raise ValueError(f"fit_chg does not take {unknown}")
+    fields = {f.name for f in dataclasses.fields(CHGConfig)}
+    CHGConfig(**{k: v for k, v in options.items() if k in fields}).check()
+    if "checkpoint_every" in options:
+        checks.positive_int("checkpoint_every", options["checkpoint_every"])
+    check_configs_per_pass(options.get("configs_per_pass"))
+    if options.get("autocast") is not None:
+        _check_autocast(options["autocast"])
+    if options.get("checkpoint_dir") is not None:
+        checks.output_dir(options["checkpoint_dir"], "checkpoint_dir")
+    for name in ("progress",):
+        if name in options and not isinstance(options[name], bool):
+            raise ValueError(f"{name} must be true or false; got {options[name]!r}")
+
+
+def _check_autocast(mode: Any) -> None:
+    """The values :func:`chg_lens.models.resolve_autocast` accepts (checked without a model)."""
+    if isinstance(mode, str) and mode in models.AUTOCAST_MODES:
+        return
+    try:
+        dtype = checks.dtype(mode)
+    except (ValueError, TypeError):
+        dtype = None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be one of {models.AUTOCAST_MODES} or None; got {mode!r}")
 
 
 @dataclass
-class CHGResult:
+class CHGResult(Result):
     """Fitted gates of every seed, traces of the fit, and the metadata to reproduce it.
 
-    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1].
+    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1]; ``to_frame()``
+    is :meth:`scores`.
     """
+
+    kind = "chg"
+    noun = "a CHG result"
 
     logits: dict[str, Float[Tensor, "seeds layer head"]]
     traces: dict[str, dict[str, Float[Tensor, "updates seeds"]]]
@@ -143,21 +195,33 @@ class CHGResult:
             f"{s} {pct['always_' + s]:.1f}% / {pct['any_' + s]:.1f}%" for s in taxonomy.SCORES))
         return "\n".join(lines)
 
+    def to_frame(self) -> pd.DataFrame:
+        return self.scores()
+
     # ------------------------------------------------------------------ io
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``tensors.safetensors``, ``meta.json`` and ``scores.csv`` to the folder ``path``."""
+    def identity(self) -> dict[str, Any]:
+        """What makes two CHG results the same fit: options, data and model."""
+        return {"config": self.config, "data": self.meta.get("data_fingerprint"), "model": self.meta.get("model")}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``tensors.safetensors``, ``meta.json`` and ``scores.csv`` to the folder ``path``,
+        atomically as a whole (see :func:`chg_lens.results.save_bundle`). A folder holding another
+        kind of result or a different fit is refused unless ``overwrite``."""
         tensors = pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps)
-        meta = {"kind": "chg", "config": self.config, "meta": self.meta,
+        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
                 "validation": None if self.validation is None else frame_to_json(self.validation)}
-        path = save_bundle(path, tensors, meta)
-        self.scores().to_csv(path / "scores.csv", index=False)
-        return path
+        scores = self.scores()
+        return save_bundle(path, tensors, meta, identity=self.identity(), overwrite=overwrite,
+                           files={"scores.csv": lambda p: scores.to_csv(p, index=False)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CHGResult":
-        tensors, meta = load_bundle(path)
-        if meta.get("kind") != "chg":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a CHG result")
+        """The result saved at ``path``, verified against the digests in its ``meta.json``."""
+        tensors, meta = cls.read(path)
+        require(tensors, [f"logits/{s}" for s in STAGES] + [f"snapshots/{s}" for s in STAGES]
+                + [f"snapshot_steps/{s}" for s in STAGES], path, "CHG result")
+        if "config" not in meta or "meta" not in meta:
+            raise ValueError(f"{path}/meta.json lacks 'config' or 'meta': not a complete CHG result")
         logits, traces, snapshots, snapshot_steps = unpack_stages(tensors)
         val = meta.get("validation")
         return cls(
@@ -234,8 +298,13 @@ def fit_chg(
     """
     cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, lr, lr_end, reg_lr,
                     reg_lr_end, clip, grad_accum, joint, snapshot_every)
-    cfg.check()
-    check_configs_per_pass(configs_per_pass)
+    check_fit_options(**asdict(cfg), checkpoint_every=checkpoint_every, configs_per_pass=configs_per_pass,
+                      autocast=autocast, checkpoint_dir=checkpoint_dir)
+    n_seeds, updates, reg_updates, batch_size = int(n_seeds), int(updates), int(reg_updates), int(batch_size)
+    grad_accum, snapshot_every, seed = int(grad_accum), int(snapshot_every), int(seed)
+    lam, clip = float(lam), float(clip)
+    cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, float(lr), float(lr_end), float(reg_lr),
+                    float(reg_lr_end), clip, grad_accum, joint, snapshot_every)
     model = models.as_model(model)
     if not isinstance(data, TaskDataset):
         raise TypeError(f"data must be a TaskDataset; got {type(data).__name__} (a task returns (train, validation))")

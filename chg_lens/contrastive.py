@@ -27,14 +27,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import models
+from . import checks, models
 from .chg import CHGResult
 from .data import TaskDataset, concat
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
-from .logprobs import evaluate, row_logprobs
-from .results import (frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, save_bundle,
-                      snapshots_frame, traces_frame, unpack_stages)
+from .scoring import evaluate, row_logprobs
+from .results import (Result, cached, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages,
+                      require, save_bundle, snapshots_frame, traces_frame, unpack_stages)
 from .stats import t_interval, wilson_interval
 
 STAGE = "contrast"
@@ -60,14 +60,18 @@ class ContrastiveConfig:
     snapshot_every: int = 10
 
     def check(self) -> None:
+        """Raise a ValueError naming the first bad option; ``lam`` follows CHG's rule (finite, >= 0:
+        it pulls every gate toward 1)."""
         for name in ("n_seeds", "updates", "batch_size", "grad_accum", "snapshot_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+            checks.positive_int(name, getattr(self, name))
+        checks.whole_int("seed", self.seed)
+        if isinstance(self.lam, (int, float)) and not isinstance(self.lam, bool) and self.lam < 0:
+            raise ValueError(f"lam must be >= 0 (got {self.lam}): it pulls every gate toward 1, so only heads the "
+                             "forget term needs gone are switched off")
+        checks.finite_float("lam", self.lam, min=0)
         for name in ("max_diff", "clip", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        if self.lr_end < 0:
-            raise ValueError(f"lr_end must be >= 0; got {self.lr_end}")
+            checks.finite_float(name, getattr(self, name), min=0, min_open=True)
+        checks.finite_float("lr_end", self.lr_end, min=0)
 
 
 # --------------------------------------------------------------------------------------------- pairing
@@ -116,7 +120,7 @@ def check_matched(retain: TaskDataset, forget: TaskDataset) -> None:
 
 # --------------------------------------------------------------------------------------------- result
 @dataclass
-class ContrastiveResult:
+class ContrastiveResult(Result):
     """Fitted contrastive gates of every seed, per-update traces and the metadata to reproduce them.
 
     ``logits`` is ``[n_seeds, n_layers, n_heads]``; ``traces`` maps ``retain_nll``, ``forget_nll``,
@@ -124,6 +128,8 @@ class ContrastiveResult:
     evaluation data) is the frame of :func:`evaluate_contrastive`.
     """
 
+    kind = "contrastive"
+    noun = "a contrastive CHG result"
     logits: Float[Tensor, "seeds layer head"]
     traces: dict[str, Float[Tensor, "updates seeds"]]
     snapshots: Float[Tensor, "snaps seeds layer head"]
@@ -183,22 +189,35 @@ class ContrastiveResult:
                 lines.append(f"  {variant:7s} {gates:8s} accuracy {row.accuracy:.3f}  logprob {row.logprob:8.4f}")
         return "\n".join(lines)
 
+    def to_frame(self) -> pd.DataFrame:
+        return self.gates_frame()
+
     # ------------------------------------------------------------------ io
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``tensors.safetensors``, ``meta.json`` and ``gates.csv`` to the folder ``path``."""
+    def identity(self) -> dict[str, Any]:
+        """What makes two contrastive results the same fit: options, data and model."""
+        return {"config": self.config, "model": self.meta.get("model"),
+                "retain": self.meta.get("retain_fingerprint"), "forget": self.meta.get("forget_fingerprint")}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and ``evaluation.csv`` when
+        evaluated) to the folder ``path``, atomically as a whole; a folder holding another kind of
+        result or a different fit is refused unless ``overwrite``."""
         tensors = pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
                               {STAGE: self.snapshot_steps})
-        meta = {"kind": "contrastive", "config": self.config, "meta": self.meta,
+        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
                 "evaluation": None if self.evaluation is None else frame_to_json(self.evaluation)}
-        path = save_bundle(path, tensors, meta)
-        self.gates_frame().to_csv(path / "gates.csv", index=False)
-        return path
+        gates, ev = self.gates_frame(), self.evaluation
+        files = {"gates.csv": lambda p: gates.to_csv(p, index=False)}
+        if ev is not None:
+            files["evaluation.csv"] = lambda p: ev.to_csv(p, index=False)
+        return save_bundle(path, tensors, meta, files=files, identity=self.identity(), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ContrastiveResult":
-        tensors, meta = load_bundle(path)
-        if meta.get("kind") != "contrastive":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a contrastive CHG result")
+        """The result saved at ``path``, verified against the digests in its ``meta.json``."""
+        tensors, meta = cls.read(path)
+        require(tensors, [f"logits/{STAGE}", f"snapshots/{STAGE}", f"snapshot_steps/{STAGE}"], path,
+                "contrastive CHG result")
         logits, traces, snapshots, steps = unpack_stages(tensors)
         ev = meta.get("evaluation")
         return cls(logits=logits[STAGE], traces=traces[STAGE], snapshots=snapshots[STAGE],
@@ -251,6 +270,7 @@ def fit_contrastive(
     snapshot_every: int = 10,
     one_pass: bool | None = None,
     check_pairs: bool = True,
+    validation: tuple[TaskDataset, TaskDataset] | None = None,
     evaluate_on: tuple[TaskDataset, TaskDataset] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -276,7 +296,8 @@ def fit_contrastive(
     decaying linearly from ``lr`` to ``lr_end``; the ``n_seeds`` masks are batched as configurations
     of one forward pass, and retain and forget rows share that pass when their widths allow
     (``one_pass``); ``configs_per_pass`` caps the masks per pass (the same gradient, less memory).
-    ``evaluate_on=(retain_eval, forget_eval)`` attaches :func:`evaluate_contrastive` (float32). With
+    ``validation=(retain_eval, forget_eval)`` (formerly ``evaluate_on``, still accepted for one
+    release with a ``DeprecationWarning``) attaches :func:`evaluate_contrastive` (float32). With
     ``checkpoint_dir`` the fit resumes where it stopped. ``autocast`` as in
     :func:`chg_lens.chg.fit_chg` (default ``"auto"``: bf16 where the hardware has it natively).
 
@@ -289,6 +310,14 @@ def fit_contrastive(
                             snapshot_every)
     cfg.check()
     check_configs_per_pass(configs_per_pass)
+    checks.positive_int("checkpoint_every", checkpoint_every)
+    if checkpoint_dir is not None:
+        checks.output_dir(checkpoint_dir, "checkpoint_dir")
+    n_seeds, updates, batch_size, seed = int(n_seeds), int(updates), int(batch_size), int(seed)
+    grad_accum, snapshot_every = int(grad_accum), int(snapshot_every)
+    lam, max_diff, clip = float(lam), float(max_diff), float(clip)
+    cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, float(lr), float(lr_end), clip, seed,
+                            grad_accum, snapshot_every)
     model = models.as_model(model)
     if check_pairs:
         check_matched(retain, forget)
@@ -296,6 +325,14 @@ def fit_contrastive(
         raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
     retain.check_model(model)
     forget.check_model(model)
+    if evaluate_on is not None:
+        import warnings
+
+        if validation is not None:
+            raise ValueError("give validation=(retain_eval, forget_eval) only; evaluate_on is its old name")
+        warnings.warn("fit_contrastive(evaluate_on=...) is now validation=...", DeprecationWarning, stacklevel=2)
+        validation = evaluate_on
+    evaluate_on = validation
     if evaluate_on is not None:
         check_matched(*evaluate_on)
         for d in evaluate_on:
@@ -370,9 +407,11 @@ def evaluate_contrastive(
         evaluate_contrastive(model, result, f["instruction"], f["icl"])
     """
     model = models.as_model(model)
-    g = gates.gates if isinstance(gates, ContrastiveResult) else torch.as_tensor(gates, dtype=torch.float32)
+    shape = (models.n_layers(model), models.n_heads(model))
+    g = gates.gates if isinstance(gates, ContrastiveResult) else checks.gate_tensor("gates", gates, shape, trailing=True)
     if g.ndim == 2:
         g = g.unsqueeze(0)
+    checks.gate_tensor("gates", g, shape, trailing=True)
     configs = torch.cat([torch.ones(1, *g.shape[1:]), g.detach().float().cpu()])
     rows = []
     for variant, data in (("retain", retain), ("forget", forget)):
@@ -512,43 +551,33 @@ def icl_vs_instruction(
         for direction in directions:
             keep, drop = _direction_roles(direction)
             folder = None if out_dir is None else Path(out_dir) / "fits" / f"{direction}__{task}"
-            result = None
-            if folder is not None and (folder / "meta.json").exists():
-                result = ContrastiveResult.load(folder)
-                _check_same_fit(result, folder, train[keep], train[drop], ev[keep], ev[drop], n_seeds=n_seeds,
-                                updates=updates, batch_size=batch_size, lam=lam, max_diff=max_diff, lr=lr,
-                                lr_end=lr_end, seed=seed)
-            if result is None or result.evaluation is None:
+
+            def fit(folder: Path | None, keep=keep, drop=drop, direction=direction, task=task) -> ContrastiveResult:
                 result = fit_contrastive(
                     model, train[keep], train[drop], n_seeds=n_seeds, updates=updates, batch_size=batch_size,
-                    lam=lam, max_diff=max_diff, lr=lr, lr_end=lr_end, seed=seed, evaluate_on=(ev[keep], ev[drop]),
+                    lam=lam, max_diff=max_diff, lr=lr, lr_end=lr_end, seed=seed, validation=(ev[keep], ev[drop]),
                     checkpoint_dir=None if folder is None else folder / "checkpoint", progress=progress,
                     **fit_kwargs)
                 result.meta.update(direction=direction, heldout_task=task, tasks=tasks)
-                if folder is not None:
-                    result.save(folder)
+                return result
+
+            if folder is None:
+                result = fit(None)
+            else:
+                key = dict(n_seeds=n_seeds, updates=updates, batch_size=batch_size, lam=lam, max_diff=max_diff,
+                           lr=lr, lr_end=lr_end, seed=seed)
+                key["training data"] = [train[keep].fingerprint(), train[drop].fingerprint()]
+                key["evaluation data"] = [ev[keep].fingerprint(), ev[drop].fingerprint()]
+                result = cached(folder, key, fit)
             frames.append(figure5_rows(result, direction, task))
     return pd.concat(frames, ignore_index=True)
-
-
-def _check_same_fit(result: ContrastiveResult, folder: Path, retain: TaskDataset, forget: TaskDataset,
-                    retain_eval: TaskDataset, forget_eval: TaskDataset, **config: Any) -> None:
-    differs = [k for k, v in config.items() if result.config.get(k) != v]
-    if result.meta.get("retain_fingerprint") != retain.fingerprint() or \
-            result.meta.get("forget_fingerprint") != forget.fingerprint():
-        differs.append("training data")
-    if result.meta.get("eval_fingerprints") != [retain_eval.fingerprint(), forget_eval.fingerprint()]:
-        differs.append("evaluation data")
-    if differs:
-        raise ValueError(f"{folder} holds a fit with other settings ({', '.join(differs)}); "
-                         "use another output folder, or delete that one to refit")
 
 
 def figure5_rows(result: ContrastiveResult, direction: str, task: str) -> pd.DataFrame:
     """Figure 5 rows of one fit from its stored evaluation (seeds pooled): direction, heldout_task,
     format, gates, accuracy, ci_low, ci_high, n."""
     if result.evaluation is None:
-        raise ValueError("the result has no evaluation; fit with evaluate_on=(retain_eval, forget_eval)")
+        raise ValueError("the result has no evaluation; fit with validation=(retain_eval, forget_eval)")
     keep, drop = _direction_roles(direction)
     ev = result.evaluation
     rows = []
@@ -563,128 +592,16 @@ def figure5_rows(result: ContrastiveResult, direction: str, task: str) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------------------------- files
 def load_pairs_file(model: Any, path: str | os.PathLike, name: str | None = None) -> TaskDataset:
     """Rows of a .json/.jsonl/.csv/.tsv/.parquet file with ``prompt`` and ``target`` columns (optional
     ``pair_id``, kept in ``row_meta`` for the pairing check) as a :class:`TaskDataset`."""
-    from .tasks.common import columns, load_records
+    from .tasks.common import load_located_records, text_columns
 
-    records = load_records(path)
-    columns(records, ("prompt", "target"), str(path))
-    data = TaskDataset.from_prompts(model, [str(r["prompt"]) for r in records], [str(r["target"]) for r in records],
-                                    name=name or Path(path).stem)
+    located = load_located_records(path)
+    pairs = text_columns(located, ("prompt", "target"), str(path))
+    records = [r for _, r in located]
+    data = TaskDataset.from_prompts(model, [p for p, _ in pairs], [t for _, t in pairs], name=name or Path(path).stem)
     if "pair_id" in records[0]:
         data.row_meta["pair_id"] = [r["pair_id"] for r in records]
     return data
-
-
-def add_cli_arguments(p) -> None:
-    """Arguments of ``chg-lens contrast`` (see :func:`run_cli`)."""
-    from .cli import add_run_options
-
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="offline alias, .gguf file, local folder or hub name (default: %(default)s)")
-    p.add_argument("--preset", choices=["icl-vs-instruction"], default=None,
-                   help="icl-vs-instruction: the paper's Figure 5 (six function-vector tasks, hold one out, "
-                        "both directions); --retain/--forget are then not used")
-    p.add_argument("--retain", help="data to keep: a registered task (`chg-lens tasks`) or a file with prompt, "
-                                    "target (and optional pair_id) columns (.json, .jsonl, .csv, .tsv, .parquet)")
-    p.add_argument("--forget", help="data to remove, matched row by row with --retain (same task or file kinds)")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task argument for both sides, e.g. --task-option task=antonym")
-    p.add_argument("--retain-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task argument for --retain only, e.g. --retain-option fmt=instruction")
-    p.add_argument("--forget-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task argument for --forget only, e.g. --forget-option fmt=icl")
-    p.add_argument("--data-dir", default=None, help="folder with the tasks' data files")
-    p.add_argument("--n-prompts", type=int, default=None, help="rows to build per task (task default if unset)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="evaluation share of a file's rows")
-    p.add_argument("--tasks", default=",".join(SIX_TASKS), help="preset: comma-separated function-vector tasks")
-    p.add_argument("--heldout", default=None, help="preset: comma-separated held-out tasks (default: every task)")
-    p.add_argument("--n-shots", type=int, default=10, help="preset: ICL examples per prompt")
-    p.add_argument("--chg-retain", default=None, help="a saved CHG result on the retain data: write overlap.csv")
-    p.add_argument("--chg-forget", default=None, help="a saved CHG result on the forget data: write overlap.csv")
-    p.add_argument("--n-seeds", type=int, default=1)
-    p.add_argument("--updates", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lam", type=float, default=0.1)
-    p.add_argument("--max-diff", type=float, default=5.0)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--lr-end", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--configs-per-pass", type=int, default=None,
-                   help="at most N masks per pass (less memory; default: all)")
-    add_run_options(p, out="runs/contrast")
-    p.add_argument("--checkpoint-every", type=int, default=25)
-
-
-def _is_file(spec: str) -> bool:
-    return Path(spec).suffix.lower() in (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
-
-
-def _side(model, spec: str, options: dict, a) -> TaskDataset | tuple[TaskDataset, TaskDataset]:
-    """A file as one TaskDataset (split later, after the pairing check), a task as (train, validation)."""
-    import inspect
-
-    from .cli import build_task
-    from .tasks import get_task
-
-    if _is_file(spec):
-        data = load_pairs_file(model, spec)
-        return data.subset(range(min(a.n_prompts, len(data)))) if a.n_prompts is not None else data
-    takes_dir = "data_dir" in inspect.signature(get_task(spec)).parameters
-    return build_task(model, spec, a.n_prompts, a.seed, a.data_dir if takes_dir else None, options)
-
-
-def run_cli(a) -> int:
-    """``chg-lens contrast``: fit contrastive CHG on two matched data sets (or the Figure 5 preset)
-    and write a results folder."""
-    import time
-
-    from .cli import parse_task_options
-    from .models import load_model
-
-    out, t0 = Path(a.out), time.time()
-    kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
-              lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress,
-              configs_per_pass=a.configs_per_pass, autocast=a.autocast)
-    if a.preset is None and (not a.retain or not a.forget):
-        raise ValueError("give --retain and --forget (a task name or a file each), or --preset icl-vs-instruction")
-    model = load_model(a.model, device=a.device, dtype=a.dtype)
-    print(f"precision: {models.describe_precision(model, a.autocast)}")
-    if a.preset == "icl-vs-instruction":
-        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-        heldout = None if a.heldout is None else [t.strip() for t in a.heldout.split(",") if t.strip()]
-        frame = icl_vs_instruction(model, tasks=tasks, data_dir=a.data_dir, heldout=heldout,
-                                   n_prompts=a.n_prompts or 32, n_shots=a.n_shots, out_dir=out,
-                                   checkpoint_every=a.checkpoint_every, **kw)
-        frame.to_csv(out / "figure5.csv", index=False)
-        frame.to_parquet(out / "figure5.parquet", index=False)
-        print(frame.to_string(index=False))
-        print(f"wrote {out}/figure5.csv, figure5.parquet and fits/ in {time.time() - t0:.0f}s")
-        return 0
-    shared = parse_task_options(a.task_option)
-    sides = []
-    for spec, opts in ((a.retain, a.retain_option), (a.forget, a.forget_option)):
-        sides.append(_side(model, spec, {**shared, **parse_task_options(opts)}, a))
-    if isinstance(sides[0], TaskDataset) and isinstance(sides[1], TaskDataset):
-        check_matched(*sides)  # whole files first: a split would hide a shuffled pairing
-    (r_train, r_val), (f_train, f_val) = [s.split(a.val_fraction, a.seed) if isinstance(s, TaskDataset) else s
-                                          for s in sides]
-    check_matched(r_train, f_train)
-    check_matched(r_val, f_val)
-    print(f"loaded {a.model} in {time.time() - t0:.0f}s; {len(r_train)} train / {len(r_val)} evaluation pairs")
-    result = fit_contrastive(model, r_train, f_train, evaluate_on=(r_val, f_val), checkpoint_dir=out / "checkpoint",
-                             checkpoint_every=a.checkpoint_every, **kw)
-    result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
-    result.save(out)
-    result.evaluation.to_csv(out / "evaluation.csv", index=False)
-    chg = {k: CHGResult.load(p) for k, p in (("retain", a.chg_retain), ("forget", a.chg_forget)) if p}
-    if chg:
-        facilitation_overlap(result, chg).to_csv(out / "overlap.csv", index=False)
-    summary = result.summary()
-    (out / "summary.txt").write_text(summary + "\n")
-    print(summary)
-    print(f"wrote {out}/ (tensors.safetensors, meta.json, gates.csv, evaluation.csv, summary.txt) "
-          f"in {time.time() - t0:.0f}s")
-    return 0

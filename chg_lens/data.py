@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
@@ -20,7 +21,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from . import models
+from . import checks, models
 
 
 @dataclass
@@ -52,18 +53,23 @@ class TaskDataset:
     ) -> "TaskDataset":
         """From token ids and a loss mask of the same shape (tensors, or ragged lists of rows).
 
+        Tensors are taken as right-padded with ``pad_token_id``: unless ``lengths`` is given, a row
+        ends at its last target or its last non-pad token, whichever comes later.
+
         Example::
 
             TaskDataset.from_tokens([[1, 5, 6, 7]], [[False, False, False, True]])
         """
         if isinstance(tokens, Tensor):
+            checks.token_ids("tokens", tokens)
             if not isinstance(loss_mask, Tensor) or tuple(loss_mask.shape) != tuple(tokens.shape):
                 got = tuple(loss_mask.shape) if isinstance(loss_mask, Tensor) else type(loss_mask).__name__
                 raise ValueError(f"loss_mask must be a tensor shaped like tokens {tuple(tokens.shape)}; got {got}")
             if tokens.ndim != 2:
                 raise ValueError(f"tokens must be [rows, pos]; got shape {tuple(tokens.shape)}")
-            if lengths is None:
-                lengths = torch.full((tokens.shape[0],), tokens.shape[1])
+            if lengths is None:  # right padding: a row ends after its last target or last non-pad token
+                pos = torch.arange(1, tokens.shape[1] + 1)
+                lengths = torch.maximum((pos * loss_mask.bool()).amax(dim=1), (pos * (tokens != pad_token_id)).amax(dim=1))
             return cls(tokens.long(), loss_mask.bool(), torch.as_tensor(lengths).long(), pad_token_id, name)
         rows, masks = list(tokens), list(loss_mask)
         if len(rows) != len(masks):
@@ -71,6 +77,12 @@ class TaskDataset:
         for i, (r, m) in enumerate(zip(rows, masks)):
             if len(r) != len(m):
                 raise ValueError(f"row {i}: {len(r)} tokens but {len(m)} loss-mask entries")
+            bad = [(j, t) for j, t in enumerate(r) if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                   and not (isinstance(t, Tensor) and t.ndim == 0 and not t.is_floating_point())]
+            if bad:
+                j, t = bad[0]
+                raise ValueError(f"row {i}, position {j}: token id {t!r} is not an integer; token ids must be "
+                                 "whole numbers (a float id would be truncated silently)")
         return cls(*_pad(rows, masks, pad_token_id), pad_token_id, name)
 
     @classmethod
@@ -135,6 +147,7 @@ class TaskDataset:
         """Raise ``ValueError`` with what to fix; called on construction."""
         if self.tokens.ndim != 2 or self.tokens.shape[0] == 0 or self.tokens.shape[1] == 0:
             raise ValueError(f"empty data: tokens have shape {tuple(self.tokens.shape)}; give at least one row")
+        checks.token_ids("tokens", self.tokens)
         if self.loss_mask.shape != self.tokens.shape:
             raise ValueError(f"loss_mask {tuple(self.loss_mask.shape)} must match tokens {tuple(self.tokens.shape)}")
         if self.lengths.shape != (self.tokens.shape[0],):
@@ -161,9 +174,7 @@ class TaskDataset:
                 f"rows are up to {self.tokens.shape[1]} tokens but the model's context is {limit}; "
                 "truncate or drop the long rows"
             )
-        vocab = int(model.cfg.d_vocab)
-        if int(self.tokens.max()) >= vocab:
-            raise ValueError(f"token id {int(self.tokens.max())} is outside the model's vocabulary of {vocab}")
+        checks.token_ids("tokens", self.tokens, int(model.cfg.d_vocab))
 
     # ---------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -219,6 +230,14 @@ class TaskSplits(NamedTuple):
 
     train: TaskDataset
     validation: TaskDataset
+
+
+def first_target_position(loss_mask: Bool[Tensor, "rows pos"]) -> Int[Tensor, "rows"]:
+    """Per row, the position that predicts its first target token (the prompt's last token)::
+
+        first_target_position(torch.tensor([[False, False, True, True]]))   # tensor([1])
+    """
+    return loss_mask[:, 1:].to(torch.long).argmax(dim=1)
 
 
 def concat(datasets: Sequence[TaskDataset], name: str | None = None) -> TaskDataset:

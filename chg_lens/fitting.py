@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import secrets
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .results import load_bundle, save_bundle
+from .results import load_bundle
 
 DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
 """``(gates, row_index) -> (loss [configs], traces {name: [configs]})``: mean over the rows given."""
@@ -79,30 +84,105 @@ def batch_rows(n_rows: int, batch_size: int, seed: int, stage: str, step: int) -
 
 @dataclass
 class Checkpointer:
-    """Writes the fit state every ``every`` updates to ``path``; ``key`` ties it to one fit's settings."""
+    """Writes the fit state every ``every`` updates to ``path``; ``key`` ties it to one fit's settings.
+
+    Each save is a new generation ``path/gen-NNNNNN/`` (tensors and a ``meta.json`` holding their
+    digest), written under a hidden name and renamed into place in one step; the two newest
+    generations are kept. :meth:`load` takes the newest generation whose digest checks out and
+    falls back to the one before it (with a warning) when the newest is damaged, so a kill at any
+    point resumes from a consistent state. :meth:`locked` holds a lock for the whole fit: a second
+    fit writing the same checkpoint gets a ValueError at once.
+    """
 
     path: Path
     key: dict
     every: int = 50
+    keep: int = 2
     _digest: str = field(init=False, default="")
 
     def __post_init__(self):
+        from . import checks
+
         self.path = Path(self.path)
+        self.every = checks.positive_int("checkpoint_every", self.every)
+        checks.output_dir(self.path, "checkpoint_dir")
         self._digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()
 
+    def locked(self):
+        from .results import folder_lock
+
+        return folder_lock(self.path, "checkpoint")
+
+    def generations(self) -> list[Path]:
+        """Complete generation folders, newest first."""
+        if not self.path.is_dir():
+            return []
+        gens = [p for p in self.path.iterdir() if p.is_dir() and re.fullmatch(r"gen-\d{6}", p.name)]
+        return sorted(gens, key=lambda p: p.name, reverse=True)
+
     def load(self) -> tuple[dict[str, Tensor], dict] | None:
-        if not (self.path / "meta.json").exists():
-            return None
-        tensors, meta = load_bundle(self.path)
-        if meta.get("digest") != self._digest:
-            raise ValueError(
-                f"the checkpoint in {self.path} was written by a fit with other settings or data; "
-                "use another checkpoint folder, or delete it to start over"
-            )
-        return tensors, meta
+        """The newest consistent checkpoint state ``(tensors, meta)``, or None when there is none."""
+        candidates = self.generations()
+        if not candidates and (self.path / "meta.json").exists():
+            candidates = [self.path]  # a checkpoint written before generations existed
+        problems = []
+        for gen in candidates:
+            try:
+                tensors, meta = load_bundle(gen)
+            except (ValueError, FileNotFoundError) as err:
+                problems.append(str(err))
+                continue
+            if meta.get("digest") != self._digest:
+                raise ValueError(
+                    f"the checkpoint in {self.path} was written by a fit with other settings or data; "
+                    "use another checkpoint folder, or delete it to start over"
+                )
+            if problems:
+                warnings.warn(f"checkpoint {self.path}: skipped {len(problems)} damaged generation(s) "
+                              f"({problems[0]}); resuming from {gen.name}", stacklevel=2)
+            return tensors, meta
+        if problems:
+            raise ValueError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}; delete the folder "
+                             "to start the fit over")
+        return None
 
     def save(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        save_bundle(self.path, tensors, {**meta, "digest": self._digest, "key": self.key})
+        from .results import write_bundle_files
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        gens = self.generations()
+        n = int(gens[0].name[4:]) + 1 if gens else 1
+        tmp = self.path / f".gen-{n:06d}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        write_bundle_files(tmp, tensors, {**meta, "digest": self._digest, "key": self.key})
+        os.rename(tmp, self.path / f"gen-{n:06d}")  # the one step that makes the generation current
+        for old in [*gens[self.keep - 1:], *self.path.glob(".gen-*.tmp-*")]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict | None:
+    """The metadata (stage, step, ...) of the newest consistent checkpoint in ``path``, or None;
+    a quick look that does not check which fit wrote it."""
+    ckpt = Checkpointer.__new__(Checkpointer)
+    ckpt.path = Path(path)
+    for gen in ckpt.generations() or ([ckpt.path] if (ckpt.path / "meta.json").exists() else []):
+        try:
+            return load_bundle(gen)[1]
+        except (ValueError, FileNotFoundError):
+            continue
+    return None
+
+
+def check_finite(stage: str, step: int, updates: int, logits: Tensor, loss: Tensor) -> None:
+    """Stop a fit whose gate logits or loss became NaN or infinite, naming the stage and update."""
+    where = f"stage {stage}, update {step + 1} of {updates}"
+    if not bool(torch.isfinite(loss).all()):
+        bad = (~torch.isfinite(loss)).nonzero().flatten().tolist()
+        raise FloatingPointError(f"{where}: the loss is not finite for configuration(s) "
+                                 f"{bad[:8]}; lower the learning rate or lambda, or check the model's outputs")
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(f"{where}: gate logits became non-finite; lower the "
+                                 "learning rate or lambda")
 
 
 def check_configs_per_pass(configs_per_pass: int | None) -> None:
@@ -193,7 +273,9 @@ def run_stage(
             reg_loss.sum().backward()
             step_traces["loss"] = data_total + reg_loss.detach().cpu()
             step_traces.update({k: v.detach().cpu() for k, v in reg_parts.items()})
+        check_finite(stage.name, step, stage.updates, param.detach(), step_traces["loss"])
         opt.step()
+        check_finite(stage.name, step, stage.updates, param.detach(), step_traces["loss"])
         for k, v in step_traces.items():
             traces.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
         if progress:
@@ -234,6 +316,16 @@ def run_stages(
     configs_per_pass: int | None = None,
 ) -> dict[str, StageResult]:
     """Run stages in order; with a checkpoint, finished stages are kept and a cut fit resumes."""
+    if checkpoint is None:
+        return _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, None, progress,
+                           configs_per_pass)
+    with checkpoint.locked():
+        return _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, checkpoint,
+                           progress, configs_per_pass)
+
+
+def _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, checkpoint, progress,
+                configs_per_pass) -> dict[str, StageResult]:
     done: dict[str, StageResult] = {}
     if checkpoint is not None:
         state = checkpoint.load()

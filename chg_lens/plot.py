@@ -31,7 +31,7 @@ try:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 except ImportError as err:  # pragma: no cover - plotly is in the `plot` extra
-    raise ImportError("chg_lens.plot needs plotly: pip install 'chg_lens[plot]' (or pip install plotly)") from err
+    raise ImportError("chg_lens.plot needs plotly: plotly is a dependency of chg_lens: pip install plotly") from err
 
 SCORES = taxonomy.SCORES
 SCORE_COLORS = {"facilitation": "#2ca02c", "interference": "#d62728", "irrelevance": "#1f77b4"}
@@ -227,7 +227,7 @@ def ablation_curves(ablation: Any, band: bool = True) -> go.Figure:
     ``head`` the head ablated at that step). Lines are the mean over seeds; the band is +- one
     standard error. Positive = the task got better.
 
-    Example: ``plot.ablation_curves(chg_lens.ablation.ablation_curves(...))``.
+    Example: ``plot.ablation_curves(chg_lens.ablation.figure2(model, val, chg_result))``.
     """
     frame = _require(_as_frame(ablation), ("score", "seed", "step", "delta_logprob"), "ablation_curves")
     summary = ablation_summary(frame)

@@ -1,10 +1,10 @@
 """A self-contained HTML report of a CHG results folder (``chg-lens report RESULTS_DIR``).
 
 The folder holds one CHG result (``meta.json`` of kind "chg", as written by ``CHGResult.save`` or
-``chg-lens fit``) or several in sub-folders. CSV/parquet files anywhere below it whose columns match
-an ablation sweep (:data:`chg_lens.plot.ABLATION_COLUMNS`), a CHG-vs-CMA frame
-(:data:`~chg_lens.plot.CMA_COLUMNS`) or a contrastive accuracy frame
-(:data:`~chg_lens.plot.CONTRASTIVE_COLUMNS`) are plotted too.
+``chg-lens fit``) or several in sub-folders. Saved ablation results (kind "ablation") below it are
+plotted too, and so are loose CSV/parquet tables whose columns match an ablation sweep
+(:data:`chg_lens.plot.ABLATION_COLUMNS`), a CHG-vs-CMA frame (:data:`~chg_lens.plot.CMA_COLUMNS`)
+or a contrastive accuracy frame (:data:`~chg_lens.plot.CONTRASTIVE_COLUMNS`).
 
 Example::
 
@@ -35,42 +35,66 @@ class ResultsFolder:
 
     chg: dict[str, CHGResult] = field(default_factory=dict)
     extras: dict[str, list[tuple[str, pd.DataFrame]]] = field(default_factory=lambda: {k: [] for k in EXTRA_KINDS})
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(path, why) of every result or table that could not be read and is not in the report."""
 
 
-def _read_table(path: Path) -> pd.DataFrame | None:
-    try:
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception:  # a file that is not a table is simply not part of the report
-        return None
+class ReportPaths(dict):
+    """The written files by name (``html``, ``rankings``, ``summary``); ``skipped`` lists (path, why)
+    of what could not be read."""
+
+    skipped: list[tuple[str, str]]
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
 
 def find_results(results_dir: str | os.PathLike) -> ResultsFolder:
-    """Load every CHG result (folders with a ``meta.json`` of kind "chg") and every recognised
-    extra table below ``results_dir``. Raises ``ValueError`` when there is no CHG result."""
+    """Every saved result below ``results_dir``, discovered by the ``kind`` in its ``meta.json``:
+    CHG results (kind "chg"), and ablation results (kind "ablation") whose frame is an ablation
+    sweep. Loose tables (CSV or parquet, not part of a saved result; a parquet file wins over the CSV
+    of the same name) whose columns match a CHG-vs-CMA or contrastive accuracy frame are plotted
+    too. Raises ``ValueError`` when there is no CHG result."""
     from . import plot
+    from .results import load, read_meta
 
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist")
     found = ResultsFolder()
+    owned: set[Path] = set()  # folders of saved results: their own files are not loose tables
     for meta in sorted(root.rglob("meta.json")):
-        if "checkpoint" in meta.parts:
+        if "checkpoint" in meta.relative_to(root).parts:
             continue
+        owned.add(meta.parent)
+        name = str(meta.parent.relative_to(root)) or "."
         try:
-            kind = json.loads(meta.read_text()).get("kind")
-        except (json.JSONDecodeError, OSError):
-            continue
-        if kind == "chg":
-            found.chg[str(meta.parent.relative_to(root)) or "."] = CHGResult.load(meta.parent)
+            kind = read_meta(meta.parent).get("kind")
+            if kind == "chg":
+                found.chg[name] = CHGResult.load(meta.parent)
+            elif kind == "ablation":
+                frame = load(meta.parent).frame
+                if all(c in frame.columns for c in plot.ABLATION_COLUMNS) and len(frame):
+                    found.extras["ablation"].append((name, frame))
+        except (ValueError, OSError) as err:  # listed, never silently left out
+            found.skipped.append((str(meta.parent), " ".join(str(err).split())))
     if not found.chg:
+        why = "".join(f"; skipped {p}: {w}" for p, w in found.skipped)
         raise ValueError(f"no CHG result below {root}: expected a folder written by `chg-lens fit` or "
-                         "CHGResult.save (meta.json + tensors.safetensors)")
+                         f"CHGResult.save (meta.json + tensors.safetensors){why}")
     columns = {"ablation": plot.ABLATION_COLUMNS, "cma": plot.CMA_COLUMNS, "contrastive": plot.CONTRASTIVE_COLUMNS}
-    for path in sorted([*root.rglob("*.csv"), *root.rglob("*.parquet")]):
-        if path.name in ("scores.csv", "head_rankings.csv") or "checkpoint" in path.parts:
+    tables = sorted([*root.rglob("*.csv"), *root.rglob("*.parquet")])
+    for path in tables:
+        if path.name in ("scores.csv", "head_rankings.csv") or "checkpoint" in path.relative_to(root).parts \
+                or path.parent in owned:
             continue
-        frame = _read_table(path)
-        if frame is None:
+        if path.suffix == ".csv" and path.with_suffix(".parquet") in tables:
+            continue  # the same table twice: read the parquet file
+        try:
+            frame = _read_table(path)
+        except Exception as err:  # noqa: BLE001 - any reader error: listed as skipped, not hidden
+            found.skipped.append((str(path), f"not a readable table ({type(err).__name__}: {' '.join(str(err).split())})"))
             continue
         for kind, cols in columns.items():
             if all(c in frame.columns for c in cols) and len(frame):
@@ -108,6 +132,8 @@ def _summary(found: ResultsFolder, scores: pd.DataFrame) -> str:
     for kind, items in found.extras.items():
         for path, frame in items:
             lines.append(f"{kind}: {path} ({len(frame)} rows)")
+    for path, why in found.skipped:
+        lines.append(f"SKIPPED {path}: {why}")
     return "\n".join(lines).strip() + "\n"
 
 
@@ -185,9 +211,10 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
             f"<p data-figures='{n_fig}'>{n_fig} figures.</p>" + "\n".join(parts) + "</body></html>")
 
 
-def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Path]:
+def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> ReportPaths:
     """Write ``report.html`` (self-contained, works offline), ``head_rankings.csv`` and
-    ``report_summary.txt`` to ``out`` (default: ``results_dir``); returns their paths.
+    ``report_summary.txt`` to ``out`` (default: ``results_dir``); returns their paths, with
+    ``.skipped`` listing the results and tables that could not be read (also in the summary).
 
     Example: ``write_report("runs/chg-smollm2-ioi")["html"]``.
     """
@@ -197,9 +224,11 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     from .plot import gate_frame
 
     scores = pd.concat([gate_frame(r) for r in found.chg.values()], ignore_index=True)
-    paths = {"html": out / "report.html", "rankings": out / "head_rankings.csv", "summary": out / "report_summary.txt"}
-    paths["html"].write_text(render_html(found, title=f"CHG report: {Path(results_dir).resolve().name}"),
-                             encoding="utf-8")
-    head_rankings(scores).to_csv(paths["rankings"], index=False)
-    paths["summary"].write_text(_summary(found, scores))
+    from .results import write_text_atomic
+
+    paths = ReportPaths(html=out / "report.html", rankings=out / "head_rankings.csv", summary=out / "report_summary.txt")
+    paths.skipped = list(found.skipped)
+    write_text_atomic(paths["html"], render_html(found, title=f"CHG report: {Path(results_dir).resolve().name}"))
+    write_text_atomic(paths["rankings"], head_rankings(scores).to_csv(index=False))
+    write_text_atomic(paths["summary"], _summary(found, scores))
     return paths

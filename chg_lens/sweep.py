@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import importlib.util
 import os
 import re
 import shutil
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+from .results import cached
 
 EXECUTORS = ("local", "slurm", "debug")
 """``local``: one subprocess per job on this machine; ``slurm``: sbatch (job arrays); ``debug``: in this process."""
@@ -266,9 +269,10 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
     """Raise one ValueError listing every problem of every cell (unknown model, unknown task, bad
     task or fit option, bad executor parameter); returns None when the sweep can be submitted.
     ``executor`` overrides the config's executor kind."""
+    from . import checks
     from . import models as model_io
     from . import tasks as task_registry
-    from .chg import CHGConfig, fit_chg
+    from .chg import check_fit_options, fit_chg
 
     problems: list[str] = []
     fit_params = set(inspect.signature(fit_chg).parameters) - _RESERVED_FIT
@@ -280,9 +284,10 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
             params = list(inspect.signature(fn).parameters)[1:]
             bad = [k for k in t.options if k not in params]
             task_problem[t.label] = (f"task '{t.label}' does not take option(s) {bad}; it takes {params}" if bad else None)
+            if not bad:
+                checks.call_options(fn, t.options, f"task '{t.label}'")  # the check `chg-lens fit` makes
         except ValueError as err:
             task_problem[t.label] = str(err)
-    cfg_fields = {f.name for f in dataclasses.fields(CHGConfig)}
     for cell in cfg.cells():
         mine = []
         if model_problem[cell.model.label]:
@@ -295,8 +300,8 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
             hint = f" ({reserved} are set by the sweep: use seeds/lambdas/tasks)" if reserved else ""
             mine.append(f"unknown fit option(s) {bad}{hint}; fit_chg takes {sorted(fit_params)}")
         else:
-            try:
-                CHGConfig(**{k: v for k, v in cell.fit.items() if k in cfg_fields}, seed=cell.seed, lam=cell.lam).check()
+            try:  # the same checks fit_chg makes first
+                check_fit_options(**cell.fit, seed=cell.seed, lam=cell.lam)
             except (ValueError, TypeError) as err:
                 mine.append(f"bad fit option: {err}")
         problems += [f"cell {cell.id}: {p}" for p in mine]
@@ -320,11 +325,23 @@ def _model_problem(m: ModelEntry, model_io) -> str | None:
     if bad_keys:
         return (f"model '{m.label}': unknown load option(s) {bad_keys}; use device, dtype, n_devices, "
                 "device_map, max_memory")
+    from . import checks
+
+    try:
+        checks.dtype(m.load.get("dtype"))
+        if m.load.get("n_devices") is not None:
+            checks.positive_int("n_devices", m.load["n_devices"])
+    except ValueError as err:
+        return f"model '{m.label}': {err}"
     if spec.lower() == model_io.SMOLLM2_ALIAS:
         try:
             model_io.smollm2_gguf_path()
         except FileNotFoundError as err:
             return f"model '{m.label}': {err}"
+        return None
+    if spec.lower() == model_io.GEMMA3_ALIAS:  # installed? (assembling the GGUF waits for the load)
+        if importlib.util.find_spec(model_io._GEMMA3_PACKAGE) is None:
+            return f"model '{m.label}': '{spec}' is not installed: {model_io._GEMMA3_INSTALL}"
         return None
     looks_local = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.endswith(".gguf")
     if looks_local or os.path.exists(spec):
@@ -376,6 +393,8 @@ def run_cells(root: str, cells: list[dict], threads: int | None = None) -> list[
 def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) -> dict:
     """Run one cell exactly once: lock it, skip it if done, fit (resuming its checkpoint), save the
     result, then write ``done.json`` last."""
+    from .results import write_text_atomic
+
     folder = cell_dir(root, cell)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK, "a+") as lock:
@@ -391,21 +410,18 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
         resumed = _checkpoint_step(ckpt)
         _event(folder, "start", job_id=job_id, resumed_from=resumed)
         try:
-            result = _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {})
-            result.save(folder / "result")
+            result = cached(folder / "result", None, lambda _: _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {}))
             seconds = time.time() - t0
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],
                     "resumed_from": resumed}
-            tmp = folder / (DONE + ".tmp")
-            tmp.write_text(json.dumps(done, indent=2))
-            os.replace(tmp, folder / DONE)  # the marker: written last
+            write_text_atomic(folder / DONE, json.dumps(done, indent=2))  # the marker: written last
             _event(folder, "completed", job_id=job_id, seconds=seconds)
             (folder / ERROR).unlink(missing_ok=True)
             shutil.rmtree(ckpt, ignore_errors=True)
             return {"cell": cell.id, "status": "done", "seconds": seconds}
         except Exception as err:  # noqa: BLE001 - recorded per cell; the next launch runs it again
-            (folder / ERROR).write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "job_id": job_id,
+            write_text_atomic(folder / ERROR, json.dumps({"error": f"{type(err).__name__}: {err}", "job_id": job_id,
                                                     "time": _now(), "traceback": traceback.format_exc()}, indent=2))
             _event(folder, "failed", job_id=job_id, error=f"{type(err).__name__}: {err}")
             return {"cell": cell.id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -433,14 +449,13 @@ def _fit_cell(cell: Cell, folder: Path, ckpt: Path, loaded: dict):
 
 
 def _checkpoint_step(ckpt: Path) -> str | None:
-    meta = ckpt / "meta.json"
-    if not meta.exists():
-        return None
+    from .fitting import checkpoint_meta
+
     try:
-        m = json.loads(meta.read_text())
-        return f"{m.get('stage')}@{m.get('step')}"
-    except (OSError, ValueError):
+        m = checkpoint_meta(ckpt)
+    except OSError:
         return None
+    return None if m is None else f"{m.get('stage')}@{m.get('step')}"
 
 
 def _job_id() -> str:
@@ -592,7 +607,7 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
     index = pd.DataFrame(rows)
     if write:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / "index.parquet.tmp"
+        tmp = root / f".index.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
         index.to_parquet(tmp, index=False)
         os.replace(tmp, root / "index.parquet")
     return index
@@ -652,15 +667,49 @@ def run_sweep(
     kind = executor or cfg.executor_kind
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}; got {kind!r}")
+    from .results import folder_lock
+
     root = cfg.out
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps({"name": cfg.name, "source": cfg.source, "n_cells": len(cfg.cells()),
-                                                 "cells": [c.to_dict() for c in cfg.cells()]}, indent=1, default=str))
+    poll = poll_s or float(cfg.executor.get("poll_s", 2.0))
+    with folder_lock(root / "submit", "sweep submission"):  # two controllers never submit the same cells
+        index, busy, todo, jobs, chunks = _submit(cfg, kind, root, progress, wait)
+    if not todo:
+        if busy and wait:
+            _wait_cells(cfg, busy, poll)
+            return status(cfg, write=True)
+        return index
+    if progress:
+        print(f"sweep '{cfg.name}': submitted {len(todo)} cell(s) in {len(chunks)} {kind} job(s); "
+              f"{len(cfg.cells()) - len(todo)} done or running", file=sys.stderr)
+    if kind == "debug":
+        for job in jobs:
+            job.result()  # runs in this process
+    elif wait:
+        _wait([(kind, str(j.job_id)) for j in jobs], poll)
+    if busy and wait:
+        _wait_cells(cfg, busy, poll)
+    return status(cfg, write=True)
+
+
+def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool):
+    """Under the submission lock: the index, the cells busy from an earlier launch, the cells to
+    run, and the submitted jobs (with their chunks of cells)."""
+    from .results import write_text_atomic
+
+    write_text_atomic(root / "sweep.json", json.dumps({"name": cfg.name, "source": cfg.source,
+                                                        "n_cells": len(cfg.cells()),
+                                                        "cells": [c.to_dict() for c in cfg.cells()]},
+                                                       indent=1, default=str))
     index = status(cfg, write=True)
     todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted"]), "cell"])
+    busy = set(index.loc[index.status.isin(["running", "queued"]), "cell"])  # from an earlier launch
     todo = [c for c in cfg.cells() if c.id in todo_ids]
+    if busy and progress:
+        print(f"sweep '{cfg.name}': {len(busy)} cell(s) are still queued or running from an earlier launch"
+              + ("; waiting for them" if wait else ""), file=sys.stderr)
     if not todo:
-        return index
+        return index, busy, todo, [], []
     per_job = int(cfg.executor.get("cells_per_job", 1))
     chunks = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
     ex = _make_executor(cfg, root / "submitit" / "%j", kind)
@@ -671,19 +720,22 @@ def run_sweep(
         for job, chunk in zip(jobs, chunks):
             for c in chunk:
                 f.write(json.dumps({"cell": c.id, "job_id": str(job.job_id), "kind": kind, "submitted": _now()}) + "\n")
-    if progress:
-        print(f"sweep '{cfg.name}': submitted {len(todo)} cell(s) in {len(chunks)} {kind} job(s); "
-              f"{len(cfg.cells()) - len(todo)} done or running", file=sys.stderr)
-    if kind == "debug":
-        for job in jobs:
-            job.result()  # runs in this process
-    elif wait:
-        _wait(root, [(kind, str(j.job_id)) for j in jobs], poll_s or float(cfg.executor.get("poll_s", 2.0)))
-    return status(cfg, write=True)
+        f.flush()
+        os.fsync(f.fileno())
+    return index, busy, todo, jobs, chunks
 
 
-def _wait(root: Path, kind_ids: list[tuple[str, str]], poll_s: float) -> None:
+def _wait(kind_ids: list[tuple[str, str]], poll_s: float) -> None:
     while _active_job_ids(kind_ids):
+        time.sleep(poll_s)
+
+
+def _wait_cells(cfg: SweepConfig, cells: set[str], poll_s: float) -> None:
+    """Poll until none of ``cells`` is queued or running (jobs of an earlier launch)."""
+    while True:
+        index = status(cfg, write=False)
+        if not index[index.cell.isin(cells)].status.isin(["running", "queued"]).any():
+            return
         time.sleep(poll_s)
 
 
@@ -733,7 +785,9 @@ def collect(config: "str | os.PathLike | dict | SweepConfig", require_complete: 
                                      "g_minus", "facilitation", "interference", "irrelevance", "role", "cell"])
     frame = pd.concat(frames, ignore_index=True)
     if write:
-        frame.to_parquet(cfg.out / "scores.parquet", index=False)
+        tmp = cfg.out / f".scores.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, cfg.out / "scores.parquet")
     return frame
 
 

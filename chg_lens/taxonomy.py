@@ -42,8 +42,13 @@ def score_tensors(
 
 
 def roles(scores: dict[str, Tensor]) -> Tensor:
-    """Index into :data:`SCORES` of each head's role (the largest score; ties in SCORES order)."""
+    """Index into :data:`SCORES` of each head's role (the largest score; ties in SCORES order).
+    A NaN or infinite score is a ValueError: no role is assigned from it."""
     stacked = torch.stack([scores[s] for s in SCORES], dim=-1)
+    if not bool(torch.isfinite(stacked).all()):
+        n = int((~torch.isfinite(stacked)).any(dim=-1).sum())
+        raise ValueError(f"{n} head(s) have non-finite gates or scores (NaN or inf): no role can be assigned; "
+                         "the fit that produced them diverged, refit it")
     return stacked.argmax(dim=-1)  # argmax returns the first maximum: the documented tie order
 
 

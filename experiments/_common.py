@@ -102,39 +102,48 @@ def load(name: str):
 
 def task_data(cfg: Config, model_name: str, task: str, seed: int = 0):
     """``(train, validation)`` of a registered task for a model, with the config's options."""
-    from chg_lens.cli import build_task
-
-    return build_task(load(model_name), task, cfg.n_prompts, seed, cfg.data_dir.get(task),
-                      dict(cfg.task_options.get(task, {})))
+    options = {"seed": seed, **cfg.task_options.get(task, {})}
+    if cfg.n_prompts is not None:
+        options["n_prompts"] = cfg.n_prompts
+    if cfg.data_dir.get(task) is not None:
+        options["data_dir"] = cfg.data_dir[task]
+    return chg_lens.tasks.build(task, load(model_name), **options)
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(text).name or text)
 
 
-def fit_dir(root: Path, cfg: Config, model_name: str, task: str) -> Path:
+def fit_key(cfg: Config, task: str) -> dict[str, Any]:
+    """The settings a cached fit is keyed by (its folder name is their hash)."""
     key = {k: getattr(cfg, k) for k in ("n_seeds", "updates", "reg_updates", "batch_size", "lam", "n_prompts")}
     key["task_options"] = cfg.task_options.get(task, {})
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return key
+
+
+def fit_dir(root: Path, cfg: Config, model_name: str, task: str) -> Path:
+    digest = hashlib.sha1(json.dumps(fit_key(cfg, task), sort_keys=True).encode()).hexdigest()[:10]
     return root.parent / "fits" / _slug(model_name) / _slug(task) / digest
 
 
 def fit_or_load(out: Path, cfg: Config, model_name: str, task: str, progress: bool = True):
-    """The CHG fit for (model, task) under ``cfg``: loaded if its folder exists, else fitted (with a
-    resumable checkpoint) and saved. Returns ``(result, seconds_spent)``."""
-    folder = fit_dir(out, cfg, model_name, task)
-    if (folder / "meta.json").exists():
-        return chg_lens.CHGResult.load(folder), 0.0
-    t0 = time.time()
-    model = load(model_name)
-    train, val = task_data(cfg, model_name, task)
-    result = chg_lens.fit_chg(model, train, n_seeds=cfg.n_seeds, updates=cfg.updates, reg_updates=cfg.reg_updates,
-                              batch_size=cfg.batch_size, lam=cfg.lam, validation=val, task=task,
-                              checkpoint_dir=folder / "checkpoint", progress=progress)
-    result.meta["model"] = model_name
-    result.save(folder)
-    (folder / "summary.txt").write_text(result.summary() + "\n")
-    return result, time.time() - t0
+    """The CHG fit for (model, task) under ``cfg`` (:func:`chg_lens.results.cached`): loaded if its
+    folder exists, else fitted (with a resumable checkpoint) and saved. Returns ``(result, seconds_spent)``."""
+    t0, fitted = time.time(), []
+
+    def fit(folder: Path):
+        model = load(model_name)
+        train, val = task_data(cfg, model_name, task)
+        result = chg_lens.fit_chg(model, train, n_seeds=cfg.n_seeds, updates=cfg.updates, reg_updates=cfg.reg_updates,
+                                  batch_size=cfg.batch_size, lam=cfg.lam, validation=val, task=task,
+                                  checkpoint_dir=folder / "checkpoint", progress=progress)
+        result.meta["model"] = model_name
+        (folder / "summary.txt").write_text(result.summary() + "\n")
+        fitted.append(True)
+        return result
+
+    result = chg_lens.results.cached(fit_dir(out, cfg, model_name, task), fit_key(cfg, task), fit)
+    return result, (time.time() - t0 if fitted else 0.0)
 
 
 def write_frame(frame: pd.DataFrame, out: Path, name: str) -> Path:

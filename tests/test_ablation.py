@@ -6,7 +6,7 @@ import torch
 
 import chg_lens
 from chg_lens import ablation, fit_chg, gates, models
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 from conftest import known_answer_data
 
@@ -128,3 +128,13 @@ def test_figure2_signs_on_the_known_answer_model(known_model, tmp_path):
     assert back.frame.equals(f) and back.meta == fig.meta
     one = ablation.figure2(known_model, val, result, seeds=1, scores=["facilitation"], n_steps=2)
     assert len(one.frame) == 2 and one.frame.seed.unique().tolist() == [1]
+
+
+def test_rows_per_pass_is_the_new_name_of_max_rows_per_pass(tiny_model):
+    data = _data()
+    new = ablation.head_sweep(tiny_model, data, batch_size=4, rows_per_pass=12)
+    with pytest.warns(DeprecationWarning, match="rows_per_pass"):
+        old = ablation.head_sweep(tiny_model, data, batch_size=4, max_rows_per_pass=12)
+    assert new.frame.equals(old.frame)
+    with pytest.raises(TypeError, match="old name"):
+        ablation.head_sweep(tiny_model, data, rows_per_pass=12, max_rows_per_pass=12)

@@ -7,7 +7,7 @@ import torch
 
 import chg_lens
 from chg_lens import CHGResult, fit_chg
-from chg_lens.logprobs import evaluate
+from chg_lens.scoring import evaluate
 
 from conftest import known_answer_data
 
@@ -155,7 +155,7 @@ def test_checkpoint_resume_gives_the_same_result(tiny_model, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     monkeypatch.setattr(fitting, "batch_rows", real)
-    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    meta = fitting.checkpoint_meta(tmp_path / "ck")
     assert meta["stage"] == "g_pm" and meta["step"] == 2
     resumed = fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     for k in whole.logits:

@@ -359,3 +359,16 @@ def test_smollm2_forgets_icl_more_than_instruction(smollm2):
     assert acc["forget", "gated"] == 0.0, result.evaluation
     assert drop_forget > drop_retain, result.evaluation
     assert lp_drop_forget > lp_drop_retain + 3.0, result.evaluation
+
+
+def test_validation_is_the_new_name_of_evaluate_on(two_format_model):
+    retain, forget = two_format_data(8)
+    ev = two_format_data(8, seed=1)
+    kw = dict(updates=1, batch_size=8, progress=False)
+    new = fit_contrastive(two_format_model, retain, forget, validation=ev, **kw)
+    with pytest.warns(DeprecationWarning, match="validation"):
+        old = fit_contrastive(two_format_model, retain, forget, evaluate_on=ev, **kw)
+    pd.testing.assert_frame_equal(new.evaluation, old.evaluation)
+    assert torch.equal(new.logits, old.logits)
+    with pytest.raises(ValueError, match="validation=.* only"):
+        fit_contrastive(two_format_model, retain, forget, validation=ev, evaluate_on=ev, **kw)

@@ -30,7 +30,7 @@ def test_prepend_bos_is_explicit(tiny_gpt2_vocab_model):
 
 
 def test_padding_never_leaks_into_the_loss(tiny_gpt2_vocab_model):
-    from chg_lens.logprobs import row_logprobs
+    from chg_lens.scoring import row_logprobs
 
     data = TaskDataset.from_prompts(tiny_gpt2_vocab_model, ["Short", "A much longer prompt than that one"], [" x", " y"])
     both = row_logprobs(tiny_gpt2_vocab_model, data.tokens, data.loss_mask)
@@ -106,3 +106,11 @@ def test_ioi_loss_is_on_the_indirect_object_and_pairs_align(tiny_gpt2_vocab_mode
     assert torch.equal(clean.tokens[clean.loss_mask], io)
     assert torch.equal(corrupted.tokens[corrupted.loss_mask], io)
     assert {"ABBA", "BABA"} == set(clean.row_meta["order"])
+
+
+def test_from_tokens_tensor_does_not_count_padding_as_real_tokens():
+    tokens = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    data = TaskDataset.from_tokens(tokens, mask)
+    assert data.lengths.tolist() == [3, 5]
+    assert TaskDataset.from_tokens(tokens, mask, lengths=[5, 5]).lengths.tolist() == [5, 5]

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import chg_lens
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY = ["--tiny", "--n-seeds", "2", "--updates", "2", "--reg-updates", "2", "--n-prompts", "12", "--no-progress"]
 
@@ -43,7 +45,10 @@ def test_experiment_scripts_smoke(tmp_path, capsys):
     abl = pd.read_parquet(tmp_path / "figure2" / "ablation_ioi.parquet")
     assert set(abl.score) == {"facilitation", "irrelevance", "interference"} and abl.step.max() == 8
     table = pd.read_csv(tmp_path / "table2" / "table2.csv")
-    assert list(table.model) == ["tiny-random"] and 0 <= table.any_facilitation.iloc[0] <= 100
+    assert list(table.model) == ["tiny-random"]
+    fit = chg_lens.load(next(p.parent for p in (tmp_path / "fits").rglob("meta.json") if "checkpoint" not in p.parts))
+    want = chg_lens.taxonomy.percent_above(fit.scores(), 0.5)["any_facilitation"].iloc[0]  # the fit's own number
+    assert table.any_facilitation.iloc[0] == pytest.approx(want, abs=0.05)
     # resume: a second run loads the fit and the ablation frame instead of recomputing them
     stamp = (tmp_path / "figure2" / "ablation_ioi.parquet").stat().st_mtime_ns
     capsys.readouterr()

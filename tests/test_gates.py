@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chg_lens import gates, models
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 
 def _tokens(model, rows=3, pos=6, seed=0):

@@ -7,7 +7,7 @@ import torch
 
 import chg_lens
 from chg_lens import ablation, gates, models, patching
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 from conftest import KNOWN_WORDS, known_answer_data
 

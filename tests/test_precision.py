@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from chg_lens import fit_chg, gates, models
-from chg_lens.ablation import head_sweep, score_configs
+from chg_lens.ablation import head_sweep
+from chg_lens.scoring import score_configs
 from chg_lens.data import TaskDataset
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 from conftest import WORDS, known_answer_data, tiny_llama_hf, word_tokenizer
 
@@ -107,11 +108,11 @@ def test_explicit_modes_and_bad_values(tiny_model):
 def test_the_cli_has_autocast_on_every_model_running_subcommand():
     import argparse
 
-    from chg_lens.cli import COMMANDS
+    from chg_lens.cli import subcommand
 
     for name in ("fit", "contrast", "ablate", "patch", "explain"):
         p = argparse.ArgumentParser()
-        COMMANDS[name][0](p)
+        subcommand(name).add_arguments(p)
         assert p.parse_args([]).autocast == "auto", name
         assert p.parse_args(["--autocast", "off"]).autocast == "off"
         with pytest.raises(SystemExit):

@@ -84,3 +84,18 @@ def test_report_renders_in_headless_chromium(results_dir, tmp_path):
     broken.write_text((results_dir / "report.html").read_text().replace("</body>", "<script>undefinedFn()</script></body>"))
     dom, _ = _render(broken, tmp_path)
     assert 'data-count="1"' in dom and "undefinedFn" in dom
+
+
+def test_saved_ablation_result_is_found_by_kind_once(tmp_path):
+    from chg_lens.ablation import AblationResult
+
+    make_result(0, model="a").save(tmp_path / "a")
+    frame = pd.DataFrame({"score": "facilitation", "seed": 0, "step": [0, 1], "layer": [0, 1], "head": [1, 0],
+                          "logprob_retained": [-1.0, -1.2], "logprob_ablated": [-1.0, -2.0],
+                          "delta_logprob": [0.0, -0.8]})
+    AblationResult(frame, {"logprob": -1.0}, {"n_layers": 2, "n_heads": 2}).save(tmp_path / "fig2")  # frame.csv + .parquet
+    frame.to_csv(tmp_path / "loose.csv", index=False)
+    frame.to_parquet(tmp_path / "loose.parquet", index=False)
+    found = find_results(tmp_path)
+    assert [name for name, _ in found.extras["ablation"]] == ["fig2", "loose.parquet"]
+    pd.testing.assert_frame_equal(found.extras["ablation"][0][1], frame, check_dtype=False)

@@ -5,7 +5,7 @@ import torch
 
 import chg_lens
 from chg_lens import models
-from chg_lens.logprobs import evaluate
+from chg_lens.scoring import evaluate
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chg_lens import tasks
-from chg_lens.logprobs import evaluate
+from chg_lens.scoring import evaluate
 
 from conftest import SHARED_DATA
 

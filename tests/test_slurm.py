@@ -66,8 +66,8 @@ def test_slurm_sweep_killed_with_scancel_and_relaunched_finishes_every_cell_once
     try:
         while killed_cell is None and time.time() < deadline:
             for row in sweep.status(cfg, write=False).itertuples():
-                ckpt = out / "cells" / row.cell / "checkpoint" / "meta.json"
-                if row.status == "running" and ckpt.exists():
+                ckpt = out / "cells" / row.cell / "checkpoint"
+                if row.status == "running" and sweep._checkpoint_step(ckpt) is not None:
                     subprocess.run(["scancel", row.job_id], check=True)
                     killed_cell, killed_job = row.cell, row.job_id
                     break

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from chg_lens import fit_chg, models
-from chg_lens.logprobs import evaluate, row_logprobs
+from chg_lens.scoring import evaluate, row_logprobs
 
 from conftest import known_answer_data
 

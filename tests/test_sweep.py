@@ -137,7 +137,7 @@ def local_sweep(tmp_path_factory, model_folder):
     try:
         while killed is None and time.time() < deadline and sweep._pid_alive(str(pid)):
             for d in (out / "cells").glob("*") if (out / "cells").exists() else []:
-                if (d / "checkpoint" / "meta.json").exists() and not (d / sweep.DONE).exists():
+                if sweep._checkpoint_step(d / "checkpoint") is not None and not (d / sweep.DONE).exists():
                     # A hard kill of the task and its controller. (SIGINT is not used: a process started in
                     # the background of a non-interactive shell, as CI may be, inherits SIGINT ignored.)
                     task = int([e for e in sweep.read_events(d) if e["event"] == "start"][-1]["pid"])
@@ -207,8 +207,11 @@ def test_a_failing_cell_is_recorded_and_run_again(tmp_path, model_folder):
     cfg["seeds"] = [0]
     cfg["fit"]["batch_size"] = 4
     bad = dict(cfg, models=[{"name": "tiny", "spec": str(model_folder), "dtype": "float17"}])
+    with pytest.raises(ValueError, match="dtype must be one of"):  # caught before anything is submitted
+        sweep.run_sweep(bad, progress=False)
+    bad = dict(cfg, tasks=[{"name": "tiny_ioi", "task": "ioi", "options": {"n_prompts": 1}}])  # fails in the job
     index = sweep.run_sweep(bad, progress=False)
-    assert list(index.status) == ["failed"] and "float17" in index.error[0]
+    assert list(index.status) == ["failed"] and "n_prompts must be at least 2" in index.error[0]
     assert index.attempts[0] == 1 and index.result_path.isna().all()
 
 

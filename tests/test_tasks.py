@@ -355,7 +355,7 @@ def test_custom_few_shot_uses_shared_format(gpt2_tok, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 def test_every_task_builds_through_cli_helper(gpt2_tok, tmp_path):
-    from chg_lens.cli import build_task, parse_task_options
+    from chg_lens.cli.options import task_options as parse_task_options
 
     f = tmp_path / "d.csv"
     f.write_text("input,output\n" + "\n".join(f"{i} then,{i + 1}" for i in range(20)))
@@ -366,5 +366,15 @@ def test_every_task_builds_through_cli_helper(gpt2_tok, tmp_path):
     assert set(tasks.list_tasks()) >= {"aba_abb", "bigbench_syntax", "csqa", "custom", "fv", "induction", "ioi", "lm", "math_cot"}
     for name in tasks.list_tasks():
         d = dirs.get(name)
-        train, val = build_task(gpt2_tok, name, 10, 0, None if d is None else str(d), parse_task_options(opts.get(name, [])))
+        kwargs = {"seed": 0, **parse_task_options(opts.get(name, [])), "n_prompts": 10}
+        train, val = tasks.build(name, gpt2_tok, **kwargs, **({} if d is None else {"data_dir": str(d)}))
         assert len(train) + len(val) == 10, name
+
+
+def test_build_refuses_options_the_task_does_not_take(gpt2_tok):
+    with pytest.raises(ValueError, match="task 'ioi' does not take bogus; it takes: .*n_prompts"):
+        tasks.build("ioi", gpt2_tok, n_prompts=4, bogus=1)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.build("nope", gpt2_tok)
+    assert tasks.takes("fv", "data_dir") and not tasks.takes("ioi", "data_dir")
+

@@ -2,13 +2,27 @@
 prediction of activity (for scoring by simulation).
 
 - :class:`PatternExplainer` (offline, no network) scores the head against standard attention
-  patterns (previous token, current token, first token / BOS, duplicate token, induction, tokens
-  k back) using the recorded top attention sources, picks the best fit, and fits a small table
-  of the head's mean output by token or token class (of the attended or the current token). The
-  hypothesis (pattern + table) is stored with the sentence and predicts activity directly.
+  patterns (previous token, current token, duplicate token, induction, tokens k back) by what they
+  explain *beyond the resting state*: for each pattern, the head's attention mass on the pattern's
+  source positions, only at the query tokens where the pattern has a source (induction and
+  duplicate-token need an earlier occurrence of the current token), minus the chance level there
+  (uniform attention over the ``q + 1`` visible positions). Attention to the first token (the BOS /
+  attention-sink position) is reported separately as the head's *resting state*, not as a competing
+  pattern. The label is the pattern with the largest excess over chance; a head with no pattern
+  above ``min_excess`` that rests on the first token is a first-token (attention-sink) head. A
+  head that is mostly at rest but does induction whenever it can is therefore an induction head
+  ("... when the current token occurred before; otherwise it rests on the first token").
+  The explainer then fits a small table of the head's mean output by token or token class (of
+  the attended or the current token); the sentence names only tokens whose mean output stands out
+  against the head's average (lift ``>= min_lift``, at least ``output_min_count`` occurrences and
+  ``z >= min_z`` standard errors above the average), so tokens that are merely frequent (',' or
+  '<unk>' in WikiText) are not named, and says so when the output is not token-specific. Probe
+  scores (:mod:`chg_lens.explain.probes`) are quoted beside the label, never used to choose it (so
+  the probe agreement in ``scores.parquet`` is an independent check).
 - :class:`OpenAIExplainer` prompts an LLM through the ``openai`` client (any OpenAI-compatible
-  endpoint; key from ``OPENAI_API_KEY``, never logged or saved) with the salient events, and asks a
-  simulator model to predict activity per token from the explanation alone.
+  endpoint; key from ``OPENAI_API_KEY``, never logged or saved) with the salient events, the
+  pattern evidence and the probe scores, and asks a simulator model to predict activity per token
+  from the explanation alone.
 
 Example::
 
@@ -29,7 +43,8 @@ import pandas as pd
 
 from .events import context as show_context
 from .events import show, token_class
-from .record import RawActivity
+from .probes import PROBES, describe, probe_lookup
+from .record import OFFSETS, RawActivity, pattern_counts
 
 PATTERN_TEXT = {
     "previous_token": "attends from each token to the token just before it",
@@ -38,10 +53,13 @@ PATTERN_TEXT = {
     "duplicate_token": "attends from a token to earlier occurrences of the same token",
     "induction": "attends from a token to the token that followed an earlier occurrence of the same token (induction)",
 }
-OFFSETS = (2, 3, 4)
+WHEN_TEXT = {  # the conditional form, for patterns that apply only at some tokens
+    "duplicate_token": "it attends to the earlier occurrences of that token",
+    "induction": "it attends to the token that followed the earlier occurrence",
+}
 PATTERNS = tuple(PATTERN_TEXT) + tuple(f"offset_{k}" for k in OFFSETS)
 HEAD_NAMES = {"previous_token": "Previous-token head", "current_token": "Current-token head",
-              "first_token": "First-token (BOS) head", "duplicate_token": "Duplicate-token head",
+              "first_token": "First-token (attention-sink) head", "duplicate_token": "Duplicate-token head",
               "induction": "Induction head"}
 
 
@@ -51,9 +69,16 @@ def pattern_text(pattern: str) -> str:
     return PATTERN_TEXT[pattern]
 
 
+def pattern_name(pattern: str) -> str:
+    if pattern.startswith("offset_"):
+        return f"{pattern.split('_')[1]}-back"
+    return pattern.replace("_", " ")
+
+
 # ----------------------------------------------------------------------------- patterns from tokens
 def pattern_sources(tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """For each pattern, the source position it predicts per query token (``-1``: none), ``[W, T]``."""
+    """For each pattern, the one source position it predicts per query token (``-1``: none), ``[W, T]``
+    (duplicate and induction: the latest earlier occurrence). Used to predict activity."""
     W, T = tokens.shape
     pos = np.broadcast_to(np.arange(T), (W, T))
     out = {"previous_token": np.where(pos >= 1, pos - 1, -1),
@@ -79,58 +104,126 @@ def pattern_sources(tokens: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def pattern_fits(tokens: np.ndarray, sources: np.ndarray, weights: np.ndarray) -> dict[str, dict[str, float]]:
-    """Attention mass (from the recorded top sources) on each pattern's targets, averaged over the
-    query tokens where the pattern has a target (position 0 excluded); with the coverage."""
+def _topk_masses(tokens: np.ndarray, sources: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Attention mass on each pattern's sources from the recorded top sources only (files written
+    before the exact masses were recorded)."""
     W, T, k = sources.shape
     pos = np.arange(T)[None, :, None]
     tok_q = tokens[:, :, None]
     tok_s = np.take_along_axis(tokens, sources.reshape(W, T * k), 1).reshape(W, T, k)
     prev_s = np.take_along_axis(tokens, np.maximum(sources - 1, 0).reshape(W, T * k), 1).reshape(W, T, k)
-    src = pattern_sources(tokens)
-    masks = {"previous_token": sources == pos - 1, "current_token": sources == pos, "first_token": sources == 0,
-             "duplicate_token": (sources < pos) & (tok_s == tok_q),
-             "induction": (sources >= 1) & (sources < pos) & (prev_s == tok_q)}
+    real = sources >= 1
+    masks = {"previous_token": real & (sources == pos - 1), "current_token": real & (sources == pos),
+             "first_token": (sources == 0) & (pos >= 1), "duplicate_token": real & (sources < pos) & (tok_s == tok_q),
+             "induction": (sources >= 2) & (sources < pos) & (prev_s == tok_q)}
     for o in OFFSETS:
-        masks[f"offset_{o}"] = sources == pos - o
+        masks[f"offset_{o}"] = real & (sources == pos - o)
+    return {p: (weights * masks[p]).sum(-1) for p in PATTERNS}
+
+
+def pattern_fits(tokens: np.ndarray, sources: np.ndarray, weights: np.ndarray,
+                 masses: dict[str, np.ndarray] | None = None, min_coverage: float = 0.02
+                 ) -> dict[str, dict[str, float]]:
+    """Per pattern, over the query tokens where it has a source (position 0 never counts):
+
+    - ``fit``: the mean attention mass on the pattern's sources (exact ``masses`` when recorded,
+      else from the top recorded sources);
+    - ``chance``: the mean of ``n_sources / (q + 1)``, what uniform attention would give;
+    - ``excess``: ``fit - chance``, the evidence the label is chosen by;
+    - ``coverage``: the share of query tokens (``q >= 1``) where the pattern applies;
+    - ``rest``: the mean mass on the first token where the pattern does *not* apply (the resting state).
+
+    For ``first_token`` the fit is the head's sink share over all ``q >= 1``. Induction is measured
+    twice: wherever the current token occurred before, and in repeated phrases only (the current and
+    the previous token occurred together before: :func:`~chg_lens.explain.record.repeated_phrase`),
+    where a single earlier occurrence of a frequent token is no longer mistaken for a repeat; the
+    entry keeps the one with the larger excess (``where``: "any" or "phrase", the phrase measure
+    only with ``min_coverage``), and both under ``fit_any`` / ``fit_phrase`` etc.
+    """
+    W, T = tokens.shape
+    counts = pattern_counts(tokens)
+    mass = masses if masses is not None else _topk_masses(tokens, sources, weights)
+    mass = {p: np.asarray(m, dtype=np.float64) for p, m in mass.items()}
+    pos = np.arange(T)[None, :]
+    later = np.broadcast_to(pos >= 1, (W, T))
     out = {}
     for name in PATTERNS:
-        defined = src[name] >= 0
-        mass = (weights * masks[name]).sum(-1)
+        defined = counts[name] > 0
         n = int(defined.sum())
-        out[name] = {"fit": float(mass[defined].mean()) if n else 0.0, "coverage": n / float(W * (T - 1))}
+        chance = counts[name] / (pos + 1.0)
+        fit = float(mass[name][defined].mean()) if n else 0.0
+        ch = float(chance[defined].mean()) if n else 0.0
+        off = later & ~defined
+        rest = float(mass["first_token"][off].mean()) if off.any() else float("nan")
+        out[name] = {"fit": fit, "chance": ch, "excess": fit - ch, "coverage": n / float(W * (T - 1)),
+                     "rest": rest}
+    ind = out["induction"]
+    phrase = (counts["repeated_phrase"] > 0) & (counts["induction"] > 0)
+    n = int(phrase.sum())
+    chance = counts["induction"] / (pos + 1.0)
+    fit_p = float(mass["induction"][phrase].mean()) if n else 0.0
+    ch_p = float(chance[phrase].mean()) if n else 0.0
+    extra = {"fit_any": ind["fit"], "chance_any": ind["chance"], "coverage_any": ind["coverage"],
+             "fit_phrase": fit_p, "chance_phrase": ch_p, "coverage_phrase": n / float(W * (T - 1)), "where": "any"}
+    if extra["coverage_phrase"] >= min_coverage and fit_p - ch_p > ind["excess"]:
+        ind.update(fit=fit_p, chance=ch_p, excess=fit_p - ch_p, coverage=extra["coverage_phrase"])
+        extra["where"] = "phrase"
+    ind.update(extra)
     return out
 
 
 # ----------------------------------------------------------------------------- pattern explainer
 class PatternExplainer:
-    """Offline explainer: best-fitting standard attention pattern + a table of the head's output.
+    """Offline explainer: the standard attention pattern with the most attention beyond chance, the
+    resting state, the probe scores, and a table of the head's output.
 
     The hypothesis predicts a head's activity at each token from the tokens alone: the pattern
     gives the source position, and the table gives the mean output for that source's (or the
     current token's) token or token class.
+
+    Thresholds: a pattern names the head when its ``excess`` (mass - chance, where it applies) is
+    at least ``min_excess`` and it applies at ``min_coverage`` of the tokens; else a head with
+    first-token share ``>= min_rest`` is a first-token (attention-sink) head. The output sentence
+    names a token or class only with ``output_min_count`` occurrences, a mean output ``>= min_lift``
+    times the head's average (over positions >= 1) and ``>= min_z`` standard errors above it.
     """
 
     name = "pattern"
 
     def __init__(self, min_count: int = 3, max_tokens: int = 40, min_coverage: float = 0.02,
-                 min_fit: float = 0.3):
+                 min_excess: float = 0.2, min_rest: float = 0.5, min_lift: float = 1.5, min_z: float = 3.0,
+                 output_min_count: int = 5, also_excess: float = 0.15):
         self.min_count, self.max_tokens = min_count, max_tokens
-        self.min_coverage, self.min_fit = min_coverage, min_fit
+        self.min_coverage, self.min_excess, self.min_rest = min_coverage, min_excess, min_rest
+        self.min_lift, self.min_z, self.output_min_count = min_lift, min_z, output_min_count
+        self.also_excess = also_excess
 
     # -- fitting
+    def choose(self, fits: dict[str, dict[str, float]]) -> tuple[str, str]:
+        """``(pattern, kind)`` from :func:`pattern_fits`: kind "pattern" (a pattern above chance),
+        "rest" (a first-token head) or "weak" (no pattern fits)."""
+        usable = {p: f for p, f in fits.items() if p != "first_token" and f["coverage"] >= self.min_coverage}
+        best = max(usable, key=lambda p: (usable[p]["excess"], -PATTERNS.index(p))) if usable else None
+        if best is not None and usable[best]["excess"] >= self.min_excess:
+            return best, "pattern"
+        if fits["first_token"]["fit"] >= self.min_rest or best is None:
+            return "first_token", "rest"
+        return best, "weak"
+
     def explain(self, raw: RawActivity, head_index: int, windows: np.ndarray, events: pd.DataFrame | None = None
                 ) -> dict[str, Any]:
         layer, head = raw.heads[head_index]
         tokens = raw.tokens[windows]
         act = raw.activity[head_index][windows].astype(np.float64)
-        fits = pattern_fits(tokens, raw.sources[head_index][windows], raw.weights[head_index][windows])
-        usable = {p: f for p, f in fits.items() if f["coverage"] >= self.min_coverage}
-        best = max(usable, key=lambda p: (usable[p]["fit"], -PATTERNS.index(p))) if usable else "first_token"
+        masses = {p: m[head_index][windows] for p, m in raw.masses.items()} if raw.masses is not None else None
+        fits = pattern_fits(tokens, raw.sources[head_index][windows], raw.weights[head_index][windows], masses,
+                            self.min_coverage)
+        best, kind = self.choose(fits)
+        probes = probe_lookup(raw.probes).get((layer, head))
         record = {"layer": layer, "head": head, "explainer": self.name, "status": "ok", "error": None}
         if act.std() < 1e-6 * max(1.0, abs(act.mean())):
-            hyp = {"pattern": "inactive", "fit": fits[best]["fit"], "fits": _round(fits), "condition": "none",
-                   "table": {}, "default": float(act.mean())}
+            hyp = {"pattern": "inactive", "kind": "inactive", "fit": fits[best]["fit"], "fits": _round(fits),
+                   "condition": "none", "table": {}, "default": float(act.mean()), "probes": probes}
             record.update(hypothesis=hyp, explanation=f"Writes a constant output ({act.mean():.3g}) on every token; "
                                                        f"it {pattern_text(best)} ({fits[best]['fit']:.0%} of its attention).")
             return record
@@ -138,14 +231,15 @@ class PatternExplainer:
         best_hyp, best_r = None, -np.inf
         for condition in ("source", "destination", "none"):
             hyp = self._table(tokens, src, act, condition, raw)
-            hyp.update(pattern=best, fit=fits[best]["fit"], fits=_round(fits))
+            hyp.update(pattern=best, kind=kind, fit=fits[best]["fit"], excess=round(fits[best]["excess"], 4),
+                       fits=_round(fits), probes=probes)
             pred = self.predict({"hypothesis": hyp}, tokens, raw.token_str)
             r = correlation(pred.reshape(-1), act.reshape(-1))
             r = -1.0 if np.isnan(r) else r
             if r > best_r + 1e-9:
                 best_hyp, best_r = hyp, r
         best_hyp["train_correlation"] = round(float(best_r), 4)
-        record.update(hypothesis=best_hyp, explanation=self.sentence(best_hyp, raw.token_str, usable))
+        record.update(hypothesis=best_hyp, explanation=self.sentence(best_hyp, raw.token_str))
         return record
 
     def _keys(self, tokens: np.ndarray, src: np.ndarray, condition: str, token_str: dict[int, str],
@@ -179,6 +273,8 @@ class PatternExplainer:
         counts: dict[str, int] = {}
         pos0 = np.zeros_like(applies)
         pos0[:, 0] = True
+        later = act[:, 1:]
+        average, sd = float(later.mean()), float(later.std())
         if pos0.any():
             table["start"], counts["start"] = float(act[pos0].mean()), int(pos0.sum())
         off = ~applies & ~pos0
@@ -188,16 +284,19 @@ class PatternExplainer:
             for cls in np.unique(classes[applies]):
                 m = applies & (classes == cls)
                 table[f"class:{cls}"], counts[f"class:{cls}"] = float(act[m].mean()), int(m.sum())
-            ids, n = np.unique(ref[applies], return_counts=True)
-            frequent = ids[n >= self.min_count]
-            order = np.argsort(-n[n >= self.min_count], kind="stable")[: self.max_tokens]
-            for t in frequent[order]:
-                m = applies & (ref == t)
-                table[f"tok:{int(t)}"], counts[f"tok:{int(t)}"] = float(act[m].mean()), int(m.sum())
+            ids, inv, n = np.unique(ref[applies], return_inverse=True, return_counts=True)
+            sums = np.bincount(inv, weights=act[applies], minlength=len(ids))
+            z = np.abs(sums / np.maximum(n, 1) - average) * np.sqrt(n)   # most informative tokens first
+            keep = np.flatnonzero(n >= self.min_count)
+            for j in keep[np.argsort(-z[keep], kind="stable")][: self.max_tokens]:
+                table[f"tok:{int(ids[j])}"], counts[f"tok:{int(ids[j])}"] = float(sums[j] / n[j]), int(n[j])
+        sd_on = 0.0
         if applies.any():
             table["on"], counts["on"] = float(act[applies].mean()), int(applies.sum())
+            sd_on = float(act[applies].std())
         return {"condition": condition, "table": {k: round(v, 6) for k, v in table.items()},
-                "counts": counts, "default": round(float(act.mean()), 6), "bos_token_id": bos}
+                "counts": counts, "default": round(float(act.mean()), 6), "average": round(average, 6),
+                "sd": round(sd, 6), "sd_on": round(sd_on, 6), "bos_token_id": bos}
 
     # -- prediction
     def predict(self, record: dict[str, Any], tokens: np.ndarray, token_str: dict[int, str]) -> np.ndarray:
@@ -218,41 +317,127 @@ class PatternExplainer:
         return out.astype(np.float64)
 
     # -- words
-    def sentence(self, hyp: dict[str, Any], token_str: dict[int, str], usable: dict[str, dict]) -> str:
-        p, fit = hyp["pattern"], hyp["fit"]
-        where = " where it applies" if p in ("duplicate_token", "induction") else ""
-        if fit >= self.min_fit:
-            text = f"{HEAD_NAMES.get(p, 'Positional head')}: it {pattern_text(p)} ({fit:.0%} of its attention{where})"
+    def attention_text(self, hyp: dict[str, Any]) -> str:
+        """The attention half of the sentence: label, evidence against chance, resting state, other patterns."""
+        p, kind, fits = hyp["pattern"], hyp.get("kind", "pattern"), hyp["fits"]
+        f, sink = fits[p], fits["first_token"]["fit"]
+        if kind == "pattern" and p in WHEN_TEXT:
+            when = ("when the current token occurred before in the same context (a repeated phrase)"
+                    if f.get("where") == "phrase" else "when the current token occurred before")
+            text = (f"{HEAD_NAMES[p]}: {when}, {WHEN_TEXT[p]} ({f['fit']:.0%} of its attention there, "
+                    f"chance {f['chance']:.0%})")
+            rest = f.get("rest", float("nan"))
+            if rest == rest and rest >= 0.3:
+                text += f"; otherwise it rests on the first token ({rest:.0%} of its attention)"
+        elif kind == "pattern":
+            text = (f"{HEAD_NAMES.get(p, 'Positional head')}: it {pattern_text(p)} ({f['fit']:.0%} of its attention, "
+                    f"chance {f['chance']:.0%})")
+            if sink >= 0.3:
+                text += f"; the rest mostly on the first token ({sink:.0%}, its resting state)"
         else:
-            text = (f"No standard attention pattern fits well (best: it {pattern_text(p)}, {fit:.0%} of its "
-                    f"attention{where})")
-        others = [q for q in usable if q != p and usable[q]["fit"] >= 0.2]
-        if others:
-            text += "; also " + ", ".join(f"{q.replace('_', ' ')} {usable[q]['fit']:.0%}" for q in others[:2])
-        table, counts = hyp["table"], hyp["counts"]
-        if hyp["condition"] == "none":
-            if "on" in table and "off" in table:
-                hi = "where the pattern applies" if table["on"] > table["off"] else "where the pattern does not apply"
-                text += f"; its output is larger {hi}"
-            return text + "."
-        items = [(k, v) for k, v in table.items() if (k.startswith("tok:") or k.startswith("class:"))
-                 and counts.get(k, 0) >= self.min_count]
-        items.sort(key=lambda kv: -kv[1])
-        names = []
-        for k, _ in items[:3]:
-            if k.startswith("tok:"):
-                names.append(repr(show(token_str.get(int(k[4:]), "?"))))
+            usable = {q: g for q, g in fits.items() if q != "first_token" and g["coverage"] >= self.min_coverage}
+            runner = max(usable, key=lambda q: usable[q]["excess"]) if usable else None
+            p = runner or p                                  # not repeated under "also" below
+            best = (f"best: {pattern_name(runner)}, {usable[runner]['fit']:.0%} of its attention where it applies, "
+                    f"chance {usable[runner]['chance']:.0%}") if runner else "no pattern applies"
+            if kind == "rest":
+                text = (f"{HEAD_NAMES['first_token']}: it rests on the first token (the BOS / attention-sink position, "
+                        f"{sink:.0%} of its attention); no pattern takes {self.min_excess:.0%} of its attention "
+                        f"beyond chance ({best})")
             else:
-                names.append("the first token" if k == "class:start" else f"a {k[6:]}")
+                text = f"No standard attention pattern fits well ({best}; first token {sink:.0%})"
+        others = [q for q, g in fits.items() if q not in (p, "first_token") and g["coverage"] >= self.min_coverage
+                  and g["excess"] >= self.also_excess]
+        others.sort(key=lambda q: -fits[q]["excess"])
+        if others:
+            text += "; also " + ", ".join(f"{pattern_name(q)} {fits[q]['fit']:.0%} (chance {fits[q]['chance']:.0%})"
+                                          for q in others[:2])
+        return text
+
+    def probe_text(self, hyp: dict[str, Any]) -> str:
+        """``"; on repeated random tokens its induction score is 0.85"`` (empty without probes)."""
+        probes = hyp.get("probes")
+        if not probes:
+            return ""
+        p = hyp["pattern"]
+        named = [p] if p in PROBES else []
+        named += [q for q in PROBES if q not in named and q != "first_token" and probes.get(q, 0.0) >= 0.3]
+        if not named:
+            return ""
+        return "; probe scores on repeated random tokens: " + describe(probes, named)
+
+    def output_text(self, hyp: dict[str, Any], token_str: dict[int, str]) -> str:
+        """The output half: whether the output is larger where the pattern applies, and the tokens or
+        classes that raise it well above its average there (the table's token means are taken where
+        the pattern applies, so they are compared with the mean there, not with the mean over all tokens)."""
+        table, counts = hyp["table"], hyp["counts"]
+        parts = []
+        on, off = table.get("on"), table.get("off")
+        if on is not None and off is not None and counts.get("off", 0) >= self.output_min_count and min(on, off) > 0:
+            ratio = max(on, off) / min(on, off)
+            if ratio >= self.min_lift:
+                where = "where the pattern applies" if on > off else "where the pattern does not apply"
+                parts.append(f"its output is {ratio:.1f}x larger {where}")
+        if hyp["condition"] == "none":
+            return "; " + " and ".join(parts) if parts else "; its output is not token-specific"
+        base = on if on is not None else hyp.get("average", hyp["default"])
+        sd = hyp.get("sd_on", hyp.get("sd", 0.0))
+        items = []
+        for k, v in table.items():
+            n = counts.get(k, 0)
+            if not (k.startswith("tok:") or k.startswith("class:")) or k == "class:start" or n < self.output_min_count:
+                continue
+            lift = v / base if base > 0 else float("inf")
+            z = (v - base) / (sd / np.sqrt(n)) if sd > 0 else 0.0
+            if lift >= self.min_lift and z >= self.min_z:
+                items.append((k, lift))
+        items.sort(key=lambda kv: -kv[1])
         which = "attended token" if hyp["condition"] == "source" else "current token"
-        if names:
-            text += f"; its output is largest when the {which} is " + ", ".join(names[:-1]) + \
-                    (" or " if len(names) > 1 else "") + names[-1]
-        return text + "."
+        there = " where the pattern applies" if off is not None else ""
+        if not items:
+            tail = (f"not token-specific (no {which} or token class raises it to {self.min_lift:g}x its "
+                    f"average{there})")
+        else:
+            names = []
+            for k, lift in items[:3]:
+                what = repr(show(token_str.get(int(k[4:]), "?"))) if k.startswith("tok:") else f"a {k[6:]}"
+                names.append(f"{what} ({lift:.1f}x)")
+            tail = (f"largest, against its average{there}, when the {which} is " + ", ".join(names[:-1]) +
+                    (" or " if len(names) > 1 else "") + names[-1])
+        return "; " + (parts[0] + ", and " + tail if parts else "its output is " + tail)
+
+    def sentence(self, hyp: dict[str, Any], token_str: dict[int, str], usable: Any = None) -> str:
+        return self.attention_text(hyp) + self.probe_text(hyp) + self.output_text(hyp, token_str) + "."
 
 
+def label_of(record: dict[str, Any]) -> str:
+    """The pattern an explanation names: the hypothesis' pattern for the pattern explainer ("none"
+    when no pattern fits), else read from the text (:func:`label_from_text`)."""
+    hyp = record.get("hypothesis")
+    if isinstance(hyp, dict) and "pattern" in hyp:
+        if hyp.get("kind") == "weak":
+            return "none"
+        return str(hyp["pattern"])
+    return label_from_text(record.get("explanation") or "")
+
+
+_TEXT_LABELS = (("induction", r"induction|token (that )?(followed|after) (an |the )?(earlier|previous) occurrence"),
+                ("duplicate_token", r"duplicate|earlier occurrences? of the same|same token earlier|repeated token"),
+                ("previous_token", r"previous[- ]token|preceding token|token (just )?before|prior token"),
+                ("current_token", r"current[- ]token head|attends (from each token )?to itself|self[- ]attention"),
+                ("first_token", r"first[- ]token|\bbos\b|beginning[- ]of|start of the (text|sequence)|attention[- ]sink"))
+
+
+def label_from_text(text: str) -> str:
+    """The first standard pattern a free-text explanation names ("none" if it names none)."""
+    low = text.lower()
+    for label, pattern in _TEXT_LABELS:
+        if re.search(pattern, low):
+            return label
+    m = re.search(r"(\d+) (tokens|positions) (back|before|earlier)", low)
+    return f"offset_{m.group(1)}" if m else "none"
 def _round(fits: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {p: {k: round(v, 4) for k, v in f.items()} for p, f in fits.items()}
+    return {p: {k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()} for p, f in fits.items()}
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -269,8 +454,11 @@ EXPLAIN_SYSTEM = (
     "You are an interpretability researcher explaining what one attention head in a transformer language "
     "model does. You see text excerpts where the head's output is large; the token where it is active is "
     "marked [[like this]], and 'attends to' lists the earlier tokens it looks at (position, weight). "
-    "Activity is scaled from 0 to 10. Describe in ONE sentence which tokens make it active and what it "
-    "attends to. Answer exactly as: Explanation: <one sentence>"
+    "Activity is scaled from 0 to 10. You also see how much attention it gives each standard pattern where "
+    "that pattern applies, against chance; its share on the first token, which is a resting state (an "
+    "attention sink) rather than a pattern; and its scores on standard diagnostic probes (repeated random "
+    "token sequences). Name the head by the pattern it follows beyond its resting state. Describe in ONE "
+    "sentence which tokens make it active and what it attends to. Answer exactly as: Explanation: <one sentence>"
 )
 SIMULATE_SYSTEM = (
     "You predict how active an attention head of a language model is at each token, from an explanation "
@@ -356,12 +544,15 @@ class OpenAIExplainer:
         raise LLMError(self.scrub(f"{type(last).__name__} after {self.max_retries + 1} attempts: {last}")) from None
 
     # -- explain
-    def prompt(self, raw: RawActivity, head_index: int, events: pd.DataFrame) -> list[dict[str, str]]:
+    def prompt(self, raw: RawActivity, head_index: int, events: pd.DataFrame, windows: np.ndarray | None = None
+               ) -> list[dict[str, str]]:
         layer, head = raw.heads[head_index]
         top = events[events.kind == "top"].head(self.prompt_events)
         low = events[events.kind == "random"].head(max(3, self.prompt_events // 4))
         scale = max(float(top.activity.max()) if len(top) else 1.0, 1e-9)
-        lines = [f"Attention head: layer {layer}, head {head}.", "", "Excerpts where it is most active:"]
+        lines = [f"Attention head: layer {layer}, head {head}.", ""]
+        lines += evidence_lines(raw, head_index, windows if windows is not None else np.unique(events.window))
+        lines += ["", "Excerpts where it is most active:"]
         for n, r in enumerate(top.itertuples(), 1):
             lines.append(f"{n}. activity {10 * r.activity / scale:.0f} | {r.context} | attends to: {r.attended}")
         lines += ["", "Excerpts where it is NOT active:"]
@@ -374,7 +565,7 @@ class OpenAIExplainer:
         layer, head = raw.heads[head_index]
         record = {"layer": layer, "head": head, **self.settings(), "hypothesis": None}
         try:
-            text = parse_explanation(self.chat(self.prompt(raw, head_index, events)))
+            text = parse_explanation(self.chat(self.prompt(raw, head_index, events, windows)))
             if not text:
                 raise LLMError("the model's answer held no explanation")
             record.update(explanation=text, status="ok", error=None)
@@ -396,6 +587,21 @@ class OpenAIExplainer:
         if record.get("status") != "ok":
             raise LLMError("no explanation to simulate")
         return np.stack([self.simulate_window(record["explanation"], row, token_str) for row in tokens])
+
+
+def evidence_lines(raw: RawActivity, head_index: int, windows: np.ndarray) -> list[str]:
+    """Prompt lines: each pattern's attention where it applies vs chance, the resting share, the probes."""
+    layer, head = raw.heads[head_index]
+    windows = np.asarray(windows, dtype=np.int64)
+    masses = {p: m[head_index][windows] for p, m in raw.masses.items()} if raw.masses is not None else None
+    fits = pattern_fits(raw.tokens[windows], raw.sources[head_index][windows], raw.weights[head_index][windows],
+                        masses)
+    parts = [f"{pattern_name(p)} {f['fit']:.0%} (chance {f['chance']:.0%}, applies at {f['coverage']:.0%} of tokens)"
+             for p, f in fits.items() if p != "first_token"]
+    probes = probe_lookup(raw.probes).get((layer, head))
+    return ["Attention where each pattern applies: " + "; ".join(parts) + ".",
+            f"Resting state: {fits['first_token']['fit']:.0%} of its attention is on the first token.",
+            "Probe scores on repeated random tokens (induction: Olsson et al. 2022; 0-1): " + describe(probes) + "."]
 
 
 def _retry_after(err) -> float | None:
@@ -423,14 +629,5 @@ def parse_simulation(answer: str, n: int) -> np.ndarray:
     return out
 
 
-def make_explainer(kind: str, **kwargs):
-    """``"pattern"`` or ``"openai"`` -> an explainer; kwargs go to :class:`OpenAIExplainer`."""
-    if kind == "pattern":
-        return PatternExplainer()
-    if kind == "openai":
-        return OpenAIExplainer(**kwargs)
-    raise ValueError(f"unknown explainer {kind!r}: use pattern or openai")
-
-
-__all__ = ["PatternExplainer", "OpenAIExplainer", "LLMError", "correlation", "make_explainer",
-           "parse_explanation", "parse_simulation", "pattern_fits", "pattern_sources", "show_context"]
+__all__ = ["PatternExplainer", "OpenAIExplainer", "LLMError", "correlation", "evidence_lines", "label_from_text",
+           "label_of", "parse_explanation", "parse_simulation", "pattern_fits", "pattern_sources", "show_context"]

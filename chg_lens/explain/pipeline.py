@@ -2,6 +2,7 @@
 reuse it (``skip_cache`` / ``skip_explain`` / ``skip_simulate`` / ``skip_cluster``).
 
 1. sample text windows and record head activity -> ``raw_events.parquet``
+   and score every recorded head on the diagnostic probes -> ``probes.parquet``
 2. salient events + explain each head          -> ``explanations.jsonl``
 3. score explanations by simulation            -> ``scores.parquet``
 4. cluster the explanations                    -> ``clusters.json``
@@ -18,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,7 +32,8 @@ from .. import models
 from .cluster import DEFAULT_EMBEDDING, cluster_explanations
 from .events import salient_events, split_windows
 from .explainers import OpenAIExplainer, PatternExplainer
-from .record import load_raw, parse_heads, record_to_parquet, select_heads
+from .probes import probe_scores, write_probes
+from .record import PROBES_FILE, load_raw, parse_heads, record_to_parquet, select_heads
 from .report import build_summary, write_report
 from .simulate import score_all
 from .sources import check_sources, parse_sources, sample_windows
@@ -65,6 +66,8 @@ class ExplainConfig:
     min_cluster_size: int = 5
     batch_size: int = 8
     top_sources: int = 3
+    probe_sequences: int = 10            # repeated random token sequences for the probes (0: no probes)
+    probe_length: int = 50               # tokens per copy (cut to the model's context)
     holdout_fraction: float = 0.5
     seed: int = 0
     stackexchange_dir: str | None = None
@@ -80,6 +83,8 @@ class ExplainConfig:
         for name in ("n_windows", "window_len", "topk", "batch_size", "top_sources"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.probe_sequences < 0 or (self.probe_sequences and self.probe_length < 3):
+            raise ValueError("probe_sequences must be >= 0 (0: no probes) and probe_length >= 3")
         if self.min_cluster_size < 2:
             raise ValueError("min_cluster_size must be at least 2")
         if self.chg_result is not None and not Path(self.chg_result).is_dir():
@@ -155,6 +160,12 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
         record_to_parquet(model, windows, heads, paths[RAW], cfg.batch_size, cfg.top_sources,
                           meta={"model": models.model_name(model), "seed": cfg.seed}, progress=progress,
                           autocast=cfg.autocast)
+        probes_path = outdir / PROBES_FILE
+        if cfg.probe_sequences:
+            write_probes(probe_scores(model, heads, n_sequences=cfg.probe_sequences, length=cfg.probe_length,
+                                      seed=cfg.seed), probes_path)
+        elif probes_path.exists():
+            probes_path.unlink()             # never leave another run's probes beside these windows
         steps.append("cache")
     raw = load_raw(paths[RAW])
     train, held_out = split_windows(raw.tokens.shape[0], cfg.holdout_fraction)
@@ -184,7 +195,7 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
         steps.append("cluster")
     clusters = json.loads(paths[CLUSTERS].read_text())
 
-    summary, task = build_summary(records, scores, clusters, cfg.chg_result)
+    summary, task = build_summary(records, scores, clusters, cfg.chg_result, probes=raw.probes)
     explainer_name = records[0].get("explainer", cfg.explainer) if records else cfg.explainer
     settings = {"model": raw.meta.get("model"), "sources": ", ".join(sorted(set(raw.meta.get("sources", [])))),
                 "windows": f"{raw.meta['n_windows']} x {raw.meta['window_len']} tokens "
@@ -197,9 +208,3 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
     steps.append("report")
     return ExplainOutput(outdir=outdir, records=records, scores=scores, clusters=clusters, summary=summary,
                          steps_run=steps)
-
-
-def config_from(**kwargs: Any) -> ExplainConfig:
-    """An :class:`ExplainConfig` from keyword arguments, ignoring unknown ones."""
-    names = {f.name for f in dataclasses.fields(ExplainConfig)}
-    return ExplainConfig(**{k: v for k, v in kwargs.items() if k in names})

@@ -1,8 +1,11 @@
 """Record what chosen attention heads do on text windows (read-only hooks, no gradients).
 
-For every head and query token: the norm of the head's output ``||z_h @ W_O[l, h]||`` and the
-attention pattern's top source positions with their weights. ``hook_z`` and ``hook_pattern`` are
-only read, never changed. The recording is streamed to ``raw_events.parquet`` (one row per window,
+For every head and query token: the norm of the head's output ``||z_h @ W_O[l, h]||``, the
+attention pattern's top source positions with their weights, and the exact attention *mass* on
+each standard pattern's source positions, computed from the full pattern at record time
+(:func:`pattern_masks`: first token, previous token, current token, earlier occurrences of the
+current token (duplicate), the tokens after them (induction), 2-4 tokens back), stored as
+float16 columns ``m_<pattern>``. ``hook_z`` and ``hook_pattern`` are only read, never changed. The recording is streamed to ``raw_events.parquet`` (one row per window,
 query position and head) with the token strings it needs in the file's metadata, so later steps
 need neither the model nor its tokenizer.
 
@@ -32,25 +35,69 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import models
+from ..scoring import parse_heads  # noqa: F401  (re-exported: "L.H" head lists live in the scoring engine)
 from .sources import Windows
 
 META_KEY = b"chg_lens.explain"
+OFFSETS = (2, 3, 4)
+MASS_PATTERNS = ("first_token", "previous_token", "current_token", "duplicate_token", "induction") + tuple(
+    f"offset_{k}" for k in OFFSETS)
+PROBES_FILE = "probes.parquet"
 
 
-def parse_heads(spec: str | Sequence | None) -> list[tuple[int, int]] | None:
-    """``"0.1,2.3"`` or ``[(0, 1), (2, 3)]`` -> list of (layer, head); None stays None."""
-    if spec is None or spec == "":
-        return None
-    if isinstance(spec, str):
-        out = []
-        for item in spec.split(","):
-            try:
-                layer, head = item.strip().split(".")
-                out.append((int(layer), int(head)))
-            except ValueError as err:
-                raise ValueError(f"heads are written LAYER.HEAD, comma separated (e.g. 0.1,5.3); got {item!r}") from err
-        return out
-    return [(int(l), int(h)) for l, h in spec]
+def pattern_masks(tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
+    """For each pattern of :data:`MASS_PATTERNS`, which key positions are its sources, ``[batch, q, k]`` bool.
+
+    Position 0 (the first token, the attention sink) is a source only of ``first_token``: every
+    other pattern leaves it out, so resting on the first token never counts as a pattern.
+
+    - first_token: ``k == 0`` (for ``q >= 1``); previous_token: ``k == q - 1``; current_token: ``k == q``
+      (``q >= 1``); offset_o: ``k == q - o``;
+    - duplicate_token: every earlier occurrence of the current token, ``k < q`` with ``tok[k] == tok[q]``;
+    - induction: every token after an earlier occurrence, ``k <= q - 1`` with ``tok[k - 1] == tok[q]``.
+    """
+    b, T = tokens.shape
+    q = torch.arange(T, device=tokens.device)[:, None]
+    k = torch.arange(T, device=tokens.device)[None, :]
+    not_sink = k >= 1
+    same = tokens[:, :, None] == tokens[:, None, :]                       # [b, q, k]: tok[q] == tok[k]
+    after_same = torch.zeros_like(same)
+    after_same[:, :, 1:] = same[:, :, :-1]                                # tok[q] == tok[k - 1]
+    out = {"first_token": ((k == 0) & (q >= 1)).expand(b, T, T),
+           "previous_token": ((k == q - 1) & not_sink).expand(b, T, T),
+           "current_token": ((k == q) & not_sink).expand(b, T, T),
+           "duplicate_token": same & (k < q) & not_sink,
+           "induction": after_same & (k <= q - 1) & (k >= 2)}
+    for o in OFFSETS:
+        out[f"offset_{o}"] = ((k == q - o) & not_sink).expand(b, T, T)
+    return out
+
+
+def repeated_phrase(tokens: Int[Tensor, "batch pos"]) -> Tensor:
+    """``[batch, q]`` bool: the current token and the one before it occurred together earlier
+    (``tok[k-1] == tok[q]`` and ``tok[k-2] == tok[q-1]`` for some ``3 <= k <= q - 1``): a repeated
+    phrase, where an induction head (prefix matching, Olsson et al. 2022) has the clearest target."""
+    b, T = tokens.shape
+    q = torch.arange(T, device=tokens.device)[:, None]
+    k = torch.arange(T, device=tokens.device)[None, :]
+    same = tokens[:, :, None] == tokens[:, None, :]
+    after = torch.zeros_like(same)
+    after[:, :, 1:] = same[:, :, :-1]                                     # tok[q] == tok[k - 1]
+    prev = torch.zeros_like(same)
+    prev[:, 1:, 2:] = same[:, :-1, :-2]                                   # tok[q - 1] == tok[k - 2]
+    return (after & prev & (k >= 3) & (k <= q - 1)).any(-1)
+
+
+def pattern_counts(tokens: np.ndarray, chunk: int = 128) -> dict[str, np.ndarray]:
+    """Number of source positions of each pattern per query, ``[W, T]`` int (0: the pattern does not apply);
+    and under ``"repeated_phrase"`` the :func:`repeated_phrase` positions (0/1)."""
+    t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    parts: dict[str, list] = {p: [] for p in (*MASS_PATTERNS, "repeated_phrase")}
+    for i in range(0, t.shape[0], chunk):
+        for p, m in pattern_masks(t[i:i + chunk]).items():
+            parts[p].append(m.sum(-1).numpy())
+        parts["repeated_phrase"].append(repeated_phrase(t[i:i + chunk]).long().numpy())
+    return {p: np.concatenate(v) if v else np.zeros((0, t.shape[1]), dtype=np.int64) for p, v in parts.items()}
 
 
 def select_heads(model, heads: Sequence[tuple[int, int]] | None = None, max_heads: int | None = None,
@@ -80,15 +127,16 @@ def head_activity(
     z: Float[Tensor, "batch pos head_index d_head"], W_O: Float[Tensor, "head_index d_head d_model"]
 ) -> Float[Tensor, "batch pos head_index"]:
     """Norm of each head's output per query token: ``||z[..., h, :] @ W_O[h]||``."""
-    return torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype)).norm(dim=-1)
+    return torch.einsum("bphd,hdm->bphm", z, W_O.to(z.device, z.dtype)).norm(dim=-1)
 
 
 def record_batch(model, tokens: Int[Tensor, "batch pos"], heads: Sequence[tuple[int, int]], top_sources: int = 3
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward pass (stopped after the last layer needed) with read-only hooks.
 
-    Returns ``activity [batch, pos, n]``, ``sources [batch, pos, n, k]`` and ``weights [batch, pos, n, k]``
-    for the ``n`` heads in order.
+    Returns ``activity [batch, pos, n]``, ``sources [batch, pos, n, k]``, ``weights [batch, pos, n, k]``
+    and ``masses [batch, pos, n, len(MASS_PATTERNS)]`` (attention mass on each pattern's sources) for
+    the ``n`` heads in order.
     """
     layers = sorted({l for l, _ in heads})
     W_O = models.W_O(model)
@@ -102,8 +150,11 @@ def record_batch(model, tokens: Int[Tensor, "batch pos"], heads: Sequence[tuple[
     hooks = [(models.z_hook_name(l), reader("z", l)) for l in layers]
     hooks += [(models.pattern_hook_name(l), reader("pattern", l)) for l in layers]
     with torch.no_grad():
-        models.run_until_layer(model, tokens.to(models.device(model)), hooks, layers[-1])
-        acts, srcs, wts = [], [], []
+        tokens = tokens.to(models.device(model))
+        models.run_until_layer(model, tokens, hooks, layers[-1])
+        by_pattern = pattern_masks(tokens)
+        masks = torch.stack([by_pattern[p].float() for p in MASS_PATTERNS], 1)     # [batch, P, q, k]
+        acts, srcs, wts, mass = [], [], [], []
         for l in layers:
             idx = [h for (ll, h) in heads if ll == l]
             z = store[("z", l)][:, :, idx].float()
@@ -113,7 +164,9 @@ def record_batch(model, tokens: Int[Tensor, "batch pos"], heads: Sequence[tuple[
             w, s = pattern.topk(k, dim=-1)
             srcs.append(s.permute(0, 2, 1, 3))
             wts.append(w.permute(0, 2, 1, 3))
-    return torch.cat(acts, 2).float().cpu(), torch.cat(srcs, 2).cpu(), torch.cat(wts, 2).float().cpu()
+            mass.append(torch.einsum("bnqk,bpqk->bqnp", pattern, masks.to(pattern.device)))
+    return (torch.cat(acts, 2).float().cpu(), torch.cat(srcs, 2).cpu(), torch.cat(wts, 2).float().cpu(),
+            torch.cat(mass, 2).float().cpu())
 
 
 def record_to_parquet(
@@ -129,9 +182,10 @@ def record_to_parquet(
 ) -> Path:
     """Record ``heads`` on every window and write ``raw_events.parquet`` (streamed, one row group a batch).
 
-    Columns: window, pos, token, layer, head, activity, src0..src{k-1}, w0..w{k-1}. The file's
-    metadata holds the heads, the windows' sources, the strings of the tokens that occur, ``meta``,
-    and the precision of the recording passes (``autocast``, default ``"auto"``: see
+    Columns: window, pos, token, layer, head, activity, src0..src{k-1}, w0..w{k-1} and the float16
+    attention masses ``m_<pattern>`` of :data:`MASS_PATTERNS`. The file's
+    metadata holds the heads, the windows' sources, the strings of the tokens that occur, ``meta``, and
+    the precision of the recording passes (``autocast``, default ``"auto"``: see
     :func:`chg_lens.models.resolve_autocast`; activities and weights are stored as float32).
     """
     model = models.as_model(model)
@@ -156,6 +210,7 @@ def record_to_parquet(
     fields = [("window", pa.int32()), ("pos", pa.int32()), ("token", pa.int32()), ("layer", pa.int16()),
               ("head", pa.int16()), ("activity", pa.float32())]
     fields += [(f"src{i}", pa.int32()) for i in range(k)] + [(f"w{i}", pa.float32()) for i in range(k)]
+    fields += [(f"m_{p}", pa.float16()) for p in MASS_PATTERNS]
     schema = pa.schema(fields, metadata={META_KEY: json.dumps(info, sort_keys=True).encode()})
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -167,7 +222,7 @@ def record_to_parquet(
         for start in bar:
             batch = tokens[start:start + batch_size]
             with models.autocast(model, autocast):
-                act, src, wt = record_batch(model, batch, heads, top_sources)
+                act, src, wt, mass = record_batch(model, batch, heads, top_sources)
             b, T = batch.shape
             if src.shape[-1] < k:  # windows shorter than k: pad with position 0, weight 0
                 pad = k - src.shape[-1]
@@ -184,6 +239,8 @@ def record_to_parquet(
             for i in range(k):
                 cols[f"src{i}"] = src[..., i].numpy().astype(np.int32).reshape(n)
                 cols[f"w{i}"] = wt[..., i].numpy().astype(np.float32).reshape(n)
+            for i, p in enumerate(MASS_PATTERNS):
+                cols[f"m_{p}"] = mass[..., i].numpy().astype(np.float16).reshape(n)
             writer.write_table(pa.table(cols, schema=schema))
     os.replace(tmp, path)
     return path
@@ -200,6 +257,8 @@ class RawActivity:
     weights: np.ndarray           # [head, window, pos, k] float32
     token_str: dict[int, str]
     meta: dict[str, Any] = field(default_factory=dict)
+    masses: dict[str, np.ndarray] | None = None   # pattern -> [head, window, pos] float16 (None: older file)
+    probes: Any = None                            # probes.parquet as a DataFrame (None: not recorded)
 
     def head_index(self, layer: int, head: int) -> int:
         return self.heads.index((layer, head))
@@ -214,7 +273,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_raw(path: str | os.PathLike) -> RawActivity:
-    """Read ``raw_events.parquet`` back into arrays (exactly the values written)."""
+    """Read ``raw_events.parquet`` back into arrays (exactly the values written), with the probe
+    scores of ``probes.parquet`` beside it when that file exists."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run without --skip-cache first")
@@ -240,6 +300,15 @@ def load_raw(path: str | os.PathLike) -> RawActivity:
     for i in range(k):
         sources[row_head, window, pos, i] = col(f"src{i}")
         weights[row_head, window, pos, i] = col(f"w{i}")
+    masses = None
+    if all(f"m_{p}" in table.column_names for p in MASS_PATTERNS):
+        masses = {}
+        for p in MASS_PATTERNS:
+            m = np.zeros((H, W, T), dtype=np.float16)
+            m[row_head, window, pos] = col(f"m_{p}")
+            masses[p] = m
+    from .probes import load_probes
+
     token_str = {int(a): b for a, b in meta.pop("token_str").items()}
     return RawActivity(tokens=tokens, heads=heads, activity=activity, sources=sources, weights=weights,
-                       token_str=token_str, meta=meta)
+                       token_str=token_str, meta=meta, masses=masses, probes=load_probes(path.with_name(PROBES_FILE)))

@@ -1,5 +1,7 @@
-"""``report.md`` and ``summary.csv``: one row per head with its explanation, scores, cluster and,
-given a CHG result folder, its facilitation / interference / irrelevance and role for that task.
+"""``report.md`` and ``summary.csv``: one row per head with its explanation, scores, cluster, label
+and probe scores (``probe_<name>``, from ``probes.parquet``) and, given a CHG result folder, its
+facilitation / interference / irrelevance and role for that task. The report also shows the probe
+agreement (:func:`chg_lens.explain.simulate.probe_agreement`): does the label predict the probe?
 
 Example::
 
@@ -17,6 +19,8 @@ from typing import Any
 import pandas as pd
 
 from .. import taxonomy
+from .probes import PROBES, REFERENCES
+from .simulate import probe_agreement
 
 SUMMARY_COLUMNS = ["layer", "head", "explanation", "status", "simulation_score", "detection_score", "cluster"]
 
@@ -34,13 +38,17 @@ def chg_head_scores(chg_result: Any) -> tuple[pd.DataFrame, str]:
 
 
 def build_summary(records: list[dict[str, Any]], scores: pd.DataFrame, clusters: dict[str, Any] | None,
-                  chg_result: Any = None) -> tuple[pd.DataFrame, str | None]:
+                  chg_result: Any = None, probes: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str | None]:
     """The summary table (one row per explained head) and the CHG task name (None without CHG)."""
     rows = [{"layer": r["layer"], "head": r["head"], "explanation": r.get("explanation", ""),
              "status": r.get("status", "ok")} for r in records]
     frame = pd.DataFrame(rows, columns=["layer", "head", "explanation", "status"])
-    sc = scores[["layer", "head", "simulation_score", "detection_score"]]
+    extra = [c for c in ("label", "probe_score", "probe_percentile") if c in scores.columns]
+    sc = scores[["layer", "head", "simulation_score", "detection_score", *extra]]
     frame = frame.merge(sc, on=["layer", "head"], how="left")
+    if probes is not None:
+        frame = frame.merge(probes[["layer", "head", *PROBES]].rename(columns={p: f"probe_{p}" for p in PROBES}),
+                            on=["layer", "head"], how="left")
     labels = (clusters or {}).get("labels", {})
     frame["cluster"] = [int(labels.get(f"{l}.{h}", -1)) for l, h in zip(frame["layer"], frame["head"])]
     task = None
@@ -60,6 +68,33 @@ def _sentence(r, task: str) -> str:
     what = r.explanation if r.status == "ok" and r.explanation else "its explanation failed"
     role = r.role if isinstance(r.role, str) else "not in the CHG result"
     return f"layer {r.layer} head {r.head} is {role} for {task}: {what} (simulation score {_fmt(r.simulation_score)})"
+
+
+def probe_lines(summary: pd.DataFrame) -> list[str]:
+    """The report's probe sections: per-head probe scores beside the label, and the agreement per label."""
+    cols = [f"probe_{p}" for p in PROBES]
+    if not all(c in summary.columns for c in cols):
+        return []
+    lines = ["## Probe scores", "",
+             "Repeated random token sequences (see docs/explain.md): " +
+             "; ".join(f"{p.replace('_', ' ')}: {REFERENCES[p]}" for p in PROBES) + ".", "",
+             "| layer | head | label | " + " | ".join(p.replace("_", " ") for p in PROBES) + " |",
+             "|---|---|---|" + "---|" * len(PROBES)]
+    for r in summary.itertuples():
+        label = getattr(r, "label", "") if isinstance(getattr(r, "label", ""), str) else ""
+        lines.append(f"| {r.layer} | {r.head} | {label} | " +
+                     " | ".join(_fmt(getattr(r, c)) for c in cols) + " |")
+    if "label" in summary.columns:
+        probes = summary[["layer", "head", *cols]].rename(columns={f"probe_{p}": p for p in PROBES})
+        agree = probe_agreement(summary, probes)
+        lines += ["", "## Probe agreement: does the label predict the probe score?", "",
+                  "| label | heads | mean probe score (label) | mean probe score (other heads) | AUROC |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {a.label} | {a.n_heads} | {_fmt(a.mean_probe)} | {_fmt(a.mean_probe_others)} | {_fmt(a.auroc)} |"
+                  for a in agree.itertuples()]
+        if not len(agree):
+            lines.append("| (no head carries a label that has a probe) | | | | |")
+    return lines + [""]
 
 
 def markdown(summary: pd.DataFrame, clusters: dict[str, Any] | None, task: str | None, title: str,
@@ -84,7 +119,8 @@ def markdown(summary: pd.DataFrame, clusters: dict[str, Any] | None, task: str |
         text = (r.explanation if r.status == "ok" else "(failed)").replace("|", "\\|")
         lines.append(f"| {r.layer} | {r.head} | {_fmt(r.simulation_score)} | {_fmt(r.detection_score)} | "
                      f"{r.cluster} | {chg}{text} |")
-    lines += ["", "## Clusters", ""]
+    lines += [""] + probe_lines(summary)
+    lines += ["## Clusters", ""]
     for c in (clusters or {}).get("clusters", []):
         lines.append(f"- cluster {c['id']} ({c['size']} heads: {', '.join(c['heads'])}): {c['exemplar']}")
     if clusters is not None:

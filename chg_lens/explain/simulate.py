@@ -6,6 +6,14 @@ tokens of the simulated windows, and the *detection score* is the balanced accur
 the ``topk`` most active tokens from as many at-or-below-median ones, thresholding the prediction at
 its median over those events (a constant prediction scores 0.5).
 
+With probe scores recorded (``probes.parquet``), each row also says whether the label predicts the
+probe: ``label`` (the pattern the explanation names, :func:`~chg_lens.explain.explainers.label_of`),
+``probe_score`` (the head's probe score for that pattern; NaN when the pattern has no probe) and
+``probe_percentile`` (the share of the other recorded heads whose score on that probe is lower: 1.0
+means no other head scores higher). :func:`probe_agreement` summarises this per label: the mean
+probe score of the heads with the label against the others, and the AUROC of the probe score for
+telling them apart (0.5: the label says nothing about the probe).
+
 Example::
 
     row = score_head(PatternExplainer(), record, raw, raw.head_index(1, 0), held_out)
@@ -20,11 +28,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .explainers import LLMError, correlation
+from .explainers import LLMError, correlation, label_of
+from .probes import PROBES, probe_lookup
 from .record import RawActivity
 
 SCORE_COLUMNS = ["layer", "head", "explainer", "status", "simulation_score", "detection_score",
-                 "n_windows", "n_tokens", "error"]
+                 "n_windows", "n_tokens", "error", "label", "probe_score", "probe_percentile"]
 
 
 def detection_score(pred: np.ndarray, real: np.ndarray, topk: int = 50, seed: int = 0) -> float:
@@ -88,6 +97,53 @@ def score_all(explainer, records: list[dict[str, Any]], raw: RawActivity, held_o
     for rec in tqdm(records, desc="simulate", disable=not progress):
         i = raw.head_index(rec["layer"], rec["head"])
         rows.append(score_head(explainer, rec, raw, i, held_out, topk, seed))
+    add_probe_columns(rows, records, probe_lookup(raw.probes))
     frame = pd.DataFrame(rows, columns=SCORE_COLUMNS)
     return frame.astype({"layer": "int64", "head": "int64", "n_windows": "int64", "n_tokens": "int64",
-                         "simulation_score": "float64", "detection_score": "float64"})
+                         "simulation_score": "float64", "detection_score": "float64", "probe_score": "float64",
+                         "probe_percentile": "float64"})
+
+
+def add_probe_columns(rows: list[dict[str, Any]], records: list[dict[str, Any]],
+                      probes: dict[tuple[int, int], dict[str, float]]) -> None:
+    """Fill ``label``, ``probe_score`` and ``probe_percentile`` of each row (in place)."""
+    for row, rec in zip(rows, records):
+        label = label_of(rec) if rec.get("status") == "ok" else "failed"
+        mine = probes.get((row["layer"], row["head"]))
+        row["label"], row["probe_score"], row["probe_percentile"] = label, float("nan"), float("nan")
+        if mine is None or label not in PROBES:
+            continue
+        others = [v[label] for k, v in probes.items() if k != (row["layer"], row["head"])]
+        row["probe_score"] = mine[label]
+        if others:
+            row["probe_percentile"] = float(np.mean(np.asarray(others) < mine[label]))
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Probability that a positive scores above a negative (ties count half); NaN if a side is empty."""
+    positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if positive.size == 0 or negative.size == 0:
+        return float("nan")
+    diff = positive[:, None] - negative[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def probe_agreement(scores: pd.DataFrame, probes: pd.DataFrame | None) -> pd.DataFrame:
+    """Per label that has a probe: how many heads carry it, their mean probe score for it against the
+    other explained heads', and the AUROC of that probe score for telling the two groups apart.
+
+        probe_agreement(scores, raw.probes)   # label, n_heads, mean_probe, mean_probe_others, auroc
+    """
+    cols = ["label", "n_heads", "mean_probe", "mean_probe_others", "auroc"]
+    if probes is None or not len(scores) or "label" not in scores:
+        return pd.DataFrame(columns=cols)
+    joined = scores[scores.status == "ok"][["layer", "head", "label"]].merge(probes, on=["layer", "head"])
+    rows = []
+    for label in PROBES:
+        mine = joined.label == label
+        if not mine.any():
+            continue
+        pos, neg = joined.loc[mine, label].to_numpy(), joined.loc[~mine, label].to_numpy()
+        rows.append({"label": label, "n_heads": int(mine.sum()), "mean_probe": float(pos.mean()),
+                     "mean_probe_others": float(neg.mean()) if neg.size else float("nan"), "auroc": auroc(pos, neg)})
+    return pd.DataFrame(rows, columns=cols)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import random
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .. import models
-from ..data import TaskDataset, _tokenizer_of
+from ..data import TaskDataset, _tokenizer_of, first_target_position
 
 Pair = tuple[str, str]
 
@@ -129,6 +130,12 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
         load_records("pairs.jsonl")   # [{"input": "hot", "output": "cold"}, ...]
     """
+    return [r for _, r in load_located_records(path)]
+
+
+def load_located_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Like :func:`load_records`, each record with where it came from (``"line 7"`` of a CSV, TSV or
+    JSONL file, ``"record 3"`` of a JSON list, ``"row 3"`` of a parquet file), for error messages."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -137,33 +144,105 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=32)
-def _read_records(name: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+def _read_records(name: str, mtime_ns: int, size: int) -> tuple[tuple[str, dict[str, Any]], ...]:
     """Parsed records, cached per file version (tasks rebuilt with other seeds do not reparse)."""
     return tuple(_parse_records(Path(name)))
 
 
-def _parse_records(path: Path) -> list[dict[str, Any]]:
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({err.reason}); save the file as UTF-8") from None
+
+
+def _parse_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(_read_text(path))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
         if isinstance(data, dict):  # {"examples": [...]} (BIG-bench) or {"data": [...]}
             for key in ("examples", "data", "rows"):
                 if isinstance(data.get(key), list):
-                    return list(data[key])
-            raise ValueError(f"{path}: a JSON object without an 'examples' or 'data' list; give a list of records")
+                    data = data[key]
+                    break
+            else:
+                raise ValueError(f"{path}: a JSON object without an 'examples' or 'data' list; give a list of records")
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records")
-        return data
+        return [(f"record {i + 1}", r) for i, r in enumerate(data)]
     if suffix in (".jsonl", ".ndjson"):
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = []
+        for n, line in enumerate(_read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({err.msg} at column {err.colno}); fix or "
+                                 "remove the line") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object per line; got {type(rec).__name__}")
+            out.append((f"line {n}", rec))
+        return out
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        text = _read_text(path)
+        import io
+
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        out = []
+        for rec in reader:
+            if None in rec:  # more fields than the header
+                raise ValueError(f"{path}, line {reader.line_num}: {len(rec[None]) + len(reader.fieldnames)} fields "
+                                 f"but the header has {len(reader.fieldnames)}; quote fields that hold the delimiter")
+            out.append((f"line {reader.line_num}", rec))
+        return out
     if suffix == ".parquet":
         import pandas as pd
 
-        return pd.read_parquet(path).to_dict("records")
+        return [(f"row {i + 1}", r) for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
     raise ValueError(f"{path}: unknown file type {suffix!r}; use .json, .jsonl, .csv, .tsv or .parquet")
+
+
+def _missing(value: Any) -> str | None:
+    """Why ``value`` is not usable text: "missing", "empty", or None when it is fine."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "missing"
+    if isinstance(value, str) and not value.strip():
+        return "empty"
+    return None
+
+
+def text_columns(located: Sequence[tuple[str, dict]], names: Sequence[str], source: str,
+                 drop_empty: bool = False) -> list[tuple[str, ...]]:
+    """The ``names`` columns of every record as strings. A missing (absent, ``null``, NaN) or empty
+    value is a ValueError naming the file, line and column, or, with ``drop_empty``, the row is
+    dropped and a warning says how many were.
+
+    Example::
+
+        text_columns(load_located_records("pairs.csv"), ("input", "output"), "pairs.csv")
+    """
+    columns([r for _, r in located], names, source)
+    out, dropped = [], []
+    for where, rec in located:
+        why = [(n, _missing(rec.get(n))) for n in names]
+        bad = [(n, w) for n, w in why if w is not None]
+        if bad:
+            if drop_empty:
+                dropped.append(where)
+                continue
+            n, w = bad[0]
+            raise ValueError(f"{source}, {where}, column {n!r}: {w} value; fill it in, remove the row, or drop such "
+                             "rows with drop_empty=True (CLI: --task-option drop_empty=true)")
+        out.append(tuple(str(rec[n]) for n in names))
+    if dropped:
+        warnings.warn(f"{source}: dropped {len(dropped)} of {len(located)} row(s) with a missing or empty "
+                      f"{'/'.join(names)} (first: {dropped[0]})", stacklevel=2)
+    return out
 
 
 def columns(records: Sequence[dict], names: Iterable[str], source: str) -> None:
@@ -176,13 +255,13 @@ def columns(records: Sequence[dict], names: Iterable[str], source: str) -> None:
 
 
 def load_hf_dataset(name: str, split: str = "train", config: str | None = None, **kwargs: Any) -> list[dict]:
-    """Records of a Hugging Face dataset (needs the optional ``datasets`` package and internet)."""
+    """Records of a Hugging Face dataset (needs internet; ``datasets`` is a dependency of chg_lens)."""
     try:
-        import datasets  # optional extra: pip install chg-lens[data]
+        import datasets
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             f"loading the Hugging Face dataset {name!r} needs the `datasets` package: "
-            "pip install 'chg-lens[data]' (or pass a local file / data_dir instead)"
+            "pip install datasets (a dependency of chg_lens; or pass a local file / data_dir instead)"
         ) from e
     return list(datasets.load_dataset(name, config, split=split, **kwargs))
 
@@ -299,12 +378,7 @@ def matched_prompt_datasets(
                                         prepend_bos=prepend_bos, name=name)
         for k, v in (row_meta or {}).items():
             data.row_meta[k] = [v[i] for i in keep]
-        data.row_meta["query_pos"] = [int(m.nonzero()[0]) - 1 for m in data.loss_mask]
+        data.row_meta["query_pos"] = first_target_position(data.loss_mask).tolist()
         data.meta["n_dropped_too_long"] = len(worst) - len(keep)
         out[name] = data
     return out
-
-
-def target_first_ids(data: TaskDataset) -> list[int]:
-    """The first target token of each row."""
-    return [int(row[int(m.nonzero()[0])]) for row, m in zip(data.tokens, data.loss_mask)]

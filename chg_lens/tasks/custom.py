@@ -14,22 +14,23 @@ from typing import Any
 
 from ..data import TaskSplits, _tokenizer_of
 from . import register
-from .common import (columns, example_pool, few_shot_prompt, load_hf_dataset, load_records, looks_like_hub_name,
-                     prompt_dataset, require_data_dir)
+from .common import (example_pool, few_shot_prompt, load_hf_dataset, load_located_records, looks_like_hub_name,
+                     prompt_dataset, require_data_dir, text_columns)
 
 
 def load_pairs(source: Any, input_column: str, target_column: str, hf_split: str = "train",
-               hf_config: str | None = None) -> list[tuple[str, str]]:
-    """(input, target) string pairs from a file or a Hugging Face dataset name."""
+               hf_config: str | None = None, drop_empty: bool = False) -> list[tuple[str, str]]:
+    """(input, target) string pairs from a file or a Hugging Face dataset name. A missing or empty
+    input or target is an error naming the file, line and column (``drop_empty``: dropped, counted)."""
     if looks_like_hub_name(source):
-        records, name = load_hf_dataset(str(source), split=hf_split, config=hf_config), str(source)
+        records = load_hf_dataset(str(source), split=hf_split, config=hf_config)
+        located, name = [(f"record {i + 1}", r) for i, r in enumerate(records)], str(source)
     else:
         path = require_data_dir(source, "custom", "pass a .json/.jsonl/.csv/.tsv/.parquet file or a Hugging Face dataset name")
         if path.is_dir():
             raise ValueError(f"{path} is a folder; pass the data file itself")
-        records, name = load_records(path), str(path)
-    columns(records, (input_column, target_column), name)
-    return [(str(r[input_column]), str(r[target_column])) for r in records]
+        located, name = load_located_records(path), str(path)
+    return text_columns(located, (input_column, target_column), name, drop_empty)
 
 
 @register("custom", "your own prompt/target file (JSON/JSONL/CSV/TSV/parquet) or HF dataset: --data-dir FILE "
@@ -51,6 +52,7 @@ def from_file(
     hf_split: str = "train",
     hf_config: str | None = None,
     prepend_bos: bool | None = None,
+    drop_empty: bool = False,
 ) -> TaskSplits:
     """Rows from a data file; loss on the target tokens.
 
@@ -65,13 +67,15 @@ def from_file(
         n_prompts: rows to use (default: all; sampled with ``seed`` when fewer).
         seed: seeds sampling, examples and the split.
         n_shots: solved examples per prompt.
+        drop_empty: drop rows whose input or target is missing or empty (with a warning that counts
+            them) instead of raising an error that names the first.
 
     Example::
 
         train, val = from_file(tokenizer, "capitals.csv", "country", "capital", n_shots=5)
     """
     tok = _tokenizer_of(model_or_tokenizer)
-    pairs = load_pairs(data_dir, input_column, target_column, hf_split, hf_config)
+    pairs = load_pairs(data_dir, input_column, target_column, hf_split, hf_config, drop_empty)
     if n_shots == 0 and instruction is None:
         import random
 

@@ -1,0 +1,139 @@
+"""``chg-lens contrast``: fit contrastive CHG on two matched data sets (or the Figure 5 preset) and write a
+results folder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from . import options
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..contrastive import SIX_TASKS
+
+    options.add_model(p)
+    p.add_argument("--preset", choices=["icl-vs-instruction"], default=None,
+                   help="icl-vs-instruction: the paper's Figure 5 (six function-vector tasks, hold one out, "
+                        "both directions); --retain/--forget are then not used")
+    p.add_argument("--retain", help="data to keep: a registered task (`chg-lens tasks`) or a file with prompt, "
+                                    "target (and optional pair_id) columns (.json, .jsonl, .csv, .tsv, .parquet)")
+    p.add_argument("--forget", help="data to remove, matched row by row with --retain (same task or file kinds)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task argument for both sides, e.g. --task-option task=antonym")
+    p.add_argument("--retain-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task argument for --retain only, e.g. --retain-option fmt=instruction")
+    p.add_argument("--forget-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task argument for --forget only, e.g. --forget-option fmt=icl")
+    p.add_argument("--data-dir", default=None, help="folder with the tasks' data files")
+    p.add_argument("--n-prompts", type=int, default=None, help="rows to build per task (task default if unset)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="evaluation share of a file's rows")
+    p.add_argument("--tasks", default=",".join(SIX_TASKS), help="preset: comma-separated function-vector tasks")
+    p.add_argument("--heldout", default=None, help="preset: comma-separated held-out tasks (default: every task)")
+    p.add_argument("--n-shots", type=int, default=10, help="preset: ICL examples per prompt")
+    p.add_argument("--chg-retain", default=None, help="a saved CHG result on the retain data: write overlap.csv")
+    p.add_argument("--chg-forget", default=None, help="a saved CHG result on the forget data: write overlap.csv")
+    p.add_argument("--n-seeds", type=int, default=1)
+    p.add_argument("--updates", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lam", type=float, default=0.1)
+    p.add_argument("--max-diff", type=float, default=5.0)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr-end", type=float, default=0.01)
+    options.add_seed(p)
+    p.add_argument("--configs-per-pass", type=int, default=None,
+                   help="at most N masks per pass (less memory; default: all)")
+    options.add_run(p, out=options.OUT["contrast"])
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the fit finished")
+    p.add_argument("--checkpoint-every", type=int, default=25)
+
+
+def _is_file(spec: str) -> bool:
+    return Path(spec).suffix.lower() in (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
+
+
+def _side(model, spec: str, opts: dict, a: argparse.Namespace):
+    """A file as one TaskDataset (split later, after the pairing check), a task as (train, validation)."""
+    from .. import tasks
+    from ..contrastive import load_pairs_file
+
+    if _is_file(spec):
+        data = load_pairs_file(model, spec)
+        return data.subset(range(min(a.n_prompts, len(data)))) if a.n_prompts is not None else data
+    kwargs = {"seed": a.seed, **opts}
+    if a.n_prompts is not None:
+        kwargs["n_prompts"] = a.n_prompts
+    if a.data_dir is not None and tasks.takes(spec, "data_dir"):
+        kwargs["data_dir"] = a.data_dir
+    return tasks.build(spec, model, **kwargs)
+
+
+def run(a: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from .. import checks, models
+    from ..chg import CHGResult
+    from ..contrastive import (ContrastiveConfig, check_matched, facilitation_overlap, fit_contrastive,
+                               icl_vs_instruction)
+    from ..data import TaskDataset
+    from ..fitting import check_configs_per_pass
+    from ..results import write_text_atomic
+
+    t0 = time.time()
+    kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
+              lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress,
+              configs_per_pass=a.configs_per_pass, autocast=a.autocast)
+    if a.preset is None and (not a.retain or not a.forget):
+        raise ValueError("give --retain and --forget (a task name or a file each), or --preset icl-vs-instruction")
+    # every option, input and the output folder are checked before the model loads
+    ContrastiveConfig(**{k: v for k, v in kw.items() if k not in ("progress", "configs_per_pass", "autocast")}).check()
+    check_configs_per_pass(a.configs_per_pass)
+    checks.positive_int("--checkpoint-every", a.checkpoint_every)
+    for flag, spec in (("--retain", a.retain), ("--forget", a.forget), ("--chg-retain", a.chg_retain),
+                       ("--chg-forget", a.chg_forget)):
+        if spec and (_is_file(spec) or flag.startswith("--chg")) and not Path(spec).exists():
+            raise FileNotFoundError(f"{flag} {spec}: no such file or folder")
+    out = options.check_run(a, None if a.preset else "contrastive")
+    model = models.load_model(a.model, device=a.device, dtype=a.dtype)
+    print(f"precision: {models.describe_precision(model, a.autocast)}")
+    if a.preset == "icl-vs-instruction":
+        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        heldout = None if a.heldout is None else [t.strip() for t in a.heldout.split(",") if t.strip()]
+        frame = icl_vs_instruction(model, tasks=tasks, data_dir=a.data_dir, heldout=heldout,
+                                   n_prompts=a.n_prompts or 32, n_shots=a.n_shots, out_dir=out,
+                                   checkpoint_every=a.checkpoint_every, **kw)
+        write_text_atomic(out / "figure5.csv", frame.to_csv(index=False))
+        tmp = out / f".figure5.parquet.tmp-{os.getpid()}"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, out / "figure5.parquet")
+        print(frame.to_string(index=False))
+        print(f"wrote {out}/figure5.csv, figure5.parquet and fits/ in {time.time() - t0:.0f}s")
+        return 0
+    shared = options.task_options(a.task_option)
+    sides = []
+    for spec, opts in ((a.retain, a.retain_option), (a.forget, a.forget_option)):
+        sides.append(_side(model, spec, {**shared, **options.task_options(opts)}, a))
+    if isinstance(sides[0], TaskDataset) and isinstance(sides[1], TaskDataset):
+        check_matched(*sides)  # whole files first: a split would hide a shuffled pairing
+    (r_train, r_val), (f_train, f_val) = [s.split(a.val_fraction, a.seed) if isinstance(s, TaskDataset) else s
+                                          for s in sides]
+    check_matched(r_train, f_train)
+    check_matched(r_val, f_val)
+    print(f"loaded {a.model} in {time.time() - t0:.0f}s; {len(r_train)} train / {len(r_val)} evaluation pairs")
+    result = fit_contrastive(model, r_train, f_train, validation=(r_val, f_val), checkpoint_dir=out / "checkpoint",
+                             checkpoint_every=a.checkpoint_every, **kw)
+    result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
+    chg = {k: CHGResult.load(p) for k, p in (("retain", a.chg_retain), ("forget", a.chg_forget)) if p}
+    result.save(out, overwrite=a.overwrite)  # with evaluation.csv and gates.csv, atomically
+    if not a.keep_checkpoint:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    if chg:
+        write_text_atomic(out / "overlap.csv", facilitation_overlap(result, chg).to_csv(index=False))
+    summary = result.summary()
+    write_text_atomic(out / "summary.txt", summary + "\n")
+    print(summary)
+    print(f"wrote {out}/ (tensors.safetensors, meta.json, gates.csv, evaluation.csv, summary.txt) "
+          f"in {time.time() - t0:.0f}s")
+    return 0

@@ -1,0 +1,128 @@
+"""Options shared by the subcommands, and every default in one place.
+
+The shared group: ``--model``, the task options (``--task``, ``--data-dir``, ``--n-prompts``,
+``--task-option``), ``--seed``, and the run options (``--device``, ``--dtype``, ``--autocast``,
+``--out``, ``--no-progress``). A subcommand calls the ``add_*`` functions it needs; values parsed here never
+exit the process: a bad one is a ``ValueError`` (printed by :func:`chg_lens.cli.main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+"""The model every subcommand runs when ``--model`` is not given (offline, embedded)."""
+TASK = "ioi"
+IOI_PROMPTS = 80
+"""Rows of IOI built when ``--n-prompts`` is not given (fit, ablate); other tasks use their own default."""
+SEED = 0
+OUT = {"fit": "runs/chg", "contrast": "runs/contrast", "ablate": "runs/ablate", "patch": "runs/patch",
+       "explain": "runs/explain"}
+"""Default ``--out`` folder of each subcommand."""
+
+
+def add_model(p: argparse.ArgumentParser, default: str | None = MODEL, help: str | None = None) -> None:
+    p.add_argument("--model", default=default,
+                   help=help or "offline alias, .gguf file, local folder or hub name (default: %(default)s)")
+
+
+def add_task(p: argparse.ArgumentParser, *, default: str | None = TASK, task_help: str | None = None,
+             option_help: str = "any other task argument, e.g. --task-option n_shots=10") -> None:
+    """``--task``, ``--data-dir``, ``--n-prompts``, ``--task-option``."""
+    p.add_argument("--task", default=default, help=task_help or "a task from `chg-lens tasks` (default: %(default)s)")
+    add_data(p)
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help=option_help)
+
+
+def add_data(p: argparse.ArgumentParser, n_prompts: int | None = None,
+             data_help: str = "folder with the task's data files") -> None:
+    p.add_argument("--data-dir", default=None, help=data_help)
+    p.add_argument("--n-prompts", type=int, default=n_prompts,
+                   help="rows to build (task default if unset)" if n_prompts is None else "rows to build")
+
+
+def add_seed(p: argparse.ArgumentParser, help: str = "seed of the task's rows and of the fit") -> None:
+    p.add_argument("--seed", type=int, default=SEED, help=help)
+
+
+AUTOCAST = "auto"
+"""``--autocast`` default: bf16 mixed precision where the hardware has it natively, float32 elsewhere."""
+
+
+def add_autocast(p: argparse.ArgumentParser) -> None:
+    """``--autocast auto|bf16|fp16|off`` (see :func:`chg_lens.models.resolve_autocast`)."""
+    p.add_argument("--autocast", choices=["auto", "bf16", "fp16", "off"], default=AUTOCAST,
+                   help="precision of the passes: auto (default; bf16 mixed precision on CUDA devices and CPUs "
+                        "with native bf16, float32 elsewhere), bf16, fp16, or off (float32)")
+
+
+def add_run(p: argparse.ArgumentParser, out: str) -> None:
+    """``--device``, ``--dtype``, ``--autocast``, ``--out`` (default ``out``) and ``--no-progress``."""
+    p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    add_autocast(p)
+    p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different result already in --out (default: refuse and say what is there)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_run(a: argparse.Namespace, kind: str | None, identity: dict | None = None, out: Path | None = None) -> Path:
+    """Check ``--device``, ``--dtype`` and the output folder (``--out``, or ``out``) for a ``kind``
+    result before any model is loaded (``kind`` None: only that the folder can be written); returns
+    the folder. Raises ValueError."""
+    from .. import checks
+    from ..results import check_target
+
+    checks.device(a.device)
+    checks.dtype(a.dtype)
+    out = Path(a.out) if out is None else Path(out)
+    if kind is None:
+        checks.output_dir(out)
+    else:
+        check_target(out, kind, identity, overwrite=getattr(a, "overwrite", False), what="--out")
+    return out
+
+
+def task_options(items: list[str] | None) -> dict:
+    """``--task-option key=value`` pairs; values are parsed as JSON when they can be."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--task-option expects key=value; got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def n_prompts(a: argparse.Namespace, task: str) -> int | None:
+    """``--n-prompts``, or :data:`IOI_PROMPTS` for IOI, else None (the task's default)."""
+    return a.n_prompts if a.n_prompts is not None else (IOI_PROMPTS if task == "ioi" else None)
+
+
+def task_kwargs(task: str, a: argparse.Namespace, options: dict, n: int | None = None) -> dict:
+    """The options :func:`build_task` passes to ``tasks.build``, checked (unknown options and values
+    of the wrong type are a ValueError) without building anything: call it before loading a model."""
+    from .. import tasks
+
+    kwargs = {"seed": a.seed, **options}
+    n = n if n is not None else a.n_prompts
+    if n is not None:
+        kwargs["n_prompts"] = n
+    if a.data_dir is not None:
+        kwargs["data_dir"] = a.data_dir
+    tasks.check_options(task, **kwargs)
+    return kwargs
+
+
+def build_task(model, task: str, a: argparse.Namespace, options: dict, n: int | None = None):
+    """``tasks.build`` with the options of ``a``: ``--seed`` (unless ``options`` sets one), ``--n-prompts``
+    (``n`` when given) and ``--data-dir`` (when set and the task takes it)."""
+    from .. import tasks
+
+    return tasks.build(task, model, **task_kwargs(task, a, options, n))

@@ -1,0 +1,384 @@
+"""The scoring engine: target log-probabilities of rows under gate configurations.
+
+Every analysis in chg_lens (CHG fitting, contrastive CHG, ablation sweeps, patching, validation)
+scores a model the same way: repeat a batch of rows once per gate configuration, run the blocks with
+gate hooks on ``hook_z``, and unembed only the positions that predict target tokens. This module
+holds that pass (:func:`row_logprobs`), the batched pass over many configurations with prefix reuse
+(:func:`score_configs`; :func:`evaluate` is a call to it), the per-configuration metrics, ``"L.H"``
+head lists and their checks, the position that predicts a row's first target, and the one ``z``
+collector (:func:`collect_z`: mean ``z`` for mean ablation, per-row ``z`` for patching).
+
+Example::
+
+    out = row_logprobs(model, data.tokens, data.loss_mask, gates=configs)   # configs [K, L, H]
+    out.logprob_sum.shape   # [K, rows]
+    scores = score_configs(model, data, gates.single_head_configs(model))   # [n_heads_total, rows]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import checks, models
+from . import gates as gates_mod
+from .deprecation import renamed
+from .data import TaskDataset, first_target_position
+from .models import Hook
+
+Heads = Sequence[tuple[int, int]]
+
+
+@dataclass
+class RowScores:
+    """Per configuration and row: summed target log-prob, target count, all-targets-correct."""
+
+    logprob_sum: Float[Tensor, "configs rows"]
+    n_targets: Int[Tensor, "rows"]
+    correct: Bool[Tensor, "configs rows"]
+    answer_logits: Float[Tensor, "configs rows answers"] | None = None
+    """Logits of each row's ``answers`` tokens at the position that predicts its first target
+    (only when ``answers`` was given)."""
+
+    @property
+    def logit_diff(self) -> Float[Tensor, "configs rows"]:
+        """Logit of the first answer minus the second (correct minus wrong, e.g. IO minus S)."""
+        if self.answer_logits is None or self.answer_logits.shape[-1] < 2:
+            raise ValueError("no answer logits: pass answers=[[correct_id, wrong_id], ...] per row")
+        return self.answer_logits[..., 0] - self.answer_logits[..., 1]
+
+    @property
+    def logprob_mean(self) -> Float[Tensor, "configs rows"]:
+        """Mean log-probability per target token of each row."""
+        return self.logprob_sum / self.n_targets.to(self.logprob_sum.dtype)
+
+    @property
+    def nll(self) -> Float[Tensor, "configs"]:
+        """The CHG objective: mean over rows of each row's mean target NLL."""
+        return -self.logprob_mean.mean(dim=1)
+
+
+def row_logprobs(
+    model,
+    tokens: Int[Tensor, "rows pos"],
+    loss_mask: Bool[Tensor, "rows pos"],
+    gates: Float[Tensor, "*configs layer head"] | None = None,
+    sources: Mapping[int, Tensor] | None = None,
+    positions: Bool[Tensor, "rows pos"] | None = None,
+    extra_hooks: Sequence[Hook] = (),
+    answers: Int[Tensor, "rows answers"] | None = None,
+    start_at_layer: int | None = None,
+    resid: Float[Tensor, "rows pos d_model"] | None = None,
+    autocast: str | None = "auto",
+) -> RowScores:
+    """Score ``rows`` under each gate configuration in one forward pass (differentiable in ``gates``).
+
+    ``tokens`` are right-padded; the pass is trimmed to the longest row that has a target. Only the
+    positions that predict a target are unembedded. ``extra_hooks`` (your own TransformerLens hooks)
+    run in the same pass after the gates. With ``answers`` (token ids per row, e.g. ``[correct,
+    wrong]``) the result also holds their logits at the position predicting the first target.
+
+    Prefix reuse: with ``start_at_layer=k`` and ``resid`` (the residual entering block ``k`` for one
+    block of rows, from :func:`chg_lens.models.residual_at`), the pass starts at block ``k``; the
+    caller guarantees that every configuration's gates below ``k`` equal those ``resid`` was
+    computed with.
+
+    ``autocast`` (``"auto"``: bf16 where the hardware has it natively, see
+    :func:`chg_lens.models.resolve_autocast`; ``"bf16"``, ``"fp16"``, ``"off"``) sets the precision
+    of the pass and the unembedding; gates and log-softmax are always float32.
+    """
+    autocast = models.resolve_autocast(model, autocast)
+    width = int(loss_mask.any(dim=0).nonzero().max()) + 1
+    tokens, loss_mask = tokens[:, :width], loss_mask[:, :width]
+    dev = models.device(model)
+    tokens = tokens.to(dev)
+    loss_mask = loss_mask.to(dev)
+    if positions is not None:
+        positions = positions[:, :width].to(dev)
+    hooks: list[Hook] = []
+    n_cfg = 1
+    if gates is not None:
+        cfg_gates = gates_mod.as_config_gates(gates, models.n_layers(model), models.n_heads(model))
+        n_cfg = cfg_gates.shape[0]
+        if sources is not None:
+            sources = {l: s[..., :width, :, :] if s.ndim >= 3 else s for l, s in sources.items()}
+        hooks = gates_mod.gate_hooks(model, cfg_gates.to(dev), sources, positions)
+    hooks.extend(extra_hooks)
+
+    n_rows = tokens.shape[0]
+    rows, pred_pos = loss_mask[:, 1:].nonzero(as_tuple=True)  # target at pos+1, predicted from pos
+    targets = tokens[rows, pred_pos + 1]
+    batch = tokens.repeat(n_cfg, 1) if n_cfg > 1 else tokens
+    select = [(rows, pred_pos)]
+    if answers is not None:
+        answers = torch.as_tensor(answers, device=dev).long()
+        if answers.ndim != 2 or answers.shape[0] != n_rows:
+            raise ValueError(f"answers must be [rows, n_answers] with {n_rows} rows; got {tuple(answers.shape)}")
+        select.append((torch.arange(n_rows, device=dev), first_target_position(loss_mask)))
+    start = None
+    if start_at_layer is not None:
+        if resid is None:
+            raise ValueError("start_at_layer needs resid, the residual entering that block")
+        start = resid[:, :width].to(dev)
+        start = start.repeat(n_cfg, 1, 1) if n_cfg > 1 else start
+    # Target and answer logits come from the one output path (models.logits_at -> models.unembed).
+    with models.autocast(model, autocast):
+        out = models.logits_at(model, None if start is not None else batch, select, hooks,
+                               start_at_layer=start_at_layer if start is not None else None, resid=start, lead=n_cfg)
+    logits = out[0].float()  # [K, N, d_vocab]
+    answer_logits = None
+    if answers is not None:
+        answer_logits = out[1].float().gather(-1, answers.to(out[1].device).expand(n_cfg, -1, -1)).contiguous()
+    targets = targets.to(logits.device)
+    target_logit = logits.gather(-1, targets.expand(n_cfg, -1).unsqueeze(-1)).squeeze(-1)
+    logprob = target_logit - logits.logsumexp(dim=-1)
+    hit = (logits.argmax(dim=-1) == targets).to(torch.long)
+
+    out_dev, rows = logits.device, rows.to(logits.device)  # the last layer's device on a split model
+    logprob_sum = torch.zeros(n_cfg, n_rows, dtype=logprob.dtype, device=out_dev).index_add(1, rows, logprob)
+    n_hit = torch.zeros(n_cfg, n_rows, dtype=torch.long, device=out_dev).index_add(1, rows, hit)
+    n_targets = loss_mask.sum(dim=1).to(out_dev)
+    return RowScores(logprob_sum, n_targets, n_hit == n_targets, answer_logits)
+
+
+@torch.no_grad()
+@renamed(max_rows_per_pass="rows_per_pass")
+def evaluate(
+    model,
+    data: TaskDataset,
+    gates: Float[Tensor, "*configs layer head"] | None = None,
+    batch_size: int = 32,
+    rows_per_pass: int = 256,
+    progress: bool = False,
+    desc: str = "evaluate",
+    autocast: str | None = "auto",
+) -> RowScores:
+    """Score every row of ``data`` under each configuration in ``gates`` (None = ungated).
+
+    Configurations are batched into the same pass, ``rows_per_pass`` rows (configurations x
+    rows) at a time. Returns :class:`RowScores` with ``[n_configs, len(data)]`` tensors on the CPU.
+    ``autocast`` sets the precision (default ``"auto"``; see :func:`row_logprobs`). This is
+    :func:`score_configs` without answers or prefix reuse.
+
+    Example::
+
+        scores = evaluate(model, val, torch.stack([g_plus, g_minus]))
+        scores.logprob_sum.mean(1), scores.correct.float().mean(1)
+    """
+    if gates is not None:
+        model = models.as_model(model)
+        checks.gate_tensor("gates", gates, (models.n_layers(model), models.n_heads(model)), trailing=True)
+    return score_configs(model, data, gates, answers=None, prefix_reuse=False, batch_size=batch_size,
+                         rows_per_pass=rows_per_pass, progress=progress, desc=desc, autocast=autocast)
+
+
+# --------------------------------------------------------------------------------------------
+# Many configurations: the shared engine of fits' validation, sweeps and patching
+# --------------------------------------------------------------------------------------------
+
+
+def first_changed_layer(configs: Float[Tensor, "configs layer head"], base: Float[Tensor, "layer head"]) -> Tensor:
+    """Per configuration, the lowest layer whose gates differ from ``base`` (n_layers if none)."""
+    diff = (configs != base.to(configs.dtype)).any(dim=2)  # [K, L]
+    L = configs.shape[1]
+    idx = torch.where(diff, torch.arange(L).expand_as(diff), torch.full_like(diff, L, dtype=torch.long))
+    return idx.min(dim=1).values
+
+
+@torch.no_grad()
+@renamed(max_rows_per_pass="rows_per_pass")
+def score_configs(
+    model,
+    data: TaskDataset,
+    configs: Float[Tensor, "*configs layer head"] | None,
+    sources: Mapping[int, Tensor] | None = None,
+    positions: Bool[Tensor, "rows pos"] | None = None,
+    base: Float[Tensor, "layer head"] | None = None,
+    answers: Any = "auto",
+    prefix_reuse: bool = True,
+    batch_size: int = 32,
+    rows_per_pass: int = 256,
+    progress: bool = False,
+    desc: str = "configs",
+    autocast: str | None = "auto",
+) -> RowScores:
+    """Score every row of ``data`` under each gate configuration; ``[n_configs, rows]`` on the CPU.
+
+    ``sources`` (layer -> ``[rows, pos, head, d_head]`` per data row, or ``[head, d_head]``) and
+    ``positions`` are passed to the gates (see :func:`chg_lens.gates.gate_z`). With
+    ``prefix_reuse``, configurations are grouped by the lowest layer where they differ from
+    ``base`` (default: all ones); the residual entering that layer is computed once per batch of
+    rows under ``base`` and each group's pass starts there. ``answers``: ``"auto"`` uses
+    ``data.row_meta["answers"]`` when present (their logits give the logit difference), None skips.
+``configs=None`` scores the ungated model (one configuration, no gate hooks). Rows are taken
+``batch_size`` at a time and configurations grouped so a pass holds at most ``rows_per_pass``
+rows (configurations x rows); ``autocast`` as in :func:`row_logprobs` (default ``"auto"``; under
+autocast the weights are cast once for the whole call, :func:`chg_lens.models.cast_weights_once`).
+
+    Example::
+
+        scores = score_configs(model, data, gates.single_head_configs(model))
+        scores.logprob_sum.mean(1)     # [n_heads_total]
+    """
+    model = models.as_model(model)
+    data.check_model(model)
+    L, H = models.n_layers(model), models.n_heads(model)
+    if configs is not None:
+        checks.gate_tensor("configs", configs, (L, H), trailing=True)
+    cfg = None if configs is None else gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
+    autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
+    base = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
+    if isinstance(answers, str) and answers == "auto":
+        answers = data.row_meta.get("answers")
+    ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)
+    if ans is not None and (ans.ndim != 2 or ans.shape[0] != len(data)):
+        raise ValueError(f"answers must be [rows, n_answers] with {len(data)} rows; got {tuple(ans.shape)}")
+    if positions is not None and tuple(positions.shape) != tuple(data.tokens.shape):
+        raise ValueError(f"positions must be a bool mask shaped like the tokens {tuple(data.tokens.shape)}")
+    K, N = (1 if cfg is None else cfg.shape[0]), len(data)
+    start = first_changed_layer(cfg, base) if prefix_reuse and cfg is not None else torch.zeros(K, dtype=torch.long)
+    start = start.clamp(max=L - 1)  # a config equal to base still needs the last block to run
+    groups = {int(k): (start == k).nonzero().flatten() for k in start.unique()}
+    rows_per = max(1, min(batch_size, N))
+    cfg_per = max(1, rows_per_pass // rows_per)
+    dev = models.device(model)
+
+    lp = torch.zeros(K, N)
+    ok = torch.zeros(K, N, dtype=torch.bool)
+    al = None if ans is None else torch.zeros(K, N, ans.shape[1])
+    chunks = [torch.arange(r, min(r + rows_per, N)) for r in range(0, N, rows_per)]
+    steps = sum(len(range(0, len(g), cfg_per)) for g in groups.values()) * len(chunks)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    with models.cast_weights_once(model, autocast):  # the weights cast once for the whole call
+        for idx in chunks:
+            tokens, mask = data.tokens[idx], data.loss_mask[idx]
+            width = int(mask.any(dim=0).nonzero().max()) + 1
+            src = rows_of(sources, idx, width)
+            pos = None if positions is None else positions[idx, :width]
+            reuse = [k for k in groups if k > 0]
+            resid = {}
+            if reuse:
+                base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
+                with models.autocast(model, autocast):
+                    resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
+            for k, members in groups.items():
+                for c in range(0, len(members), cfg_per):
+                    which = members[c : c + cfg_per]
+                    out = row_logprobs(
+                        model, tokens, mask, None if cfg is None else cfg[which].to(dev), src, pos,
+                        answers=None if ans is None else ans[idx],
+                        start_at_layer=k if k > 0 else None, resid=resid.get(k), autocast=autocast,
+                    )
+                    lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
+                    ok[which[:, None], idx[None, :]] = out.correct.cpu()
+                    if al is not None:
+                        al[which[:, None], idx[None, :]] = out.answer_logits.cpu()
+                    bar.update(1)
+    bar.close()
+    return RowScores(lp, data.n_targets.clone(), ok, al)
+
+
+def rows_of(sources: Mapping[int, Tensor] | None, idx: Tensor, width: int) -> dict[int, Tensor] | None:
+    """The part of per-row sources that belongs to rows ``idx`` (shared ``[head, d_head]`` kept)."""
+    if sources is None:
+        return None
+    return {l: (s[idx, :width] if s.ndim == 4 else s) for l, s in sources.items()}
+
+
+def metrics(scores: RowScores) -> dict[str, Tensor]:
+    """Per configuration, means over rows: ``logprob`` (summed target log-prob), ``logprob_mean``
+    (per target token), ``accuracy`` (all targets argmax-correct) and, with answers, ``logit_diff``."""
+    out = {
+        "logprob": scores.logprob_sum.mean(dim=1),
+        "logprob_mean": scores.logprob_mean.mean(dim=1),
+        "accuracy": scores.correct.float().mean(dim=1),
+    }
+    if scores.answer_logits is not None and scores.answer_logits.shape[-1] >= 2:
+        out["logit_diff"] = scores.logit_diff.mean(dim=1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Head lists
+# --------------------------------------------------------------------------------------------
+
+
+def all_heads(model) -> list[tuple[int, int]]:
+    """Every ``(layer, head)`` of the model, layer by layer."""
+    return [(l, h) for l in range(models.n_layers(model)) for h in range(models.n_heads(model))]
+
+
+def parse_heads(spec: str | Heads | None) -> list[tuple[int, int]] | None:
+    """Heads from ``"L.H,L.H,..."`` (or a list of pairs) as ``[(layer, head), ...]``; None or ``""``
+    stays None (no selection)::
+
+        parse_heads("9.6, 10.0")      # [(9, 6), (10, 0)]
+    """
+    if spec is None or (isinstance(spec, str) and spec == ""):
+        return None
+    if not isinstance(spec, str):
+        return [(int(l), int(h)) for l, h in spec]
+    out = []
+    for item in spec.split(","):
+        try:
+            layer, head = item.strip().split(".")
+            out.append((int(layer), int(head)))
+        except ValueError as err:
+            raise ValueError(f"heads are written LAYER.HEAD, comma separated (e.g. 0.1,5.3); got {item!r}") from err
+    return out
+
+
+def check_heads(model, heads: Heads) -> None:
+    """``ValueError`` unless every ``(layer, head)`` exists in ``model``."""
+    L, H = models.n_layers(model), models.n_heads(model)
+    bad = [(l, h) for l, h in heads if not (0 <= l < L and 0 <= h < H)]
+    if bad:
+        raise ValueError(f"heads {bad[:5]} are outside the model's {L} layers x {H} heads")
+
+
+# --------------------------------------------------------------------------------------------
+# z: the sources of mean ablation and patching
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_z(model, data: TaskDataset, *, mean: bool, batch_size: int = 32) -> dict[int, Tensor]:
+    """Every head's ``z`` on ``data`` (CPU), batch by batch through :func:`chg_lens.models.cache_z`,
+    read by hooks that change nothing.
+
+    ``mean=True``: the mean ``z`` per layer and head over every real (non-padding) position,
+    ``{layer: [head, d_head]}`` (the source of mean ablation). ``mean=False``: per row and position,
+    ``{layer: [rows, pos, head, d_head]}`` over the full padded width (the source of a patch).
+
+    Example::
+
+        means = collect_z(model, train, mean=True)
+        score_configs(model, val, configs, sources=means)      # mean ablation
+    """
+    model = models.as_model(model)
+    data.check_model(model)
+    dev = models.device(model)
+    total: dict[int, Tensor] = {}
+    rows: dict[int, list[Tensor]] = {}
+    count = 0
+    for r in range(0, len(data), batch_size):
+        idx = torch.arange(r, min(r + batch_size, len(data)))
+        if mean:
+            width = int(data.lengths[idx].max())
+            real = (torch.arange(width)[None, :] < data.lengths[idx, None]).to(dev)
+            for l, z in models.cache_z(model, data.tokens[idx, :width].to(dev)).items():
+                # z lives on its layer's device (a split model): the mask follows it
+                total[l] = total.get(l, 0) + (z.float() * real.to(z.device)[..., None, None]).sum(dim=(0, 1))
+            count += int(real.sum())
+        else:
+            width = data.tokens.shape[1]
+            for l, z in models.cache_z(model, data.tokens[idx].to(dev)).items():
+                rows.setdefault(l, []).append(z[:, :width].cpu())
+    if mean:
+        return {l: (t / count).cpu() for l, t in total.items()}
+    return {l: torch.cat(v) for l, v in rows.items()}
