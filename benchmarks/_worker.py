@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import threading
 import time
@@ -127,12 +128,14 @@ def run_ref(args, data) -> dict:
             tr = Trainer(model, cds, **{**common, "num_masks": case["masks"], "batch_size": case["batch"]})
             for _ in tr.fit_stage("none", args.warmup, show_progress=False):
                 pass
+            load = os.getloadavg()[0]
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 for _ in tr.fit_stage("none", args.updates, show_progress=False):
                     pass
                 sec = time.perf_counter() - t0
-            out["cases"].append({**case, "seconds": sec, "updates_per_s": args.updates / sec, "fit_peak_rss_mib": mem.peak})
+            out["cases"].append({**case, "seconds": sec, "updates_per_s": args.updates / sec, "fit_peak_rss_mib": mem.peak,
+                                 "load_avg": [load, os.getloadavg()[0]]})
             with open(args.out + ".partial", "w") as f:  # cases so far, for runs cut short
                 json.dump(out, f)
             del tr
@@ -166,28 +169,34 @@ def run_ref(args, data) -> dict:
 # ------------------------------------------------------------------------------------- chg_lens
 def g0_stage(model, data, masks: int, batch: int, updates: int, autocast, configs_per_pass) -> float:
     """fit_chg's unregularised stage alone (the reference's ``fit_stage("none")``): the same loop,
-    loss and batches as inside ``fit_chg``, without the G+/G- stage that fit_chg always runs after it.
-    Returns its seconds."""
+    loss, batches, precision and weight cast as inside ``fit_chg``, without the G+/G- stage that
+    fit_chg always runs after it. Returns its seconds."""
     from chg_lens import models
     from chg_lens.chg import nll_loss
     from chg_lens.fitting import Stage, StageSpec, run_stages, uniform_gate_logits
 
+    autocast = models.resolve_autocast(model, autocast)
     data_loss = nll_loss(model, data, autocast)
     shape = (masks, models.n_layers(model), models.n_heads(model))
     spec = StageSpec(Stage("g0", updates, 0.1, 0.01), lambda done: uniform_gate_logits(shape, 0))
-    with models.frozen(model):
+    with models.frozen(model), models.cast_weights_once(model, autocast):
         done = run_stages([spec], data_loss, len(data), batch, 0, progress=False, configs_per_pass=configs_per_pass)
     return done["g0"].seconds
 
 
 def run_ours(args, data) -> dict:
+    import contextlib
+
     import chg_lens
+    from chg_lens import models
     from chg_lens.data import TaskDataset
 
+    if not args.cast_once:  # the plain autocast path: every weight re-cast on every op
+        models.cast_weights_once = lambda model, mode: contextlib.nullcontext(0)
     model = chg_lens.load_model(args.model, device=args.device)
     ds = TaskDataset.from_tokens(data["tokens"], data["loss_mask"], int(data["pad_token_id"]),
                                  lengths=data.get("lengths"))
-    ac = None if args.autocast == "none" else args.autocast
+    ac = None if args.autocast == "none" else args.autocast  # "auto": chg_lens's default
     common = dict(n_seeds=args.masks, batch_size=args.batch, lam=args.lam, autocast=ac, progress=False,
                   configs_per_pass=args.configs_per_pass)
     out: dict = {}
@@ -197,10 +206,12 @@ def run_ours(args, data) -> dict:
             d = torch.load(case["data"])
             cds = TaskDataset.from_tokens(d["tokens"], d["loss_mask"], int(d["pad_token_id"]), lengths=d.get("lengths"))
             g0_stage(model, cds, case["masks"], case["batch"], args.warmup, ac, args.configs_per_pass)
+            load = os.getloadavg()[0]
             with PeakRSS() as mem:
                 sec = g0_stage(model, cds, case["masks"], case["batch"], args.updates, ac, args.configs_per_pass)
             out["cases"].append({**case, "seconds": sec, "updates_per_s": args.updates / sec,
-                                 "fit_peak_rss_mib": mem.peak})
+                                 "fit_peak_rss_mib": mem.peak, "load_avg": [load, os.getloadavg()[0]],
+                                 "precision": models.describe_precision(model, ac)})
             with open(args.out + ".partial", "w") as f:  # cases so far, for runs cut short
                 json.dump(out, f)
     elif args.mode == "fit":
@@ -231,7 +242,10 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", default="bf16",
-                   help="bf16 or none; for the reference, none disables its built-in autocast (float32 work)")
+                   help="bf16, none, or (chg_lens) auto, its default; for the reference, none disables its "
+                        "built-in autocast (float32 work)")
+    p.add_argument("--cast-once", action=argparse.BooleanOptionalAction, default=True,
+                   help="chg_lens only: hold bf16 weights for the fit (its default); --no-cast-once: plain autocast")
     p.add_argument("--configs-per-pass", type=int, default=None, help="chg_lens only: masks per pass (memory)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")

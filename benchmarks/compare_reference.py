@@ -13,11 +13,18 @@ number of updates. Every measurement is its own process (clean peak memory), and
 repeat the sides run one after the other so that machine noise hits all of them.
 
 Sides (see :func:`speed_sides`): the reference as shipped (it always enters CPU autocast, bf16);
-the reference with that autocast disabled (float32: the same arithmetic as chg_lens's default);
-chg_lens in float32, also with ``configs_per_pass`` where masks exceed it; chg_lens with bf16
-autocast where the CPU has native bf16 (AVX512-BF16 or AMX; ``--bf16`` forces it). Without native
-bf16 the reference as shipped runs in the first repeat only and at most ``--shipped-max-masks``
-masks: its emulated bf16 takes about half a minute per update there.
+the reference with that autocast disabled (float32); chg_lens at its defaults (``autocast="auto"``:
+bf16 with the weights cast once where the CPU has native bf16, float32 elsewhere); chg_lens in
+float32, also with ``configs_per_pass`` where masks exceed it; where bf16 runs, chg_lens with plain
+per-op autocast (``ours_bf16_percast``: the weights re-cast on every op, the lever it replaces).
+Without native bf16 the reference as shipped runs in the first repeat only and at most
+``--shipped-max-masks`` masks: its emulated bf16 takes about half a minute per update there.
+
+Also printed: the CPU's bf16 capability, the load average at every run (the sides alternate A B A B
+within each repeat, so a loaded machine slows all of them; read the ratios), peak memory, and the
+achieved GFLOP/s of the useful work (see :func:`update_flops`) against this machine's large-matmul
+GFLOP/s (measured here, in float32 and bf16, between repeats) and a nominal peak (cores x clock x
+FLOPs per cycle from the CPU flags).
 
 Parts: ``speed`` (updates/s and peak RSS at 1 and 10 masks, both tasks), ``fit`` (a full
 three-stage fit's wall time at smoke scale), ``equal`` (same initial gates, same batches, same
@@ -97,7 +104,8 @@ def run_worker(python: str, side: str, tmp: Path, tag: str, **kw) -> dict:
     out = tmp / f"{tag}.json"
     cmd = [python, str(HERE / "_worker.py"), "--side", side, "--out", str(out)]
     for k, v in kw.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+        flag = k.replace('_', '-')
+        cmd += [f"--{flag}" if v else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
     env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -119,6 +127,85 @@ def machine() -> dict:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_avg_start": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
             "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def cpu_bf16_info() -> dict:
+    """The CPU's bf16 capability as chg_lens sees it (``autocast="auto"`` follows it)."""
+    from chg_lens import models
+
+    flags = models.cpu_flags()
+    return {"native_bf16": models.cpu_native_bf16(), "flags": sorted(f for f in flags if "bf16" in f or "amx" in f),
+            "torch_avx512_bf16": models._torch_cpu_bf16(),
+            "default_precision_cpu": "bf16 autocast" if models.cpu_native_bf16() else "float32"}
+
+
+def nominal_peak_gflops(threads: int) -> dict:
+    """threads x clock x FLOPs per cycle per core, from the flags: 2 FMA units of 512 bits (AVX-512:
+    64 fp32 FLOP/cycle) or 256 bits (AVX2: 32); bf16 dot products (AVX512-BF16) double that. An
+    estimate: the clock is /proc/cpuinfo's current MHz, and a vCPU may be a hyper-thread."""
+    from chg_lens import models
+
+    flags = models.cpu_flags()
+    mhz = 0.0
+    try:
+        mhz = float(next(l.split(":")[1] for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("cpu MHz")))
+    except (OSError, StopIteration, ValueError):
+        pass
+    fp32 = 64 if "avx512f" in flags else 32 if "avx2" in flags else 8
+    bf16 = 2 * fp32 if ("avx512_bf16" in flags) else fp32
+    ghz = mhz / 1000
+    return {"threads": threads, "ghz": ghz, "fp32": threads * ghz * fp32, "bf16": threads * ghz * bf16}
+
+
+def matmul_gflops(threads: int, n: int = 1024, reps: int = 5) -> dict:
+    """GFLOP/s of an n x n x n matrix product in float32 and bf16 on ``threads`` threads (best of reps)."""
+    import time
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    try:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a @ b
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - t0)
+            out[name] = 2 * n**3 / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+    out["load_avg"] = os.getloadavg()[0]
+    return out
+
+
+def update_flops(folder: Path, data_path: Path, masks: int, batch: int, updates: int) -> float:
+    """FLOPs of the useful work of one G0 update, averaged over the timed updates (the batches
+    fit_chg draws): forward and the backward to the gates (no weight gradients: about the forward
+    again) through every block at every token of the batch trimmed to its longest target row, and
+    the unembedding at the target positions only. The reference does more (full-vocabulary logits
+    at every position); both are credited with this work, so GFLOP/s compare like updates/s."""
+    from transformers import AutoConfig
+
+    from chg_lens.fitting import batch_rows
+
+    cfg = AutoConfig.from_pretrained(folder)
+    d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    dh = d // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * dh
+    block = d * d * 2 + d * kv * 2 + 3 * d * cfg.intermediate_size  # q, o, k, v, gate/up/down
+    data = torch.load(data_path)
+    mask = data["loss_mask"]
+    total = 0.0
+    for step in range(updates):
+        rows = batch_rows(mask.shape[0], batch, 0, "g0", step)
+        m = mask[rows]
+        width = int(m.any(dim=0).nonzero().max()) + 1
+        tokens, targets = len(rows) * width, int(m[:, 1:].sum())
+        fwd = 2 * tokens * L * block + 4 * len(rows) * L * width * width * d + 2 * targets * d * V
+        total += 2 * fwd * masks
+    return total / updates
 
 
 def median(xs):
@@ -162,12 +249,18 @@ def main() -> int:
     folder = prepare_model(cache)
     data = {t: prepare_data(t, folder, n_prompts[t], cache) for t in args.tasks}
     info = machine()
-    bf16 = args.bf16 if args.bf16 is not None else (info["avx512_bf16"] or info["amx_bf16"])
+    info["bf16"] = cpu_bf16_info()
+    bf16 = args.bf16 if args.bf16 is not None else info["bf16"]["native_bf16"]
+    threads = args.threads or torch.get_num_threads()
+    info["nominal_peak_gflops"] = nominal_peak_gflops(threads)
+    print("CPU bf16:", info["bf16"], "| nominal peak GFLOP/s:", info["nominal_peak_gflops"], flush=True)
+    matmul = [matmul_gflops(threads)]
+    print("matmul GFLOP/s:", matmul[-1], flush=True)
     results: dict = {"machine": info, "settings": {"repeats": repeats, "updates": updates, "batch": batch,
                                                    "threads": args.threads or torch.get_num_threads(),
                                                    "configs_per_pass": args.configs_per_pass,
                                                    "shipped_max_masks": args.shipped_max_masks, "bf16": bf16},
-                     "speed": [], "fit": [], "equal": {}}
+                     "speed": [], "fit": [], "equal": {}, "matmul_gflops": matmul}
     me = sys.executable
     th = args.threads
     with tempfile.TemporaryDirectory() as d:
@@ -190,16 +283,23 @@ def main() -> int:
                     runs[name].append(run_worker(python, side, tmp, f"{name}{r}", **kw)["cases"])
                     if args.partial:
                         Path(args.partial).write_text(json.dumps(runs, default=str))
-                print("repeat", r, {s: [round(c["updates_per_s"], 4) for c in runs[s][-1]] for s in ran}, flush=True)
+                print("repeat", r, {s: [(round(c["updates_per_s"], 4), "load %.1f" % c["load_avg"][0])
+                                        for c in runs[s][-1]] for s in ran}, flush=True)
+                matmul.append(matmul_gflops(threads))
+                print("matmul GFLOP/s:", matmul[-1], flush=True)
             for case in suite:
-                row = {"task": case["task"], "masks": case["masks"], "batch": case["batch"]}
+                row = {"task": case["task"], "masks": case["masks"], "batch": case["batch"],
+                       "flops_per_update": update_flops(folder, Path(case["data"]), case["masks"], case["batch"],
+                                                        updates)}
                 for name, v in runs.items():
                     got = [[c for c in rep if c["task"] == case["task"] and c["masks"] == case["masks"]] for rep in v]
                     got = [g[0] for g in got if g]
                     if got:
                         row[name] = {"updates_per_s": median([g["updates_per_s"] for g in got]),
                                      "fit_peak_rss_mib": median([g["fit_peak_rss_mib"] for g in got]),
-                                     "all_updates_per_s": [g["updates_per_s"] for g in got]}
+                                     "all_updates_per_s": [g["updates_per_s"] for g in got],
+                                     "load_avg": [g.get("load_avg") for g in got],
+                                     "precision": got[0].get("precision")}
                 results["speed"].append(row)
         if "fit" in args.only:
             fu = 4 if args.quick else 20
@@ -233,18 +333,25 @@ def main() -> int:
 def speed_sides(args, suite: list[dict], me: str, bf16: bool) -> dict[str, tuple[str, str, dict, list[dict]]]:
     """name -> (python, side, worker options, cases). ``ref`` is the reference as shipped (its CPU
     autocast to bf16; on CPUs without native bf16 only up to ``--shipped-max-masks`` masks, it is
-    slow there); ``ref_fp32`` the reference with its autocast disabled; ``ours_fp32`` chg_lens in
-    float32; ``ours_fp32_cpp`` the same with ``configs_per_pass`` (cases with more masks than that);
-    ``ours_bf16`` chg_lens with bf16 autocast (CPUs with native bf16, or ``--bf16``)."""
+    slow there); ``ours_default`` chg_lens at its defaults (``autocast="auto"``); ``ref_fp32`` the
+    reference with its autocast disabled; ``ours_fp32`` chg_lens in float32; ``ours_fp32_cpp`` the
+    same with ``configs_per_pass`` (cases with more masks than that); ``ours_bf16`` chg_lens with
+    bf16 autocast where that is not already the default (``--bf16`` on a CPU without native bf16);
+    ``ours_bf16_percast`` bf16 with plain per-op autocast (no weights cast once)."""
+    from chg_lens import models
+
     shipped = suite if bf16 else [c for c in suite if c["masks"] <= args.shipped_max_masks]
     sides = {"ref": (args.ref_python, "ref", {"autocast": "bf16"}, shipped),
+             "ours_default": (me, "ours", {"autocast": "auto"}, suite),
              "ref_fp32": (args.ref_python, "ref", {"autocast": "none"}, suite),
              "ours_fp32": (me, "ours", {"autocast": "none"}, suite)}
     grouped = [c for c in suite if args.configs_per_pass and c["masks"] > args.configs_per_pass]
     if grouped:
         sides["ours_fp32_cpp"] = (me, "ours", {"autocast": "none", "configs_per_pass": args.configs_per_pass}, grouped)
     if bf16:
-        sides["ours_bf16"] = (me, "ours", {"autocast": "bf16"}, suite)
+        if not models.cpu_native_bf16():  # --bf16 forced: the default is float32 here
+            sides["ours_bf16"] = (me, "ours", {"autocast": "bf16"}, suite)
+        sides["ours_bf16_percast"] = (me, "ours", {"autocast": "bf16", "cast_once": False}, suite)
     return {k: v for k, v in sides.items() if v[3] and not (args.no_shipped and k == "ref")}
 
 
@@ -299,10 +406,12 @@ def equal_check(args, folder: Path, data_path: Path, tmp: Path, th: int, bf16: b
 def table(res: dict) -> str:
     m, st = res["machine"], res["settings"]
     cpp = st.get("configs_per_pass")
-    names = [("ref", "reference as shipped (bf16 autocast)"), ("ref_fp32", "reference float32"),
-             ("ours_fp32", "chg_lens float32"), ("ours_fp32_cpp", f"chg_lens float32, configs_per_pass={cpp}"),
-             ("ours_bf16", "chg_lens bf16 autocast")]
+    names = [("ref", "reference as shipped (bf16 autocast)"), ("ours_default", "chg_lens defaults"),
+             ("ref_fp32", "reference float32"), ("ours_fp32", "chg_lens float32"),
+             ("ours_fp32_cpp", f"chg_lens float32, configs_per_pass={cpp}"), ("ours_bf16", "chg_lens bf16 autocast"),
+             ("ours_bf16_percast", "chg_lens bf16, per-op weight casts")]
     present = [(k, label) for k, label in names if any(k in r for r in res["speed"])]
+    cpp = cpp if any("ours_fp32_cpp" in r for r in res["speed"]) else None
 
     def cell(r, k, key="updates_per_s", fmt="{:.3f}"):
         return fmt.format(r[k][key]) if k in r else "-"
@@ -310,19 +419,47 @@ def table(res: dict) -> str:
     def ratio(r, a, b):
         return f"**{r[a]['updates_per_s'] / r[b]['updates_per_s']:.2f}x**" if a in r and b in r else "-"
 
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (avx512_bf16={m['avx512_bf16']}, amx_bf16={m['amx_bf16']}, "
-             f"torch CPU capability {m['torch_cpu_capability']}), torch {m['torch']}; {m['utc']} to "
+    bf = m.get("bf16", {})
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (native bf16: {bf.get('native_bf16')}, flags "
+             f"{bf.get('flags')}, torch CPU capability {m['torch_cpu_capability']}; chg_lens's default here: "
+             f"{bf.get('default_precision_cpu')}), torch {m['torch']}; {m['utc']} to "
              f"{m.get('utc_end', '?')}, load average at start {tuple(round(x, 1) for x in m['load_avg_start'])}, "
              f"at end {tuple(round(x, 1) for x in m.get('load_avg_end', (float('nan'),) * 3))}; medians of "
              f"{st['repeats']} runs of {st['updates']} timed updates after 1 warm-up.", "",
              "Updates per second (unregularised stage):", "",
              "| task | masks | batch | " + " | ".join(label for _, label in present)
-             + " | float32 ratio | ratio vs shipped |" + (f" ratio with configs_per_pass={cpp} |" if cpp else ""),
-             "|---" * (3 + len(present) + 2 + (1 if cpp else 0)) + "|"]
+             + " | defaults vs shipped | float32 ratio |" + (f" ratio with configs_per_pass={cpp} |" if cpp else "")
+             + " cast once vs per-op |",
+             "|---" * (3 + len(present) + 3 + (1 if cpp else 0)) + "|"]
     for r in res["speed"]:
         lines.append(f"| {r['task']} | {r['masks']} | {r['batch']} | " + " | ".join(cell(r, k) for k, _ in present)
-                     + f" | {ratio(r, 'ours_fp32', 'ref_fp32')} | {ratio(r, 'ours_fp32', 'ref')} |"
-                     + (f" {ratio(r, 'ours_fp32_cpp', 'ref_fp32')} |" if cpp else ""))
+                     + f" | {ratio(r, 'ours_default', 'ref')} | {ratio(r, 'ours_fp32', 'ref_fp32')} |"
+                     + (f" {ratio(r, 'ours_fp32_cpp', 'ref_fp32')} |" if cpp else "")
+                     + f" {ratio(r, 'ours_default', 'ours_bf16_percast')} |")
+    mm = res.get("matmul_gflops") or []
+    if mm and any("flops_per_update" in r for r in res["speed"]):
+        peak = {k: median([x[k] for x in mm]) for k in ("fp32", "bf16")}
+        nominal = m.get("nominal_peak_gflops", {})
+        lines += ["", f"Achieved GFLOP/s of the useful work (forward + backward to the gates, unembedding at targets "
+                      f"only; see update_flops) against this machine's 1024^3 matrix product measured between repeats "
+                      f"(median: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s) and a nominal peak "
+                      f"({nominal.get('threads')} threads x {nominal.get('ghz', 0):.2f} GHz: fp32 "
+                      f"{nominal.get('fp32', 0):.0f}, bf16 {nominal.get('bf16', 0):.0f} GFLOP/s):", "",
+                  "| task | masks | batch | GFLOP per update | " + " | ".join(label for _, label in present) + " |",
+                  "|---" * (4 + len(present)) + "|"]
+        for r in res["speed"]:
+            gf = r["flops_per_update"] / 1e9
+            cells = []
+            for k, label in present:
+                if k not in r:
+                    cells.append("-")
+                    continue
+                got = gf * r[k]["updates_per_s"]
+                ref_peak = peak["bf16"] if ("bf16" in k or k == "ref" or "bf16" in str(r[k].get("precision"))) \
+                    else peak["fp32"]
+                cells.append(f"{got:.1f} ({100 * got / ref_peak:.0f}%)")
+            lines.append(f"| {r['task']} | {r['masks']} | {r['batch']} | {gf:.1f} | " + " | ".join(cells) + " |")
+        lines += ["", "(percent: of the measured matrix-product GFLOP/s in the side's precision)"]
     lines += ["", "Peak resident memory during those updates (MiB, model included):", "",
               "| task | masks | batch | " + " | ".join(label for _, label in present) + " |",
               "|---" * (3 + len(present)) + "|"]

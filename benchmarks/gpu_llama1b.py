@@ -1,6 +1,7 @@
 """GPU benchmark (UNMEASURED so far: no GPU was lent when it was written): the paper's setting on a
-random-weight Llama-3.2-1B-shaped model, chg_lens (bf16 autocast) vs the reference, and both against
-the FLOP bound.
+random-weight Llama-3.2-1B-shaped model, chg_lens at its defaults (``autocast="auto"``: bf16 mixed
+precision with the weights cast once on a GPU with native bf16) vs the reference, and chg_lens
+against the FLOP bound (printed as "x the FLOP bound" and "% of peak" per case).
 
     bash benchmarks/setup_reference.sh /tmp/venv-ref      # on the GPU machine, a CUDA torch
     python benchmarks/gpu_llama1b.py --device cuda        # ~10 min on an H100
@@ -93,19 +94,26 @@ def main() -> int:
                     kw = dict(mode="stage", model=tmp / "model", data=data, masks=k, batch=args.batch,
                               updates=args.updates, warmup=2, device=args.device)
                     runs["ref"].append(run_worker(args.ref_python, "ref", tmp, f"r{r}", **kw))
-                    runs["ours"].append(run_worker(sys.executable, "ours", tmp, f"o{r}", autocast="bf16", **kw))
-                med = {s: sorted(x["updates_per_s"] for x in v)[len(v) // 2] for s, v in runs.items()}
+                    runs["ours"].append(run_worker(sys.executable, "ours", tmp, f"o{r}", autocast="auto", **kw))
+                # stage mode: one entry per case in "cases" (here one case per process)
+                med = {s: sorted(x["cases"][0]["updates_per_s"] for x in v)[len(v) // 2] for s, v in runs.items()}
                 tokens = args.batch * k * (pos - 1)
                 flop_ours = 4 * P * tokens + 4 * shape["hidden_size"] * shape["vocab_size"] * args.batch * k * tgt
                 bound_s = flop_ours / (args.peak_tflops * 1e12)
                 row = {"case": name, "masks": k, "ref_updates_per_s": med["ref"], "ours_updates_per_s": med["ours"],
                        "ratio": med["ours"] / med["ref"], "flop_bound_s_per_update": bound_s,
                        "ours_vs_bound": (1 / med["ours"]) / bound_s,
+                       "ours_percent_of_peak": 100 * bound_s * med["ours"],
+                       "ours_precision": runs["ours"][-1]["cases"][0].get("precision"),
                        "ref_full_fit_min_est": 1500 / med["ref"] / 60,
                        "ours_full_fit_min_est_upper": 1500 / med["ours"] / 60,
                        "cuda_peak_mib": {s: v[-1].get("cuda_peak_mib") for s, v in runs.items()}}
                 results["cases"].append(row)
                 print(json.dumps(row), flush=True)
+                print(f"{name}, {k} masks: chg_lens {med['ours']:.2f} upd/s ({row['ours_precision']}), "
+                      f"{row['ours_vs_bound']:.1f}x the FLOP bound ({row['ours_percent_of_peak']:.1f}% of "
+                      f"{args.peak_tflops:.0f} TFLOP/s); reference {med['ref']:.2f} upd/s; ratio {row['ratio']:.2f}x",
+                      flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

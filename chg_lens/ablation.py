@@ -94,10 +94,11 @@ class AblationResult(FrameResult):
         return cls(frame_from_json(meta["frame"]), meta["baseline"], meta["meta"])
 
 
-def _meta(model, data: TaskDataset, **extra) -> dict[str, Any]:
+def _meta(model, data: TaskDataset, autocast: str | None, **extra) -> dict[str, Any]:
     return {"model": models.model_name(model), "task": data.name, "n_rows": len(data),
             "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
-            "data_fingerprint": data.fingerprint(), "versions": library_versions(), **extra}
+            "data_fingerprint": data.fingerprint(), "versions": library_versions(),
+            **models.precision_meta(model, autocast), **extra}
 
 
 def _with_deltas(frame: pd.DataFrame, values: dict[str, Tensor], baseline: dict[str, float]) -> pd.DataFrame:
@@ -127,6 +128,7 @@ def head_sweep(
     batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> AblationResult:
     """Ablate every head (or ``heads``) on its own (the "individual" mode), many heads per pass.
 
@@ -145,14 +147,14 @@ def head_sweep(
     start = gates_mod.ones(model) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
     src = _sources(model, method, reference, data, batch_size)
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
-    scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse,
+    scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
                            batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
                            desc="head sweep")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
     frame = pd.DataFrame({"layer": [l for l, _ in heads], "head": [h for _, h in heads]})
     frame = _with_deltas(frame, {k: v[1:] for k, v in values.items()}, baseline)
-    return AblationResult(frame, baseline, _meta(model, data, mode="individual", method=method))
+    return AblationResult(frame, baseline, _meta(model, data, autocast, mode="individual", method=method))
 
 
 def head_order(model, order: str | Heads = "forward", seed: int = 0) -> list[tuple[int, int]]:
@@ -191,6 +193,7 @@ def sequential_ablation(
     batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> AblationResult:
     """Cumulative ablation: step ``i`` ablates the first ``i`` heads of ``order`` (see
     :func:`head_order`); all steps share forward passes. The frame has ``step`` (1..n) and the
@@ -211,7 +214,8 @@ def sequential_ablation(
     configs = start.repeat(len(heads) + 1, 1, 1)
     for i, (l, h) in enumerate(heads):
         configs[i + 1 :, l, h] = 0.0
-    scores = score_configs(model, data, configs, src, base=start, prefix_reuse=prefix_reuse, batch_size=batch_size,
+    scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
+                           batch_size=batch_size,
                            rows_per_pass=rows_per_pass, progress=progress, desc="sequential")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
@@ -219,7 +223,8 @@ def sequential_ablation(
                           "head": [h for _, h in heads]})
     frame = _with_deltas(frame, {k: v[1:] for k, v in values.items()}, baseline)
     label = order if isinstance(order, str) else "given"
-    return AblationResult(frame, baseline, _meta(model, data, mode="sequential", method=method, order=label, seed=seed))
+    meta = _meta(model, data, autocast, mode="sequential", method=method, order=label, seed=seed)
+    return AblationResult(frame, baseline, meta)
 
 
 @keyword_only("seeds", "scores", "n_steps", "method", "reference", "prefix_reuse", "batch_size", "rows_per_pass", "progress")
@@ -238,6 +243,7 @@ def figure2(
     batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> AblationResult:
     """The paper's Figure 2 test from a fitted :class:`~chg_lens.chg.CHGResult`.
 
@@ -287,7 +293,8 @@ def figure2(
     per = 2 * n * len(scores)
     for i, s in enumerate(seed_list):
         part = slice(i * per, (i + 1) * per)
-        sc = score_configs(model, data, cfg[part], src, base=g_plus[s], answers=None, prefix_reuse=prefix_reuse,
+        sc = score_configs(model, data, cfg[part], src, base=g_plus[s], answers=None, autocast=autocast,
+                           prefix_reuse=prefix_reuse,
                            batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
                            desc=f"figure 2, seed {s}")
         lp[part] = sc.logprob_sum.mean(dim=1)
@@ -299,9 +306,10 @@ def figure2(
     frame["accuracy_retained"] = acc[0::2].double().numpy()
     frame["accuracy_ablated"] = acc[1::2].double().numpy()
     frame["delta_accuracy"] = frame["accuracy_ablated"] - frame["accuracy_retained"]
-    base_scores = score_configs(model, data, g_plus[seed_list], src, answers=None, prefix_reuse=False,
+    base_scores = score_configs(model, data, g_plus[seed_list], src, answers=None, autocast=autocast,
+                                prefix_reuse=False,
                                 batch_size=batch_size, rows_per_pass=rows_per_pass)
     baseline = {f"g_plus_seed{s}": float(v) for s, v in zip(seed_list, base_scores.logprob_sum.mean(dim=1))}
-    meta = _meta(model, data, mode="figure2", method=method, seeds=seed_list, scores=list(scores), n_steps=n,
-                 chg_task=result.meta.get("task"))
+    meta = _meta(model, data, autocast, mode="figure2", method=method, seeds=seed_list, scores=list(scores),
+                 n_steps=n, chg_task=result.meta.get("task"))
     return AblationResult(frame, baseline, meta)

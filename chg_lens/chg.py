@@ -106,12 +106,15 @@ def check_fit_options(**options: Any) -> None:
 
 
 def _check_autocast(mode: Any) -> None:
+    """The values :func:`chg_lens.models.resolve_autocast` accepts (checked without a model)."""
+    if isinstance(mode, str) and mode in models.AUTOCAST_MODES:
+        return
     try:
         dtype = checks.dtype(mode)
-    except ValueError:
+    except (ValueError, TypeError):
         dtype = None
-    if dtype not in (torch.bfloat16, torch.float16) and mode != "auto":
-        raise ValueError(f"autocast must be 'bf16', 'fp16' or None; got {mode!r}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be one of {models.AUTOCAST_MODES} or None; got {mode!r}")
 
 
 @dataclass
@@ -308,7 +311,7 @@ class CHGResult(Result):
         )
 
 
-def nll_loss(model: Any, data: TaskDataset, autocast: str | None = None) -> DataLoss:
+def nll_loss(model: Any, data: TaskDataset, autocast: str | None = "auto") -> DataLoss:
     """CHG's data loss for the fitting loop: ``(gates, rows) -> (nll [configs], {"nll": nll})``,
     each configuration's NLL the mean over rows of the mean over their target tokens."""
 
@@ -343,7 +346,7 @@ def fit_chg(
     checkpoint_every: int = 50,
     task: str | None = None,
     progress: bool = True,
-    autocast: str | None = None,
+    autocast: str | None = "auto",
     configs_per_pass: int | None = None,
     stop_when_settled: bool | diag.Thresholds = False,
 ) -> CHGResult:
@@ -360,9 +363,15 @@ def fit_chg(
     the same gradient: both trade a little speed for memory. No gradient reaches the weights.
 
     With ``checkpoint_dir`` the fit writes its state every ``checkpoint_every`` updates and, when
-    called again with the same arguments, resumes where it stopped. ``autocast="bf16"`` runs the
-    fit's passes in mixed precision (faster on CPUs with AVX512-BF16/AMX and on GPUs; validation
-    stays in full precision); see benchmarks/README.md.
+    called again with the same arguments, resumes where it stopped.
+
+    Precision follows the hardware: ``autocast="auto"`` (the default) runs the fit's passes in bf16
+    mixed precision on CUDA devices and CPUs with native bf16 (AVX512-BF16, AMX) and in float32
+    elsewhere (:func:`chg_lens.models.resolve_autocast`); ``"bf16"``, ``"fp16"`` or ``"off"`` force
+    a choice. Gates, the loss and Adam's state are float32 in every mode, and under autocast the
+    frozen weights are cast once for the whole fit (:func:`chg_lens.models.cast_weights_once`).
+    The ``validation`` pass always runs in float32, so its numbers compare across machines.
+    ``result.meta["autocast"]`` and ``["precision"]`` record the choice; see benchmarks/README.md.
 
     Every fit keeps what its convergence diagnostics need (:meth:`CHGResult.diagnostics`, a
     snapshot where each stage's diagnostic window starts) and ends with a
@@ -403,7 +412,7 @@ def fit_chg(
     data.check_model(model)
     if validation is not None:
         validation.check_model(model)
-    models.autocast(model, autocast)  # a bad value fails here, before any work
+    autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
     L, H = models.n_layers(model), models.n_heads(model)
     S = n_seeds
 
@@ -436,7 +445,7 @@ def fit_chg(
             key["autocast"] = str(autocast)
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
 
-    with models.frozen(model):
+    with models.frozen(model), models.cast_weights_once(model, autocast):
         done = run_stages(specs, data_loss, len(data), batch_size, seed, grad_accum, snapshot_every, ckpt, progress,
                           configs_per_pass=configs_per_pass)
 
@@ -445,7 +454,7 @@ def fit_chg(
         "model": models.model_name(model), "task": task or data.name, "n_layers": L, "n_heads": H,
         "n_train": len(data), "data_fingerprint": data.fingerprint(), "versions": library_versions(),
         "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
-        "autocast": None if autocast is None else str(autocast), "configs_per_pass": configs_per_pass,
+        **models.precision_meta(model, autocast), "configs_per_pass": configs_per_pass,
         "updates_taken": {k: v.updates for k, v in stages.items()},
     }
     result = CHGResult(
@@ -458,17 +467,22 @@ def fit_chg(
     if validation is not None:
         result.validation = validate(model, result, validation)
         result.meta["n_validation"] = len(validation)
+        result.meta["validation_precision"] = "float32"
     diag.warn_if_not_converged(result.convergence_warning())
     return result
 
 
-def validate(model: Any, result: CHGResult, data: TaskDataset, batch_size: int = 32) -> pd.DataFrame:
+def validate(model: Any, result: CHGResult, data: TaskDataset, batch_size: int = 32,
+             autocast: str | None = "off") -> pd.DataFrame:
     """Target log-probability (summed over each row's targets, mean over rows) and accuracy (all
-    targets argmax-correct) for the ungated model and for G0, G+ and G- of every seed."""
+    targets argmax-correct) for the ungated model and for G0, G+ and G- of every seed.
+
+    Full precision by default (``autocast="off"``): one forward pass, a small share of a fit's
+    time, and numbers that do not depend on the machine's bf16 support."""
     model = models.as_model(model)
     S = result.n_seeds
     configs = torch.cat([torch.ones(1, *result.g0.shape[1:]), result.g0, result.g_plus, result.g_minus])
-    scores = evaluate(model, data, configs, batch_size=batch_size)
+    scores = evaluate(model, data, configs, batch_size=batch_size, autocast=autocast)
     labels = [("none", -1)] + [(stage, s) for stage in STAGES for s in range(S)]
     return pd.DataFrame({
         "gates": [l for l, _ in labels], "seed": [s for _, s in labels],

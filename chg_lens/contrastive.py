@@ -264,7 +264,7 @@ class ContrastiveResult(Result):
 
 # --------------------------------------------------------------------------------------------- fitting
 def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, gates: Tensor,
-                 one_pass: bool | None) -> tuple[Tensor, Tensor]:
+                 one_pass: bool | None, autocast: str | None = "auto") -> tuple[Tensor, Tensor]:
     """Summed target log-probs ``[configs, rows]`` of the retain and forget rows ``rows``.
 
     One forward pass over both row sets when their widths are close (padding waste <= 25%, or
@@ -279,12 +279,13 @@ def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, 
     if one_pass is None:
         one_pass = 2 * max(wr, wf) <= 1.25 * (wr + wf)
     if not one_pass:
-        return (row_logprobs(model, tr, mr, gates).logprob_sum, row_logprobs(model, tf, mf, gates).logprob_sum)
+        return (row_logprobs(model, tr, mr, gates, autocast=autocast).logprob_sum,
+                row_logprobs(model, tf, mf, gates, autocast=autocast).logprob_sum)
     w = max(wr, wf)
     grow = lambda t, fill: torch.nn.functional.pad(t, (0, w - t.shape[1]), value=fill)
     tokens = torch.cat([grow(tr, retain.pad_token_id), grow(tf, forget.pad_token_id)])
     mask = torch.cat([grow(mr, False), grow(mf, False)])
-    lp = row_logprobs(model, tokens, mask, gates).logprob_sum
+    lp = row_logprobs(model, tokens, mask, gates, autocast=autocast).logprob_sum
     return lp[:, : len(rows)], lp[:, len(rows):]
 
 
@@ -313,6 +314,7 @@ def fit_contrastive(
     checkpoint_every: int = 50,
     progress: bool = True,
     configs_per_pass: int | None = None,
+    autocast: str | None = "auto",
 ) -> ContrastiveResult:
     """Fit contrastive CHG: keep ``retain``, remove ``forget`` (rows matched one to one).
 
@@ -333,8 +335,9 @@ def fit_contrastive(
     of one forward pass, and retain and forget rows share that pass when their widths allow
     (``one_pass``); ``configs_per_pass`` caps the masks per pass (the same gradient, less memory).
     ``validation=(retain_eval, forget_eval)`` (formerly ``evaluate_on``, still accepted for one
-    release with a ``DeprecationWarning``) attaches :func:`evaluate_contrastive`. With
-    ``checkpoint_dir`` the fit resumes where it stopped.
+    release with a ``DeprecationWarning``) attaches :func:`evaluate_contrastive` (float32). With
+    ``checkpoint_dir`` the fit resumes where it stopped. ``autocast`` as in
+    :func:`chg_lens.chg.fit_chg` (default ``"auto"``: bf16 where the hardware has it natively).
 
     Example::
 
@@ -373,9 +376,10 @@ def fit_contrastive(
         for d in evaluate_on:
             d.check_model(model)
     L, H, S = models.n_layers(model), models.n_heads(model), n_seeds
+    autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
 
     def data_loss(gates: Tensor, rows: Tensor):
-        lr_, lf = _pair_scores(model, retain, forget, rows, gates, one_pass)
+        lr_, lf = _pair_scores(model, retain, forget, rows, gates, one_pass, autocast)
         forget_term = (lf - lr_.detach()).clamp(min=-max_diff)
         loss = (-lr_ + forget_term).mean(dim=1)
         return loss, {"retain_nll": -lr_.mean(dim=1), "forget_nll": -lf.mean(dim=1),
@@ -391,8 +395,10 @@ def fit_contrastive(
     if checkpoint_dir is not None:
         key = {"kind": "contrastive", "config": asdict(cfg), "retain": retain.fingerprint(),
                "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+        if autocast is not None:
+            key["autocast"] = autocast
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
-    with models.frozen(model):
+    with models.frozen(model), models.cast_weights_once(model, autocast):
         done = run_stages([spec], data_loss, len(retain), batch_size, seed, grad_accum, snapshot_every, ckpt, progress,
                           configs_per_pass=configs_per_pass)
     r = done[STAGE]
@@ -402,7 +408,7 @@ def fit_contrastive(
         "n_layers": L, "n_heads": H, "n_train": len(retain), "logprob": "sum over target tokens",
         "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(),
         "versions": library_versions(), "tl_major": models.TL_MAJOR, "seconds": r.seconds,
-        "configs_per_pass": configs_per_pass,
+        "configs_per_pass": configs_per_pass, **models.precision_meta(model, autocast),
     }
     result = ContrastiveResult(r.logits, r.traces, r.snapshots, r.snapshot_steps, asdict(cfg), meta)
     if evaluate_on is not None:
@@ -425,6 +431,7 @@ def evaluate_contrastive(
     forget: TaskDataset,
     batch_size: int = 32,
     level: float = 0.95,
+    autocast: str | None = "off",
 ) -> pd.DataFrame:
     """Accuracy and target log-prob of both variants, ungated ("default") and with each seed's gates
     ("gated"), with ``level`` confidence intervals.
@@ -432,7 +439,8 @@ def evaluate_contrastive(
     Accuracy is the share of rows whose every target token is the argmax (Wilson interval); logprob
     is the mean over rows of the summed target log-probability (Student's t interval). Columns:
     variant (retain|forget), format, gates (default|gated), seed (-1 for default), accuracy,
-    accuracy_lo, accuracy_hi, logprob, logprob_lo, logprob_hi, n.
+    accuracy_lo, accuracy_hi, logprob, logprob_lo, logprob_hi, n. Full precision by default
+    (``autocast="off"``), so the numbers do not depend on the machine's bf16 support.
 
     Example::
 
@@ -447,7 +455,7 @@ def evaluate_contrastive(
     configs = torch.cat([torch.ones(1, *g.shape[1:]), g.detach().float().cpu()])
     rows = []
     for variant, data in (("retain", retain), ("forget", forget)):
-        scores = evaluate(model, data, configs, batch_size=batch_size)
+        scores = evaluate(model, data, configs, batch_size=batch_size, autocast=autocast)
         for k in range(configs.shape[0]):
             rows.append({"variant": variant, "format": _format_of(data), "gates": "default" if k == 0 else "gated",
                          "seed": k - 1, **ci_row(scores.correct[k].tolist(), scores.logprob_sum[k].tolist(), level)})

@@ -59,22 +59,25 @@ def gate_z(
 
     ``source`` broadcasts against one block of rows ``[rows, pos, head_index, d_head]`` (e.g. the
     same prompts' ``z`` from another run, or a mean ``[head_index, d_head]``); ``positions`` limits
-    the gate to chosen token positions of each row (elsewhere ``z`` is left alone).
+    the gate to chosen token positions of each row (elsewhere ``z`` is left alone). The product is
+    computed in (at least) float32 and returned in ``z``'s dtype.
     """
     n_cfg = gates.shape[0]
     batch = z.shape[0]
     if batch % n_cfg:
         raise ValueError(f"batch of {batch} rows is not a multiple of {n_cfg} gate configurations")
-    # The one place where tensors meet an activation: all move to z's device (and dtype) here.
-    g = gates.to(z.device, z.dtype)[:, None, None, :, None]
-    zz = z.reshape(n_cfg, batch // n_cfg, *z.shape[1:])
+    # The one place where tensors meet an activation: all move to z's device here; gates and the
+    # mix are computed in (at least) float32, also under bf16/fp16, and returned in z's dtype.
+    work = torch.promote_types(z.dtype, torch.float32)
+    g = gates.to(z.device, work)[:, None, None, :, None]
+    zz = z.reshape(n_cfg, batch // n_cfg, *z.shape[1:]).to(work)
     if source is None and positions is None:
-        return (zz * g).reshape(z.shape)
-    other = torch.zeros((), dtype=z.dtype, device=z.device) if source is None else source.to(z.device, z.dtype)
+        return (zz * g).reshape(z.shape).to(z.dtype)
+    other = torch.zeros((), dtype=work, device=z.device) if source is None else source.to(z.device, work)
     mixed = zz * g + (1 - g) * other
     if positions is not None:
         mixed = torch.where(positions.to(z.device)[None, :, :, None, None], mixed, zz)
-    return mixed.reshape(z.shape)
+    return mixed.reshape(z.shape).to(z.dtype)
 
 
 def gate_hooks(

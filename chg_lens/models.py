@@ -17,7 +17,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import logging
 import os
 import tempfile
 import warnings
@@ -155,26 +157,205 @@ def frozen(model) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def autocast(model, mode: str | torch.dtype | None = None) -> contextlib.AbstractContextManager:
-    """Mixed precision for a pass on ``model``'s device: ``"bf16"`` (or ``"fp16"``) autocast, None = off.
+AUTOCAST_MODES = ("auto", "bf16", "fp16", "off")
+"""What ``autocast=`` accepts everywhere a pass runs (None means "off")."""
+
+_log = logging.getLogger("chg_lens")
+_announced: set[tuple[str, str]] = set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_cpu_bf16() -> bool:
+    """torch's own check (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``,
+    private helpers of torch 2.x; False where they are missing)."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # pragma: no cover - a helper that cannot run here
+            continue
+    return False
+
+
+def cpu_native_bf16() -> bool:
+    """True when this CPU runs bf16 matrix products natively: AVX512-BF16 or AMX-BF16 (read from
+    the CPU flags, or torch's own check). Elsewhere bf16 on the CPU is emulated and slower than float32."""
+    return _torch_cpu_bf16() or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cuda_native_bf16(dev: torch.device) -> bool:
+    """True for a CUDA device with native bf16 (compute capability 8.0 or newer: Ampere, Hopper, ...)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
+def weight_dtype(model) -> torch.dtype:
+    """The dtype of the model's floating-point weights (float32 when it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+AUTOCAST_ENV = "CHG_LENS_AUTOCAST"
+"""Environment variable that fixes what ``"auto"`` means (``bf16``, ``fp16`` or ``off``), e.g. so that
+every worker of a sweep, on whatever machine, runs in the same precision."""
+
+
+def auto_precision(model) -> str | None:
+    """What ``autocast="auto"`` means for ``model``: ``"bf16"`` on a CUDA device or CPU with native
+    bf16, None (full precision) elsewhere and for a model whose weights are already bf16/fp16; the
+    environment variable ``CHG_LENS_AUTOCAST`` (``bf16``, ``fp16`` or ``off``), when set, decides instead."""
+    forced = os.environ.get(AUTOCAST_ENV, "").strip()
+    if forced:
+        if forced not in AUTOCAST_MODES or forced == "auto":
+            raise ValueError(f"{AUTOCAST_ENV} must be bf16, fp16 or off; got {forced!r}")
+        return None if forced == "off" else forced
+    if weight_dtype(model) in (torch.bfloat16, torch.float16):
+        return None
+    dev = device(model)
+    if dev.type == "cuda":
+        return "bf16" if cuda_native_bf16(dev) else None
+    if dev.type == "cpu":
+        return "bf16" if cpu_native_bf16() else None
+    return None
+
+
+def resolve_autocast(model, mode: str | torch.dtype | None = "auto") -> str | None:
+    """The one place that decides a pass's precision: ``"bf16"``, ``"fp16"`` or None (no autocast).
+
+    ``mode`` is ``"auto"`` (see :func:`auto_precision`; the environment variable
+    ``CHG_LENS_AUTOCAST=bf16|fp16|off`` fixes it), ``"bf16"``, ``"fp16"``, ``"off"`` or None.
+    Under autocast matrix products run in the low precision; norms, softmax, the log-softmax of the
+    loss, the gates and the optimizer state stay float32. The choice is logged once per device
+    (logger ``chg_lens``, level INFO).
+
+    Example::
+
+        models.resolve_autocast(model)          # "bf16" on a CPU with AVX512-BF16, else None
+        models.resolve_autocast(model, "off")   # None
+    """
+    if mode is None or (isinstance(mode, str) and mode == "off"):
+        return None
+    if isinstance(mode, str) and mode == "auto":
+        chosen = auto_precision(model)
+        key = (str(device(model)), str(chosen))
+        if key not in _announced:
+            _announced.add(key)
+            _log.info("chg_lens precision on %s: %s", key[0], describe_precision(model, "auto"))
+        return chosen
+    try:
+        dtype = _parse_dtype(mode)
+    except (KeyError, ValueError, TypeError):
+        dtype = None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be one of {AUTOCAST_MODES} or None; got {mode!r}")
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
+def describe_precision(model, mode: str | torch.dtype | None = "auto") -> str:
+    """One line saying which precision a pass on ``model`` runs in under ``mode``, and why."""
+    chosen = resolve_autocast(model, mode) if mode != "auto" else auto_precision(model)
+    dev = device(model)
+    if chosen is not None:
+        why = ""
+        if mode == "auto" and os.environ.get(AUTOCAST_ENV, "").strip():
+            why = f" ({AUTOCAST_ENV}={os.environ[AUTOCAST_ENV].strip()})"
+        elif mode == "auto":
+            why = " (auto: " + ("CUDA device with native bf16" if dev.type == "cuda" else "CPU with native bf16") + ")"
+        return f"{chosen} autocast on {dev}{why}"
+    wd = str(weight_dtype(model)).replace("torch.", "")
+    if mode == "auto" and os.environ.get(AUTOCAST_ENV, "").strip():
+        return f"{wd} on {dev} ({AUTOCAST_ENV}=off)"
+    if mode == "auto":
+        if wd != "float32":
+            return f"{wd} weights on {dev}, no autocast"
+        return f"float32 on {dev} (auto: no native bf16 here)"
+    return f"{wd} on {dev} (autocast off)"
+
+
+def precision_meta(model, mode: str | torch.dtype | None) -> dict[str, Any]:
+    """What results record: ``{"autocast": "bf16" | "fp16" | None, "precision": describe_precision}``."""
+    return {"autocast": resolve_autocast(model, mode), "precision": describe_precision(model, mode)}
+
+
+def autocast(model, mode: str | torch.dtype | None = "auto") -> contextlib.AbstractContextManager:
+    """Mixed precision for a pass on ``model``'s device, as :func:`resolve_autocast` decides.
 
     Matrix products run in the low precision; norms, softmax and the loss stay in float32 (torch's
-    autocast rules). A speed lever: on a CPU with AVX512-BF16 or AMX, and on GPUs.
+    autocast rules).
 
     Example::
 
         with models.autocast(model, "bf16"):
             resid = models.final_residual(model, tokens)
     """
-    if mode is None:
+    chosen = resolve_autocast(model, mode)
+    if chosen is None:
         return contextlib.nullcontext()
+    return torch.autocast(device_type=device(model).type, dtype=_parse_dtype(chosen))
+
+
+def _matmul_weights(model) -> list[Tensor]:
+    """The float32 weights that autocast would cast for its matrix products: ``nn.Linear`` (and
+    GPT-2's ``Conv1D``) weights, and TransformerLens 3.x's ``W_*`` matrices. A weight shared with an
+    embedding (tied unembedding) is left alone: the embedding's output must stay float32."""
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    out, seen = [], set()
+    for module in model.modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            linear = leaf == "weight" and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
+            tl_matrix = leaf.startswith(("W_", "_W_")) and leaf not in ("W_E", "W_pos") and p.ndim >= 2
+            if (linear or tl_matrix) and p.dtype == torch.float32 and id(p) not in embedding and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def cast_weights_once(model, mode: str | None) -> Iterator[int]:
+    """Within the block, the model's matrix-product weights are held in the autocast dtype, so
+    autocast does not re-cast them on every op (its cast cache keeps only weights that require
+    grad). Yields the number of weights swapped. Afterwards every weight is the user's original
+    tensor again, bit for bit, also when the block raises.
+
+    Only for passes under :func:`autocast` with the same ``mode`` (an already resolved ``"bf16"``,
+    ``"fp16"`` or None; None does nothing): autocast casts a float32 weight exactly as this does, so
+    the results are the same.
+
+    Example::
+
+        with models.frozen(model), models.cast_weights_once(model, "bf16"):
+            ...   # passes under models.autocast(model, "bf16")
+    """
+    chosen = resolve_autocast(model, mode) if mode != "auto" else auto_precision(model)
+    swapped: list[tuple[Tensor, Tensor]] = []
     try:
-        dtype = _parse_dtype(mode)
-    except (KeyError, ValueError):
-        dtype = None
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast must be 'bf16', 'fp16' or None; got {mode!r}")
-    return torch.autocast(device_type=device(model).type, dtype=dtype)
+        if chosen is not None:
+            dtype = _parse_dtype(chosen)
+            if is_tl_model(model):
+                readout_is_exact(model)  # its one-off float32 check must see the user's weights
+            for p in _matmul_weights(model):
+                original = p.data
+                p.data = original.to(dtype)
+                swapped.append((p, original))
+        yield len(swapped)
+    finally:
+        for p, original in swapped:
+            p.data = original
 
 
 # --------------------------------------------------------------------------------------------

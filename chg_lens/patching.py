@@ -186,6 +186,7 @@ def patch_heads(
     batch_size: int = 16,
     rows_per_pass: int = 256,
     progress: bool = False,
+    autocast: str | None = "auto",
 ) -> PatchResult:
     """Patch each head's ``z`` from the clean run into the corrupted run, one head per
     configuration, many configurations per pass.
@@ -194,6 +195,8 @@ def patch_heads(
     ``metric``: ``"logit_diff"`` (needs ``row_meta["answers"]`` = [correct, wrong] on ``clean``),
     ``"logprob"`` (summed target log-prob) or ``"prob"``; ``"auto"`` picks logit_diff when answers
     exist. ``positions``: see :func:`position_mask`. ``mediating``: see :func:`label_mediating`.
+    ``autocast``: the precision of the patched passes (default ``"auto"``, see
+    :func:`chg_lens.models.resolve_autocast`); the clean ``z`` is recorded in the model's dtype.
 
     Example::
 
@@ -222,8 +225,9 @@ def patch_heads(
     src = clean_z(model, clean, batch_size)
     ones = gates_mod.ones(model)
     configs = torch.cat([ones[None], gates_mod.single_head_configs(model, heads, 0.0)])
+    autocast = models.resolve_autocast(model, autocast)
     kw = dict(answers=answers if metric == "logit_diff" else None, batch_size=batch_size,
-              rows_per_pass=rows_per_pass)
+              rows_per_pass=rows_per_pass, autocast=autocast)
     patched = score_configs(model, corrupted, configs, src, pos, prefix_reuse=prefix_reuse, progress=progress,
                             desc="patching", **kw)
     clean_run = score_configs(model, clean, ones, **kw)
@@ -242,7 +246,8 @@ def patch_heads(
     meta = {"model": models.model_name(model), "task": clean.name, "corruption": corrupted.name,
             "n_rows": n, "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
             "metric": metric, "positions": positions if isinstance(positions, (str, list)) else "mask",
-            "mediating_rule": mediating, "n_std": n_std, "alpha": alpha, "versions": library_versions()}
+            "mediating_rule": mediating, "n_std": n_std, "alpha": alpha, "versions": library_versions(),
+            **models.precision_meta(model, autocast)}
     return PatchResult(frame, ie, baseline, meta)
 
 

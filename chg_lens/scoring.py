@@ -74,7 +74,7 @@ def row_logprobs(
     answers: Int[Tensor, "rows answers"] | None = None,
     start_at_layer: int | None = None,
     resid: Float[Tensor, "rows pos d_model"] | None = None,
-    autocast: str | None = None,
+    autocast: str | None = "auto",
 ) -> RowScores:
     """Score ``rows`` under each gate configuration in one forward pass (differentiable in ``gates``).
 
@@ -88,9 +88,11 @@ def row_logprobs(
     caller guarantees that every configuration's gates below ``k`` equal those ``resid`` was
     computed with.
 
-    ``autocast="bf16"`` runs the pass and the unembedding under mixed precision
-    (:func:`chg_lens.models.autocast`); log-softmax is always in float32.
+    ``autocast`` (``"auto"``: bf16 where the hardware has it natively, see
+    :func:`chg_lens.models.resolve_autocast`; ``"bf16"``, ``"fp16"``, ``"off"``) sets the precision
+    of the pass and the unembedding; gates and log-softmax are always float32.
     """
+    autocast = models.resolve_autocast(model, autocast)
     width = int(loss_mask.any(dim=0).nonzero().max()) + 1
     tokens, loss_mask = tokens[:, :width], loss_mask[:, :width]
     dev = models.device(model)
@@ -154,13 +156,13 @@ def evaluate(
     rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "evaluate",
-    autocast: str | None = None,
+    autocast: str | None = "auto",
 ) -> RowScores:
     """Score every row of ``data`` under each configuration in ``gates`` (None = ungated).
 
     Configurations are batched into the same pass, ``rows_per_pass`` rows (configurations x
     rows) at a time. Returns :class:`RowScores` with ``[n_configs, len(data)]`` tensors on the CPU.
-    ``autocast="bf16"`` runs the passes in mixed precision (see :func:`row_logprobs`). This is
+    ``autocast`` sets the precision (default ``"auto"``; see :func:`row_logprobs`). This is
     :func:`score_configs` without answers or prefix reuse.
 
     Example::
@@ -203,7 +205,7 @@ def score_configs(
     rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "configs",
-    autocast: str | None = None,
+    autocast: str | None = "auto",
 ) -> RowScores:
     """Score every row of ``data`` under each gate configuration; ``[n_configs, rows]`` on the CPU.
 
@@ -215,7 +217,8 @@ def score_configs(
     ``data.row_meta["answers"]`` when present (their logits give the logit difference), None skips.
 ``configs=None`` scores the ungated model (one configuration, no gate hooks). Rows are taken
 ``batch_size`` at a time and configurations grouped so a pass holds at most ``rows_per_pass``
-rows (configurations x rows); ``autocast`` as in :func:`row_logprobs`.
+rows (configurations x rows); ``autocast`` as in :func:`row_logprobs` (default ``"auto"``; under
+autocast the weights are cast once for the whole call, :func:`chg_lens.models.cast_weights_once`).
 
     Example::
 
@@ -228,6 +231,7 @@ rows (configurations x rows); ``autocast`` as in :func:`row_logprobs`.
     if configs is not None:
         checks.gate_tensor("configs", configs, (L, H), trailing=True)
     cfg = None if configs is None else gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
+    autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
     base = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
     if isinstance(answers, str) and answers == "auto":
         answers = data.row_meta.get("answers")
@@ -250,29 +254,31 @@ rows (configurations x rows); ``autocast`` as in :func:`row_logprobs`.
     chunks = [torch.arange(r, min(r + rows_per, N)) for r in range(0, N, rows_per)]
     steps = sum(len(range(0, len(g), cfg_per)) for g in groups.values()) * len(chunks)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    for idx in chunks:
-        tokens, mask = data.tokens[idx], data.loss_mask[idx]
-        width = int(mask.any(dim=0).nonzero().max()) + 1
-        src = rows_of(sources, idx, width)
-        pos = None if positions is None else positions[idx, :width]
-        reuse = [k for k in groups if k > 0]
-        resid = {}
-        if reuse:
-            base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
-            resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
-        for k, members in groups.items():
-            for c in range(0, len(members), cfg_per):
-                which = members[c : c + cfg_per]
-                out = row_logprobs(
-                    model, tokens, mask, None if cfg is None else cfg[which].to(dev), src, pos,
-                    answers=None if ans is None else ans[idx],
-                    start_at_layer=k if k > 0 else None, resid=resid.get(k), autocast=autocast,
-                )
-                lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
-                ok[which[:, None], idx[None, :]] = out.correct.cpu()
-                if al is not None:
-                    al[which[:, None], idx[None, :]] = out.answer_logits.cpu()
-                bar.update(1)
+    with models.cast_weights_once(model, autocast):  # the weights cast once for the whole call
+        for idx in chunks:
+            tokens, mask = data.tokens[idx], data.loss_mask[idx]
+            width = int(mask.any(dim=0).nonzero().max()) + 1
+            src = rows_of(sources, idx, width)
+            pos = None if positions is None else positions[idx, :width]
+            reuse = [k for k in groups if k > 0]
+            resid = {}
+            if reuse:
+                base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
+                with models.autocast(model, autocast):
+                    resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
+            for k, members in groups.items():
+                for c in range(0, len(members), cfg_per):
+                    which = members[c : c + cfg_per]
+                    out = row_logprobs(
+                        model, tokens, mask, None if cfg is None else cfg[which].to(dev), src, pos,
+                        answers=None if ans is None else ans[idx],
+                        start_at_layer=k if k > 0 else None, resid=resid.get(k), autocast=autocast,
+                    )
+                    lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
+                    ok[which[:, None], idx[None, :]] = out.correct.cpu()
+                    if al is not None:
+                        al[which[:, None], idx[None, :]] = out.answer_logits.cpu()
+                    bar.update(1)
     bar.close()
     return RowScores(lp, data.n_targets.clone(), ok, al)
 

@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CHG_LENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _auto_precision_is_float32():
+    """``autocast="auto"`` (the library default) means float32 in every test, fixture and worker
+    process (``CHG_LENS_AUTOCAST=off``), on every machine, so tolerances do not depend on whether
+    the CPU has native bf16."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(models.AUTOCAST_ENV, "off")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _hardware_precision(request, _auto_precision_is_float32, monkeypatch):
+    """Tests of the precision choice itself (``@pytest.mark.hardware_precision``) see the real rule."""
+    if request.node.get_closest_marker("hardware_precision") is not None:
+        monkeypatch.delenv(models.AUTOCAST_ENV, raising=False)
+
+
 def word_tokenizer(words: list[str]):
     """A whitespace word-level tokenizer over ``words`` (the first four: unk, bos, eos, pad)."""
     from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers

@@ -68,7 +68,8 @@ def run(a: argparse.Namespace) -> int:
     train, val = tasks.build(task, model, **task_kwargs)
     data = val if a.split == "validation" else train
     common = dict(method=a.method, reference=train, prefix_reuse=not a.no_prefix_reuse, batch_size=a.batch_size,
-                  rows_per_pass=a.rows_per_pass, progress=not a.no_progress)
+                  rows_per_pass=a.rows_per_pass, progress=not a.no_progress, autocast=a.autocast)
+    print(f"precision: {models.describe_precision(model, a.autocast)}")
     if a.mode == "individual":
         res = head_sweep(model, data, **common)
         top = res.frame.nsmallest(5, "delta_logprob")

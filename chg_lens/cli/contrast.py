@@ -87,11 +87,11 @@ def run(a: argparse.Namespace) -> int:
     t0 = time.time()
     kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
               lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress,
-              configs_per_pass=a.configs_per_pass)
+              configs_per_pass=a.configs_per_pass, autocast=a.autocast)
     if a.preset is None and (not a.retain or not a.forget):
         raise ValueError("give --retain and --forget (a task name or a file each), or --preset icl-vs-instruction")
     # every option, input and the output folder are checked before the model loads
-    ContrastiveConfig(**{k: v for k, v in kw.items() if k not in ("progress", "configs_per_pass")}).check()
+    ContrastiveConfig(**{k: v for k, v in kw.items() if k not in ("progress", "configs_per_pass", "autocast")}).check()
     check_configs_per_pass(a.configs_per_pass)
     checks.positive_int("--checkpoint-every", a.checkpoint_every)
     for flag, spec in (("--retain", a.retain), ("--forget", a.forget), ("--chg-retain", a.chg_retain),
@@ -100,6 +100,7 @@ def run(a: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{flag} {spec}: no such file or folder")
     out = options.check_run(a, None if a.preset else "contrastive")
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
+    print(f"precision: {models.describe_precision(model, a.autocast)}")
     if a.preset == "icl-vs-instruction":
         tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
         heldout = None if a.heldout is None else [t.strip() for t in a.heldout.split(",") if t.strip()]

@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", "--outdir", dest="out", default=options.OUT["explain"],
                    help="output folder (default: %(default)s; --outdir is an alias)")
+    options.add_autocast(p)
     for step, name in (("cache", "raw_events.parquet"), ("explain", "explanations.jsonl"),
                        ("simulate", "scores.parquet"), ("cluster", "clusters.json")):
         p.add_argument(f"--skip-{step}", action="store_true", help=f"reuse OUT/{name}")
@@ -66,7 +67,7 @@ def run(a: argparse.Namespace) -> int:
                         min_cluster_size=a.min_cluster_size, batch_size=a.batch_size, seed=a.seed,
                         probe_sequences=a.probe_sequences, probe_length=a.probe_length,
                         stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result,
-                        llm_timeout=a.llm_timeout, llm_retries=a.llm_retries)
+                        llm_timeout=a.llm_timeout, llm_retries=a.llm_retries, autocast=a.autocast)
     cfg.check()
     from .. import checks
 

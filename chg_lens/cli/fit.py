@@ -58,11 +58,12 @@ def run(a: argparse.Namespace) -> int:
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
     train, val = tasks.build(a.task, model, **task_kwargs)
     print(f"loaded {a.model} in {time.time() - t0:.0f}s; task {a.task}: {len(train)} train / {len(val)} validation rows")
+    print(f"precision: {models.describe_precision(model, a.autocast)}")
     with warnings.catch_warnings():  # the CLI prints the convergence warning itself, last
         warnings.simplefilter("ignore", NotConvergedWarning)
         result = fit_chg(model, train, **fit_options, configs_per_pass=a.configs_per_pass, validation=val,
                          checkpoint_dir=out / "checkpoint", checkpoint_every=a.checkpoint_every, task=a.task,
-                         progress=not a.no_progress)
+                         progress=not a.no_progress, autocast=a.autocast)
     result.meta["model"] = a.model
     result.save(out, overwrite=a.overwrite)
     if not a.keep_checkpoint:

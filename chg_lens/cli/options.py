@@ -1,8 +1,8 @@
 """Options shared by the subcommands, and every default in one place.
 
 The shared group: ``--model``, the task options (``--task``, ``--data-dir``, ``--n-prompts``,
-``--task-option``), ``--seed``, and the run options (``--device``, ``--dtype``, ``--out``,
-``--no-progress``). A subcommand calls the ``add_*`` functions it needs; values parsed here never
+``--task-option``), ``--seed``, and the run options (``--device``, ``--dtype``, ``--autocast``,
+``--out``, ``--no-progress``). A subcommand calls the ``add_*`` functions it needs; values parsed here never
 exit the process: a bad one is a ``ValueError`` (printed by :func:`chg_lens.cli.main`).
 """
 
@@ -52,10 +52,22 @@ def add_seed(p: argparse.ArgumentParser, help: str = "seed of the task's rows an
     p.add_argument("--seed", type=int, default=SEED, help=help)
 
 
+AUTOCAST = "auto"
+"""``--autocast`` default: bf16 mixed precision where the hardware has it natively, float32 elsewhere."""
+
+
+def add_autocast(p: argparse.ArgumentParser) -> None:
+    """``--autocast auto|bf16|fp16|off`` (see :func:`chg_lens.models.resolve_autocast`)."""
+    p.add_argument("--autocast", choices=["auto", "bf16", "fp16", "off"], default=AUTOCAST,
+                   help="precision of the passes: auto (default; bf16 mixed precision on CUDA devices and CPUs "
+                        "with native bf16, float32 elsewhere), bf16, fp16, or off (float32)")
+
+
 def add_run(p: argparse.ArgumentParser, out: str) -> None:
-    """``--device``, ``--dtype``, ``--out`` (default ``out``) and ``--no-progress``."""
+    """``--device``, ``--dtype``, ``--autocast``, ``--out`` (default ``out``) and ``--no-progress``."""
     p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    add_autocast(p)
     p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different result already in --out (default: refuse and say what is there)")

@@ -49,7 +49,8 @@ def run(a: argparse.Namespace) -> int:
     corruption = a.corruption or ("all" if a.task == "aba_abb" else kinds[0])
     if corruption != "all" and corruption not in kinds:
         raise ValueError(f"--corruption for {a.task} must be one of {kinds}" + (" or all" if a.task == "aba_abb" else ""))
-    kw: dict[str, Any] = dict(batch_size=a.batch_size, rows_per_pass=a.rows_per_pass, progress=not a.no_progress)
+    kw: dict[str, Any] = dict(batch_size=a.batch_size, rows_per_pass=a.rows_per_pass, progress=not a.no_progress,
+                              autocast=a.autocast)
     if a.positions is not None:
         kw["positions"] = a.positions if a.positions in ("all", "last") else [int(x) for x in a.positions.split(",")]
     if a.metric is not None:
@@ -63,6 +64,7 @@ def run(a: argparse.Namespace) -> int:
     for name in names:  # every output folder checked before the model loads
         options.check_run(a, "patching", out=out if len(names) == 1 else out / name)
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
+    print(f"precision: {models.describe_precision(model, a.autocast)}")
     if a.task == "ioi":
         results = {"abc": ioi_patching(model, n_prompts=a.n_prompts, seed=a.seed, **kw)}
     elif a.task == "fv":

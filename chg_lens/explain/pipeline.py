@@ -73,6 +73,7 @@ class ExplainConfig:
     stackexchange_dir: str | None = None
     wikitext_dir: str | None = None
     chg_result: str | None = None
+    autocast: str | None = "auto"       # precision of the recording passes: auto | bf16 | fp16 | off
 
     def check(self) -> None:
         """Clear errors for bad options, before any long work."""
@@ -157,7 +158,8 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
                                  cfg.stackexchange_dir, cfg.wikitext_dir)
         heads = select_heads(model, parse_heads(cfg.heads), cfg.max_heads, cfg.seed)
         record_to_parquet(model, windows, heads, paths[RAW], cfg.batch_size, cfg.top_sources,
-                          meta={"model": models.model_name(model), "seed": cfg.seed}, progress=progress)
+                          meta={"model": models.model_name(model), "seed": cfg.seed}, progress=progress,
+                          autocast=cfg.autocast)
         probes_path = outdir / PROBES_FILE
         if cfg.probe_sequences:
             write_probes(probe_scores(model, heads, n_sequences=cfg.probe_sequences, length=cfg.probe_length,

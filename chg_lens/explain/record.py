@@ -165,8 +165,8 @@ def record_batch(model, tokens: Int[Tensor, "batch pos"], heads: Sequence[tuple[
             srcs.append(s.permute(0, 2, 1, 3))
             wts.append(w.permute(0, 2, 1, 3))
             mass.append(torch.einsum("bnqk,bpqk->bqnp", pattern, masks.to(pattern.device)))
-    return (torch.cat(acts, 2).cpu(), torch.cat(srcs, 2).cpu(), torch.cat(wts, 2).cpu(),
-            torch.cat(mass, 2).cpu())
+    return (torch.cat(acts, 2).float().cpu(), torch.cat(srcs, 2).cpu(), torch.cat(wts, 2).float().cpu(),
+            torch.cat(mass, 2).float().cpu())
 
 
 def record_to_parquet(
@@ -178,12 +178,15 @@ def record_to_parquet(
     top_sources: int = 3,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    autocast: str | None = "auto",
 ) -> Path:
     """Record ``heads`` on every window and write ``raw_events.parquet`` (streamed, one row group a batch).
 
     Columns: window, pos, token, layer, head, activity, src0..src{k-1}, w0..w{k-1} and the float16
     attention masses ``m_<pattern>`` of :data:`MASS_PATTERNS`. The file's
-    metadata holds the heads, the windows' sources, the strings of the tokens that occur, and ``meta``.
+    metadata holds the heads, the windows' sources, the strings of the tokens that occur, ``meta``, and
+    the precision of the recording passes (``autocast``, default ``"auto"``: see
+    :func:`chg_lens.models.resolve_autocast`; activities and weights are stored as float32).
     """
     model = models.as_model(model)
     heads = list(heads)
@@ -196,8 +199,10 @@ def record_to_parquet(
         raise ValueError(f"window_len {tokens.shape[1]} is longer than the model's context ({n_ctx}); use a shorter --window-len")
     ids = sorted(set(tokens.flatten().tolist()))
     token_str = {int(i): tok.decode([i]) for i in ids}
+    autocast = models.resolve_autocast(model, autocast)
     info = dict(meta or {})
-    info.update(heads=[list(h) for h in heads], sources=list(windows.source), top_sources=top_sources,
+    info.update(**models.precision_meta(model, autocast), heads=[list(h) for h in heads],
+                sources=list(windows.source), top_sources=top_sources,
                 n_windows=int(tokens.shape[0]), window_len=int(tokens.shape[1]),
                 bos_token_id=getattr(tok, "bos_token_id", None),
                 token_str={str(k): v for k, v in token_str.items()})
@@ -212,11 +217,12 @@ def record_to_parquet(
     n_heads = len(heads)
     layer_col = np.array([l for l, _ in heads], dtype=np.int16)
     head_col = np.array([h for _, h in heads], dtype=np.int16)
-    with models.frozen(model), pq.ParquetWriter(tmp, schema) as writer:
+    with models.frozen(model), models.cast_weights_once(model, autocast), pq.ParquetWriter(tmp, schema) as writer:
         bar = tqdm(range(0, tokens.shape[0], batch_size), desc="record heads", disable=not progress)
         for start in bar:
             batch = tokens[start:start + batch_size]
-            act, src, wt, mass = record_batch(model, batch, heads, top_sources)
+            with models.autocast(model, autocast):
+                act, src, wt, mass = record_batch(model, batch, heads, top_sources)
             b, T = batch.shape
             if src.shape[-1] < k:  # windows shorter than k: pad with position 0, weight 0
                 pad = k - src.shape[-1]
