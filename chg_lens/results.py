@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import abc
 import json
 import math
 import os
@@ -333,7 +334,7 @@ def require(tensors: Mapping[str, Tensor], names: list[str], path: str | os.Path
                          f"{TENSORS}; write the result again")
 
 
-class Result:
+class Result(abc.ABC):
     """The protocol every saved result follows (CHG, contrastive, ablation, patching).
 
     A result class declares its ``kind`` (written to ``meta.json``; :func:`load` finds the class by
@@ -348,8 +349,9 @@ class Result:
     noun: str = "result"
     meta: dict[str, Any]
 
+    @abc.abstractmethod
     def to_frame(self):
-        raise NotImplementedError
+        """Implemented by each result class."""
 
     def tensor(self, column: str) -> Tensor:
         return head_tensor(self.to_frame(), column, int(self.meta["n_layers"]), int(self.meta["n_heads"]))
@@ -359,12 +361,14 @@ class Result:
         replaces one; see :func:`check_target`); None compares the kind only."""
         return None
 
+    @abc.abstractmethod
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        raise NotImplementedError
+        """Implemented by each result class."""
 
     @classmethod
+    @abc.abstractmethod
     def load(cls, path: str | os.PathLike):
-        raise NotImplementedError
+        """Implemented by each result class (through :meth:`read`)."""
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:

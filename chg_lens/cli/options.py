@@ -16,12 +16,12 @@ MODEL = "smollm2-135m-instruct"
 """The model every subcommand runs when ``--model`` is not given (offline, embedded)."""
 TASK = "ioi"
 IOI_PROMPTS = 160
+"""Rows of IOI built when ``--n-prompts`` is not given (fit, ablate); other tasks use their own default."""
 FIT_DEFAULTS = dict(n_seeds=2, updates=50, reg_updates=30, batch_size=8, lr=0.5, lr_end=0.05, reg_lr=0.5,
                     reg_lr_end=0.1)
 """``chg-lens fit`` with no arguments (and ``make fit``): a CPU-sized budget, measured by
 benchmarks/main_job.py (see benchmarks/README.md). G0 starts at lr 0.5 (the paper: 0.1) so that it
 recovers the task from its random start within 50 updates; the G+/G- schedule is the paper's."""
-"""Rows of IOI built when ``--n-prompts`` is not given (fit, ablate); other tasks use their own default."""
 SEED = 0
 OUT = {"fit": "runs/chg", "contrast": "runs/contrast", "ablate": "runs/ablate", "patch": "runs/patch",
        "explain": "runs/explain"}
