@@ -234,4 +234,5 @@ def advice(frame: pd.DataFrame, th: Thresholds = DEFAULT, kind: str = "CHG") -> 
 
 def warn_if_not_converged(message: str) -> None:
     if message:
-        warnings.warn(message, NotConvergedWarning, stacklevel=3)
+        # stack: this function <- fit_chg / fit_contrastive <- their keyword_only wrapper <- the caller
+        warnings.warn(message, NotConvergedWarning, stacklevel=4)
