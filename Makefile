@@ -61,7 +61,7 @@ setup-slurm:
 docs: setup-tl4
 	.venv-tl4/bin/mkdocs build --strict -q -d site
 
-# The main job on the embedded default: SmolLM2-135M-Instruct (offline) on IOI, 2 seeds, 50 + 30 updates at
+# The main job on the embedded default: SmolLM2-135M-Instruct (offline) on IOI, 2 seeds, 50 + 250 updates at
 # batch 8 (chg_lens/cli/options.py FIT_DEFAULTS; time and diagnostics measured by benchmarks/main_job.py, see
 # benchmarks/README.md). The summary says whether the fit converged; if not, its last line says what to change.
 fit: .venv-fit/.done

@@ -17,11 +17,13 @@ MODEL = "smollm2-135m-instruct"
 TASK = "ioi"
 IOI_PROMPTS = 160
 """Rows of IOI built when ``--n-prompts`` is not given (fit, ablate); other tasks use their own default."""
-FIT_DEFAULTS = dict(n_seeds=2, updates=50, reg_updates=30, batch_size=8, lr=0.5, lr_end=0.05, reg_lr=0.5,
-                    reg_lr_end=0.1)
+FIT_DEFAULTS = dict(n_seeds=2, updates=50, reg_updates=250, batch_size=8, lr=0.5, lr_end=0.05, reg_lr=0.5,
+                    reg_lr_end=0.05)
 """``chg-lens fit`` with no arguments (and ``make fit``): a CPU-sized budget, measured by
 benchmarks/main_job.py (see benchmarks/README.md). G0 starts at lr 0.5 (the paper: 0.1) so that it
-recovers the task from its random start within 50 updates; the G+/G- schedule is the paper's."""
+recovers the task from its random start within 50 updates; G+/G- run 250 updates from 0.5 to 0.05 (the paper:
+0.5 -> 0.1) so that they settle: on SmolLM2 / IOI this fit reports ``converged`` in about 4 minutes on 2 cores
+with native bf16 (about three times that in float32)."""
 SEED = 0
 OUT = {"fit": "runs/chg", "contrast": "runs/contrast", "ablate": "runs/ablate", "patch": "runs/patch",
        "explain": "runs/explain"}
