@@ -138,11 +138,13 @@ def fit_or_load(out: Path, cfg: Config, model_name: str, task: str, progress: bo
                                   batch_size=cfg.batch_size, lam=cfg.lam, validation=val, task=task,
                                   checkpoint_dir=folder / "checkpoint", progress=progress)
         result.meta["model"] = model_name
-        (folder / "summary.txt").write_text(result.summary() + "\n")
         fitted.append(True)
         return result
 
-    result = chg_lens.results.cached(fit_dir(out, cfg, model_name, task), fit_key(cfg, task), fit)
+    folder = fit_dir(out, cfg, model_name, task)
+    result = chg_lens.results.cached(folder, fit_key(cfg, task), fit)
+    if fitted:  # written beside the saved result (the save refuses a folder that already holds other files)
+        (folder / "summary.txt").write_text(result.summary() + "\n")
     return result, (time.time() - t0 if fitted else 0.0)
 
 
