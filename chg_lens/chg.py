@@ -366,8 +366,8 @@ def fit_chg(
     called again with the same arguments, resumes where it stopped.
 
     Precision follows the hardware: ``autocast="auto"`` (the default) runs the fit's passes in bf16
-    mixed precision on CUDA devices and CPUs with native bf16 (AVX512-BF16, AMX) and in float32
-    elsewhere (:func:`chg_lens.models.resolve_autocast`); ``"bf16"``, ``"fp16"`` or ``"off"`` force
+    mixed precision on CUDA devices with native bf16 and on CPUs where bf16 measured faster than
+    float32, and in float32 elsewhere (:func:`chg_lens.models.auto_precision`); ``"bf16"``, ``"fp16"`` or ``"off"`` force
     a choice. Gates, the loss and Adam's state are float32 in every mode, and under autocast the
     frozen weights are cast once for the whole fit (:func:`chg_lens.models.cast_weights_once`).
     The ``validation`` pass always runs in float32, so its numbers compare across machines.

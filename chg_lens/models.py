@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -197,6 +198,55 @@ def cpu_native_bf16() -> bool:
     return _torch_cpu_bf16() or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+BF16_MIN_SPEEDUP = 1.25
+"""``autocast="auto"`` picks bf16 on a CPU only when its bf16 matrix products measured at least this
+many times faster than float32 ones (:func:`cpu_bf16_speedup`)."""
+
+
+def _matmul_seconds(dtype: torch.dtype, n: int = 256, k: int = 1024, m: int = 1024, reps: int = 3) -> float:
+    """Best-of-``reps`` seconds of one ``[n, k] x [m, k]^T`` linear in ``dtype`` on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, k, generator=g).to(dtype)
+    w = torch.randn(m, k, generator=g).to(dtype)
+    torch.nn.functional.linear(x, w)  # warm-up: kernel selection, first-touch
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_speedup(threads: int) -> float:
+    fp32, bf16 = float("inf"), float("inf")
+    for _ in range(3):  # alternate, so a burst of load hits both
+        fp32 = min(fp32, _matmul_seconds(torch.float32))
+        bf16 = min(bf16, _matmul_seconds(torch.bfloat16))
+    return fp32 / bf16
+
+
+def cpu_bf16_speedup() -> float:
+    """How many times faster this CPU runs a bf16 matrix product than a float32 one (float32 time /
+    bf16 time), measured once per process and thread count on a ``[256, 1024] x [1024, 1024]``
+    linear (well under a second, best of 9 alternating runs).
+
+    Native bf16 in the CPU flags is not enough: on some CPUs that have AVX512-BF16 (seen on an Intel
+    Xeon VM without AMX) torch's bf16 products run at 0.6x float32's speed, while on others (an AMD
+    Zen 5) they run 2x faster. Example::
+
+        models.cpu_bf16_speedup()   # e.g. 0.61 or 2.3
+    """
+    return _bf16_speedup(torch.get_num_threads())
+
+
+def cpu_bf16_pays() -> bool:
+    """True when bf16 pays on this CPU: native bf16 (:func:`cpu_native_bf16`) and bf16 matrix
+    products measured at least :data:`BF16_MIN_SPEEDUP` times faster than float32
+    (:func:`cpu_bf16_speedup`; not measured where bf16 is emulated)."""
+    return cpu_native_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
 def cuda_native_bf16(dev: torch.device) -> bool:
     """True for a CUDA device with native bf16 (compute capability 8.0 or newer: Ampere, Hopper, ...)."""
     return torch.cuda.is_available() and torch.cuda.get_device_capability(dev) >= (8, 0)
@@ -216,8 +266,9 @@ every worker of a sweep, on whatever machine, runs in the same precision."""
 
 
 def auto_precision(model) -> str | None:
-    """What ``autocast="auto"`` means for ``model``: ``"bf16"`` on a CUDA device or CPU with native
-    bf16, None (full precision) elsewhere and for a model whose weights are already bf16/fp16; the
+    """What ``autocast="auto"`` means for ``model``: ``"bf16"`` on a CUDA device with native bf16 and
+    on a CPU where bf16 pays (native bf16 and measured faster than float32: :func:`cpu_bf16_pays`),
+    None (full precision) elsewhere and for a model whose weights are already bf16/fp16; the
     environment variable ``CHG_LENS_AUTOCAST`` (``bf16``, ``fp16`` or ``off``), when set, decides instead."""
     forced = os.environ.get(AUTOCAST_ENV, "").strip()
     if forced:
@@ -230,7 +281,7 @@ def auto_precision(model) -> str | None:
     if dev.type == "cuda":
         return "bf16" if cuda_native_bf16(dev) else None
     if dev.type == "cpu":
-        return "bf16" if cpu_native_bf16() else None
+        return "bf16" if cpu_bf16_pays() else None
     return None
 
 
@@ -245,7 +296,7 @@ def resolve_autocast(model, mode: str | torch.dtype | None = "auto") -> str | No
 
     Example::
 
-        models.resolve_autocast(model)          # "bf16" on a CPU with AVX512-BF16, else None
+        models.resolve_autocast(model)          # "bf16" where bf16 pays (see auto_precision), else None
         models.resolve_autocast(model, "off")   # None
     """
     if mode is None or (isinstance(mode, str) and mode == "off"):
@@ -275,7 +326,8 @@ def describe_precision(model, mode: str | torch.dtype | None = "auto") -> str:
         if mode == "auto" and os.environ.get(AUTOCAST_ENV, "").strip():
             why = f" ({AUTOCAST_ENV}={os.environ[AUTOCAST_ENV].strip()})"
         elif mode == "auto":
-            why = " (auto: " + ("CUDA device with native bf16" if dev.type == "cuda" else "CPU with native bf16") + ")"
+            why = " (auto: " + ("CUDA device with native bf16" if dev.type == "cuda" else
+                                f"CPU with native bf16, bf16 matrix products {cpu_bf16_speedup():.2f}x float32's speed") + ")"
         return f"{chosen} autocast on {dev}{why}"
     wd = str(weight_dtype(model)).replace("torch.", "")
     if mode == "auto" and os.environ.get(AUTOCAST_ENV, "").strip():
@@ -283,6 +335,9 @@ def describe_precision(model, mode: str | torch.dtype | None = "auto") -> str:
     if mode == "auto":
         if wd != "float32":
             return f"{wd} weights on {dev}, no autocast"
+        if dev.type == "cpu" and cpu_native_bf16():
+            return (f"float32 on {dev} (auto: this CPU has native bf16, but its bf16 matrix products measured "
+                    f"{cpu_bf16_speedup():.2f}x float32's speed, under the {BF16_MIN_SPEEDUP}x that pays)")
         return f"float32 on {dev} (auto: no native bf16 here)"
     return f"{wd} on {dev} (autocast off)"
 

@@ -21,7 +21,7 @@ SHARED_DATA = Path(os.environ.get("CHG_LENS_SHARED_DATA", REPO.parent / "shared"
 def _auto_precision_is_float32():
     """``autocast="auto"`` (the library default) means float32 in every test, fixture and worker
     process (``CHG_LENS_AUTOCAST=off``), on every machine, so tolerances do not depend on whether
-    the CPU has native bf16."""
+    bf16 pays on this CPU."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(models.AUTOCAST_ENV, "off")
         yield

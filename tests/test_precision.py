@@ -35,12 +35,43 @@ def _batch(model, rows=4, pos=7, seed=0):
     return toks, mask
 
 
-def _cpu(monkeypatch, flags=(), torch_check=False):
+def _cpu(monkeypatch, flags=(), torch_check=False, speedup=2.0):
+    """A CPU with these flags whose bf16 matrix products run ``speedup`` times float32's speed."""
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(models, "_torch_cpu_bf16", lambda: torch_check)
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: speedup)
 
 
 # ----------------------------------------------------------------------------- the choice
+@hardware
+@pytest.mark.parametrize("speedup, want", [(2.3, "bf16"), (1.3, "bf16"), (1.1, None), (0.61, None)])
+def test_auto_on_a_native_bf16_cpu_takes_bf16_only_where_it_measured_faster(tiny_model, monkeypatch, speedup, want):
+    _cpu(monkeypatch, ("avx512f", "avx512_bf16"), speedup=speedup)
+    assert models.resolve_autocast(tiny_model) == want
+    text = models.describe_precision(tiny_model, "auto")
+    assert f"{speedup:.2f}x float32's speed" in text
+    assert text.startswith("bf16 autocast" if want else "float32")
+
+
+def test_the_bf16_probe_measures_once_per_thread_count(monkeypatch):
+    calls = []
+    real = models._matmul_seconds
+    monkeypatch.setattr(models, "_matmul_seconds", lambda dtype, **kw: calls.append(dtype) or real(dtype, reps=1))
+    models._bf16_speedup.cache_clear()
+    try:
+        first = models.cpu_bf16_speedup()
+        assert 0 < first < float("inf") and calls.count(torch.float32) == calls.count(torch.bfloat16) == 3
+        assert models.cpu_bf16_speedup() == first and len(calls) == 6  # cached
+    finally:
+        models._bf16_speedup.cache_clear()
+
+
+def test_an_emulated_bf16_cpu_is_never_measured(tiny_model, monkeypatch):
+    _cpu(monkeypatch, ("avx2", "avx512f"))
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: pytest.fail("measured bf16 without native bf16"))
+    assert models.resolve_autocast(tiny_model) is None and not models.cpu_bf16_pays()
+
+
 @hardware
 @pytest.mark.parametrize("flags, torch_check, want", [
     (("avx2", "avx512f"), False, None),            # AVX-512 without BF16: bf16 is emulated, slow

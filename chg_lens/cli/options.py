@@ -62,7 +62,7 @@ def add_autocast(p: argparse.ArgumentParser) -> None:
     """``--autocast auto|bf16|fp16|off`` (see :func:`chg_lens.models.resolve_autocast`)."""
     p.add_argument("--autocast", choices=["auto", "bf16", "fp16", "off"], default=AUTOCAST,
                    help="precision of the passes: auto (default; bf16 mixed precision on CUDA devices and CPUs "
-                        "with native bf16, float32 elsewhere), bf16, fp16, or off (float32)")
+                        "where bf16 measured faster than float32, float32 elsewhere), bf16, fp16, or off (float32)")
 
 
 def add_run(p: argparse.ArgumentParser, out: str) -> None:
