@@ -32,8 +32,8 @@ from .deprecation import keyword_only
 from .fitting import (Checkpointer, DataLoss, SettleRule, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Result, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, require,
-                      save_bundle, snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
+                      snapshots_frame, traces_frame, unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
 
@@ -161,7 +161,8 @@ class CHGResult(Result):
     """Fitted gates of every seed, traces of the fit, and the metadata to reproduce it.
 
     ``g0``, ``g_plus``, ``g_minus`` (also ``gates["g0"]``, ...) are ``[n_seeds, n_layers, n_heads]``
-    in [0, 1]; ``to_frame()`` is :meth:`scores`.
+    in [0, 1]; ``to_frame()`` is :meth:`scores`. ``save(path)`` writes ``tensors.safetensors``,
+    ``meta.json`` and ``scores.csv``; ``CHGResult.load(path)`` (or ``chg_lens.load``) is exact.
     """
 
     kind = "chg"
@@ -326,21 +327,15 @@ class CHGResult(Result):
         """What makes two CHG results the same fit: options, data and model."""
         return {"config": self.config, "data": self.meta.get("data_fingerprint"), "model": self.meta.get("model")}
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``tensors.safetensors``, ``meta.json`` and ``scores.csv`` to the folder ``path``,
-        atomically as a whole (see :func:`chg_lens.results.save_bundle`). A folder holding another
-        kind of result or a different fit is refused unless ``overwrite``."""
-        tensors = pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps)
-        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
-                "validation": None if self.validation is None else frame_to_json(self.validation)}
+    def _bundle(self) -> Bundle:
         scores = self.scores()
-        return save_bundle(path, tensors, meta, identity=self.identity(), overwrite=overwrite,
-                           files={"scores.csv": lambda p: scores.to_csv(p, index=False)})
+        return (pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps),
+                {"config": self.config, "meta": self.meta,
+                 "validation": None if self.validation is None else frame_to_json(self.validation)},
+                {"scores.csv": lambda p: scores.to_csv(p, index=False)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CHGResult":
-        """The result saved at ``path``, verified against the digests in its ``meta.json``."""
-        tensors, meta = cls.read(path)
+    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike) -> "CHGResult":
         require(tensors, [f"logits/{s}" for s in STAGES] + [f"snapshots/{s}" for s in STAGES]
                 + [f"snapshot_steps/{s}" for s in STAGES], path, "CHG result")
         if "config" not in meta or "meta" not in meta:

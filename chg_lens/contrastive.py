@@ -38,8 +38,8 @@ from .deprecation import keyword_only
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Result, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages,
-                      require, save_bundle, snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
+                      snapshots_frame, traces_frame, unpack_stages)
 from .stats import t_interval, wilson_interval
 
 STAGE = "contrast"
@@ -127,7 +127,9 @@ class ContrastiveResult(Result):
 
     ``logits`` is ``[n_seeds, n_layers, n_heads]``; ``traces`` maps ``retain_nll``, ``forget_nll``,
     ``forget_term``, ``reg`` and ``loss`` to ``[updates, n_seeds]``; ``evaluation`` (when fitted with
-    evaluation data) is the frame of :func:`evaluate_contrastive`.
+    evaluation data) is the frame of :func:`evaluate_contrastive`. ``save(path)`` writes
+    ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and ``evaluation.csv`` when evaluated);
+    ``ContrastiveResult.load(path)`` (or ``chg_lens.load``) is exact.
     """
 
     kind = "contrastive"
@@ -235,24 +237,20 @@ class ContrastiveResult(Result):
         return {"config": self.config, "model": self.meta.get("model"),
                 "retain": self.meta.get("retain_fingerprint"), "forget": self.meta.get("forget_fingerprint")}
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and ``evaluation.csv`` when
-        evaluated) to the folder ``path``, atomically as a whole; a folder holding another kind of
-        result or a different fit is refused unless ``overwrite``."""
-        tensors = pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
-                              {STAGE: self.snapshot_steps})
-        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
-                "evaluation": None if self.evaluation is None else frame_to_json(self.evaluation)}
+    def _bundle(self) -> Bundle:
         gates, ev = self.gates_frame(), self.evaluation
         files = {"gates.csv": lambda p: gates.to_csv(p, index=False)}
         if ev is not None:
             files["evaluation.csv"] = lambda p: ev.to_csv(p, index=False)
-        return save_bundle(path, tensors, meta, files=files, identity=self.identity(), overwrite=overwrite)
+        return (pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
+                            {STAGE: self.snapshot_steps}),
+                {"config": self.config, "meta": self.meta,
+                 "evaluation": None if ev is None else frame_to_json(ev)},
+                files)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ContrastiveResult":
-        """The result saved at ``path``, verified against the digests in its ``meta.json``."""
-        tensors, meta = cls.read(path)
+    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any],
+                     path: str | os.PathLike) -> "ContrastiveResult":
         require(tensors, [f"logits/{STAGE}", f"snapshots/{STAGE}", f"snapshot_steps/{STAGE}"], path,
                 "contrastive CHG result")
         logits, traces, snapshots, steps = unpack_stages(tensors)
