@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from .deprecation import keyword_only, renamed
 from .data import TaskDataset
 from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
                       score_configs)
-from .results import FrameResult, frame_from_json, library_versions
+from .results import FrameResult, library_versions
 
 METHODS = ("zero", "mean")
 ORDERS = ("forward", "backward", "random")
@@ -87,11 +86,6 @@ class AblationResult(FrameResult):
         if {"layer", "head"} <= set(self.frame.columns) and "step" not in self.frame.columns:
             return {"delta_logprob": self.tensor("delta_logprob")}
         return {}
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "AblationResult":
-        _, meta = cls.read(path)
-        return cls(frame_from_json(meta["frame"]), meta["baseline"], meta["meta"])
 
 
 def _meta(model, data: TaskDataset, autocast: str | None, **extra) -> dict[str, Any]:

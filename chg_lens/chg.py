@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,47 @@ from .deprecation import keyword_only
 from .fitting import (Checkpointer, DataLoss, SettleRule, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Result, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages, require,
-                      save_bundle, snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
+                      snapshots_frame, traces_frame, unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
+
+
+class StageGates(Mapping):
+    """A CHG result's gates by stage, read-only: ``result.gates["g0"]`` is ``sigmoid`` of that
+    stage's logits, ``[n_seeds, n_layers, n_heads]``; iterates over the stages (``g0``, ``g_plus``,
+    ``g_minus``).
+
+    Calling it (``result.gates("g0")``, the method of earlier releases) still works for one release
+    with a ``DeprecationWarning``.
+
+    Example::
+
+        result.gates["g_plus"].mean(0)        # [n_layers, n_heads]
+        {stage: g.shape for stage, g in result.gates.items()}
+    """
+
+    def __init__(self, logits: Mapping[str, Tensor]):
+        self._logits = logits
+
+    def __getitem__(self, stage: str) -> Tensor:
+        if stage not in self._logits:
+            raise KeyError(f"no stage {stage!r}; the stages are {', '.join(map(repr, self._logits))}")
+        return torch.sigmoid(self._logits[stage])
+
+    def __iter__(self):
+        return iter(self._logits)
+
+    def __len__(self) -> int:
+        return len(self._logits)
+
+    def __call__(self, stage: str) -> Tensor:
+        warnings.warn(f"result.gates({stage!r}) is now result.gates[{stage!r}] (gates is a read-only mapping by "
+                      "stage); the call form goes away in the next release", DeprecationWarning, stacklevel=2)
+        return self[stage]
+
+    def __repr__(self) -> str:
+        return f"StageGates({', '.join(f'{k}: {tuple(v.shape)}' for k, v in self._logits.items())})"
 
 
 @dataclass
@@ -121,8 +160,9 @@ def _check_autocast(mode: Any) -> None:
 class CHGResult(Result):
     """Fitted gates of every seed, traces of the fit, and the metadata to reproduce it.
 
-    ``g0``, ``g_plus``, ``g_minus`` are ``[n_seeds, n_layers, n_heads]`` in [0, 1]; ``to_frame()``
-    is :meth:`scores`.
+    ``g0``, ``g_plus``, ``g_minus`` (also ``gates["g0"]``, ...) are ``[n_seeds, n_layers, n_heads]``
+    in [0, 1]; ``to_frame()`` is :meth:`scores`. ``save(path)`` writes ``tensors.safetensors``,
+    ``meta.json`` and ``scores.csv``; ``CHGResult.load(path)`` (or ``chg_lens.load``) is exact.
     """
 
     kind = "chg"
@@ -152,8 +192,12 @@ class CHGResult(Result):
     def n_seeds(self) -> int:
         return int(self.logits["g0"].shape[0])
 
-    def gates(self, stage: str) -> Tensor:
-        return torch.sigmoid(self.logits[stage])
+    @property
+    def gates(self) -> "StageGates":
+        """The fitted gates in [0, 1] by stage: ``result.gates["g_plus"]`` is ``[n_seeds, n_layers,
+        n_heads]`` (the same as ``result.g_plus``); read-only. ``result.gates("g0")``, the method of
+        earlier releases, still works for one release with a ``DeprecationWarning``."""
+        return StageGates(self.logits)
 
     # ------------------------------------------------------------------ analysis
     def scores(self) -> pd.DataFrame:
@@ -283,21 +327,15 @@ class CHGResult(Result):
         """What makes two CHG results the same fit: options, data and model."""
         return {"config": self.config, "data": self.meta.get("data_fingerprint"), "model": self.meta.get("model")}
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``tensors.safetensors``, ``meta.json`` and ``scores.csv`` to the folder ``path``,
-        atomically as a whole (see :func:`chg_lens.results.save_bundle`). A folder holding another
-        kind of result or a different fit is refused unless ``overwrite``."""
-        tensors = pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps)
-        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
-                "validation": None if self.validation is None else frame_to_json(self.validation)}
+    def _bundle(self) -> Bundle:
         scores = self.scores()
-        return save_bundle(path, tensors, meta, identity=self.identity(), overwrite=overwrite,
-                           files={"scores.csv": lambda p: scores.to_csv(p, index=False)})
+        return (pack_stages(self.logits, self.traces, self.snapshots, self.snapshot_steps),
+                {"config": self.config, "meta": self.meta,
+                 "validation": None if self.validation is None else frame_to_json(self.validation)},
+                {"scores.csv": lambda p: scores.to_csv(p, index=False)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CHGResult":
-        """The result saved at ``path``, verified against the digests in its ``meta.json``."""
-        tensors, meta = cls.read(path)
+    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike) -> "CHGResult":
         require(tensors, [f"logits/{s}" for s in STAGES] + [f"snapshots/{s}" for s in STAGES]
                 + [f"snapshot_steps/{s}" for s in STAGES], path, "CHG result")
         if "config" not in meta or "meta" not in meta:

@@ -13,6 +13,9 @@ Example::
     result.gates_frame().query("off")          # heads switched off
     evaluate_contrastive(model, result, f["instruction"], f["icl"])   # accuracy / logprob with 95% CIs
     result.save("runs/antonym_forget_icl")     # ContrastiveResult.load(...) is exact
+
+The paper's Figure 5 (six function-vector tasks, one held out at a time, both directions) is built
+from these pieces in ``experiments/_figure5.py`` (``python experiments/figure5_contrastive.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -30,19 +33,16 @@ from torch import Tensor
 from . import checks, models
 from . import diagnostics as diag
 from .chg import CHGResult
-from .data import TaskDataset, concat
+from .data import TaskDataset
 from .deprecation import keyword_only
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Result, cached, frame_from_json, frame_to_json, library_versions, load_bundle, pack_stages,
-                      require, save_bundle, snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
+                      snapshots_frame, traces_frame, unpack_stages)
 from .stats import t_interval, wilson_interval
 
 STAGE = "contrast"
-SIX_TASKS = ("antonym", "capitalize", "country-capital", "english-french", "present-past", "singular-plural")
-DIRECTIONS = ("forget_icl", "forget_instruction")
-"""``forget_icl``: retain the instruction format, forget ICL; ``forget_instruction``: the reverse."""
 
 
 @dataclass
@@ -127,7 +127,9 @@ class ContrastiveResult(Result):
 
     ``logits`` is ``[n_seeds, n_layers, n_heads]``; ``traces`` maps ``retain_nll``, ``forget_nll``,
     ``forget_term``, ``reg`` and ``loss`` to ``[updates, n_seeds]``; ``evaluation`` (when fitted with
-    evaluation data) is the frame of :func:`evaluate_contrastive`.
+    evaluation data) is the frame of :func:`evaluate_contrastive`. ``save(path)`` writes
+    ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and ``evaluation.csv`` when evaluated);
+    ``ContrastiveResult.load(path)`` (or ``chg_lens.load``) is exact.
     """
 
     kind = "contrastive"
@@ -235,24 +237,20 @@ class ContrastiveResult(Result):
         return {"config": self.config, "model": self.meta.get("model"),
                 "retain": self.meta.get("retain_fingerprint"), "forget": self.meta.get("forget_fingerprint")}
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and ``evaluation.csv`` when
-        evaluated) to the folder ``path``, atomically as a whole; a folder holding another kind of
-        result or a different fit is refused unless ``overwrite``."""
-        tensors = pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
-                              {STAGE: self.snapshot_steps})
-        meta = {"kind": self.kind, "config": self.config, "meta": self.meta,
-                "evaluation": None if self.evaluation is None else frame_to_json(self.evaluation)}
+    def _bundle(self) -> Bundle:
         gates, ev = self.gates_frame(), self.evaluation
         files = {"gates.csv": lambda p: gates.to_csv(p, index=False)}
         if ev is not None:
             files["evaluation.csv"] = lambda p: ev.to_csv(p, index=False)
-        return save_bundle(path, tensors, meta, files=files, identity=self.identity(), overwrite=overwrite)
+        return (pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
+                            {STAGE: self.snapshot_steps}),
+                {"config": self.config, "meta": self.meta,
+                 "evaluation": None if ev is None else frame_to_json(ev)},
+                files)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ContrastiveResult":
-        """The result saved at ``path``, verified against the digests in its ``meta.json``."""
-        tensors, meta = cls.read(path)
+    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any],
+                     path: str | os.PathLike) -> "ContrastiveResult":
         require(tensors, [f"logits/{STAGE}", f"snapshots/{STAGE}", f"snapshot_steps/{STAGE}"], path,
                 "contrastive CHG result")
         logits, traces, snapshots, steps = unpack_stages(tensors)
@@ -512,123 +510,6 @@ def facilitation_overlap(
                      "jaccard": len(both) / len(union) if union else float("nan"),
                      "share_of_off": len(both) / len(off) if off else float("nan"),
                      "both": ",".join(f"{l}.{h}" for l, h in sorted(both))})
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------------------------- Figure 5
-def _direction_roles(direction: str) -> tuple[str, str]:
-    if direction == "forget_icl":
-        return "instruction", "icl"
-    if direction == "forget_instruction":
-        return "icl", "instruction"
-    raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
-
-
-def icl_vs_instruction(
-    model: Any,
-    tasks: Sequence[str] = SIX_TASKS,
-    data_dir: Any = None,
-    heldout: Iterable[str] | None = None,
-    directions: Sequence[str] = DIRECTIONS,
-    n_prompts: int = 256,
-    n_eval: int | None = None,
-    n_shots: int = 10,
-    n_seeds: int = 1,
-    updates: int = 500,
-    batch_size: int = 64,
-    lam: float = 0.1,
-    max_diff: float = 5.0,
-    lr: float = 0.1,
-    lr_end: float = 0.01,
-    seed: int = 0,
-    out_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    **fit_kwargs: Any,
-) -> pd.DataFrame:
-    """The paper's Figure 5: for each held-out task and direction, fit contrastive CHG on the other
-    tasks (forget one format, retain the other) and score the held-out task in both formats, with
-    and without the gates.
-
-    ``n_prompts`` queries per training task and ``n_eval`` (default ``n_prompts``) for the held-out
-    task, built by ``fv_formats`` (``n_shots``-shot ICL and instruction + one example, row-matched).
-    With ``out_dir`` each fit is saved to ``out_dir/fits/<direction>__<task>/`` (with a checkpoint
-    while it runs), and a second call skips finished fits and resumes a cut one.
-
-    Returns the frame for the plot: direction, heldout_task, format (icl|instruction), gates
-    (default|gated), accuracy, ci_low, ci_high (95% Wilson), n. With several seeds the held-out rows
-    of every seed are pooled (n = rows x seeds).
-
-    Example::
-
-        frame = icl_vs_instruction(model, data_dir="../shared/data/function_vectors", heldout=["antonym"],
-                                   n_prompts=32, updates=20, batch_size=8)
-    """
-    from .tasks.function_vectors import fv_formats
-
-    tasks = list(tasks)
-    heldout = list(tasks if heldout is None else heldout)
-    for d in directions:
-        _direction_roles(d)
-    unknown = [t for t in heldout if t not in tasks]
-    if unknown:
-        raise ValueError(f"held-out task(s) {unknown} are not among tasks {tasks}")
-    if len(tasks) < 2:
-        raise ValueError("need at least two tasks: fit on the others, evaluate on the held-out one")
-    model = models.as_model(model)
-    cache: dict[tuple[str, int], dict[str, TaskDataset]] = {}
-
-    def formats(task: str, n: int) -> dict[str, TaskDataset]:
-        if (task, n) not in cache:
-            cache[(task, n)] = fv_formats(model, task, n_prompts=n, n_shots=n_shots, seed=seed, data_dir=data_dir)
-        return cache[(task, n)]
-
-    formats(heldout[0], n_eval or n_prompts)  # bad data_dir / task names fail here, before any fit
-    frames = []
-    for task in heldout:
-        train = {f: concat([formats(t, n_prompts)[f] for t in tasks if t != task], name=f"fv_{f}_without_{task}")
-                 for f in ("icl", "instruction")}
-        ev = formats(task, n_eval or n_prompts)
-        for direction in directions:
-            keep, drop = _direction_roles(direction)
-            folder = None if out_dir is None else Path(out_dir) / "fits" / f"{direction}__{task}"
-
-            def fit(folder: Path | None, keep=keep, drop=drop, direction=direction, task=task) -> ContrastiveResult:
-                result = fit_contrastive(
-                    model, train[keep], train[drop], n_seeds=n_seeds, updates=updates, batch_size=batch_size,
-                    lam=lam, max_diff=max_diff, lr=lr, lr_end=lr_end, seed=seed, validation=(ev[keep], ev[drop]),
-                    checkpoint_dir=None if folder is None else folder / "checkpoint", progress=progress,
-                    **fit_kwargs)
-                result.meta.update(direction=direction, heldout_task=task, tasks=tasks)
-                return result
-
-            if folder is None:
-                result = fit(None)
-            else:
-                key = dict(n_seeds=n_seeds, updates=updates, batch_size=batch_size, lam=lam, max_diff=max_diff,
-                           lr=lr, lr_end=lr_end, seed=seed)
-                key["training data"] = [train[keep].fingerprint(), train[drop].fingerprint()]
-                key["evaluation data"] = [ev[keep].fingerprint(), ev[drop].fingerprint()]
-                result = cached(folder, key, fit)
-            frames.append(figure5_rows(result, direction, task))
-    return pd.concat(frames, ignore_index=True)
-
-
-def figure5_rows(result: ContrastiveResult, direction: str, task: str) -> pd.DataFrame:
-    """Figure 5 rows of one fit from its stored evaluation (seeds pooled): direction, heldout_task,
-    format, gates, accuracy, ci_low, ci_high, n."""
-    if result.evaluation is None:
-        raise ValueError("the result has no evaluation; fit with validation=(retain_eval, forget_eval)")
-    keep, drop = _direction_roles(direction)
-    ev = result.evaluation
-    rows = []
-    for variant, fmt in (("retain", keep), ("forget", drop)):
-        for gates in ("default", "gated"):
-            part = ev[(ev["variant"] == variant) & (ev["gates"] == gates)]
-            n = int(part["n"].sum())
-            k = int(round(float((part["accuracy"] * part["n"]).sum())))
-            lo, hi = wilson_interval(k, n)
-            rows.append({"direction": direction, "heldout_task": task, "format": fmt, "gates": gates,
-                         "accuracy": k / n, "ci_low": lo, "ci_high": hi, "n": n})
     return pd.DataFrame(rows)
 
 

@@ -80,10 +80,18 @@ def is_tl_model(obj: Any) -> bool:
 
 
 def is_bridge(model: Any) -> bool:
+    """True for a TransformerLens 4.x ``TransformerBridge`` (False for a 3.x ``HookedTransformer``).
+
+    Public as part of the model interface: the library branches on it where the two lines differ
+    (:func:`final_norm`), and tests and user code can ask the same question::
+
+        models.is_bridge(chg_lens.load_model("smollm2-135m-instruct"))   # True on TransformerLens 4
+    """
     return TransformerBridge is not None and isinstance(model, TransformerBridge)
 
 
 def n_layers(model) -> int:
+    """Number of transformer blocks: ``models.n_layers(model)`` (a gate tensor is ``[..., n_layers, n_heads]``)."""
     return int(model.cfg.n_layers)
 
 
@@ -93,6 +101,8 @@ def n_heads(model) -> int:
 
 
 def d_head(model) -> int:
+    """Width of one head's ``z`` (``hook_z`` is ``[batch, pos, n_heads, d_head]``): the shape accessor
+    beside :func:`n_layers` and :func:`n_heads`, e.g. for a patching source ``torch.zeros(n_heads, d_head)``."""
     return int(model.cfg.d_head)
 
 
@@ -453,7 +463,14 @@ def run_until(
 
 
 def run_with_hooks(model, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[Hook] = ()) -> Tensor:
-    """Full forward pass with hooks; returns logits ``[batch, pos, d_vocab]``."""
+    """Full forward pass with hooks; returns logits ``[batch, pos, d_vocab]`` at every position.
+
+    Public as the model interface's one full forward: :func:`readout_is_exact` compares the fast
+    readout against it, and it is the reference to check any hook against (the gate hooks' tests
+    do)::
+
+        logits = models.run_with_hooks(model, tokens, gates.gate_hooks(model, g))
+    """
     return model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))
 
 

@@ -123,8 +123,7 @@ class PatchResult(FrameResult):
         return {"per_prompt": self.per_prompt, "effects": self.effects}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PatchResult":
-        tensors, meta = cls.read(path)
+    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike) -> "PatchResult":
         require(tensors, ["per_prompt"], path, "patching result")
         frame = frame_from_json(meta["frame"])
         frame["mediating"] = frame["mediating"].astype(bool)

@@ -472,7 +472,7 @@ def contrastive_bars(frame: Any) -> go.Figure:
     """Accuracy per held-out task, gated vs default, per prompt format, with CI error bars (Fig. 5).
 
     ``frame`` has columns ``direction, heldout_task, format, gates, accuracy, ci_low, ci_high, n``
-    (``chg_lens.contrastive``): one panel row per ``direction`` (the retained format), one column per
+    (what ``experiments/_figure5.py`` computes from contrastive CHG fits): one panel row per ``direction`` (the retained format), one column per
     held-out task; x = ``gates`` (e.g. "default"/"gated"), colour = evaluation ``format``.
 
     Example: ``plot.contrastive_bars(pd.read_csv("contrastive.csv"))``.

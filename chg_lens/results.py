@@ -334,15 +334,31 @@ def require(tensors: Mapping[str, Tensor], names: list[str], path: str | os.Path
                          f"{TENSORS}; write the result again")
 
 
+Bundle = tuple[dict[str, Tensor], dict[str, Any], dict[str, FileWriter]]
+"""What a result class's ``_bundle()`` hands to :meth:`Result.save`: ``(tensors, fields, files)``."""
+
+
 class Result(abc.ABC):
     """The protocol every saved result follows (CHG, contrastive, ablation, patching).
 
     A result class declares its ``kind`` (written to ``meta.json``; :func:`load` finds the class by
-    it) and ``noun`` (for errors), and implements ``save(path)``, ``load(path)`` (a classmethod that
-    reads the bundle through :meth:`read`, which checks the kind), ``to_frame()`` (its main table)
-    and ``tensor(column)`` (a column of that table as ``[n_layers, n_heads]``, for tables with one
-    row per head). ``frame`` is not the method's name because ablation and patching results already
-    hold their table in a ``frame`` field.
+    it) and ``noun`` (for errors), and implements ``to_frame()`` (its main table), ``tensor(column)``
+    (a column of that table as ``[n_layers, n_heads]``, for tables with one row per head) and two
+    hooks for the one :meth:`save` and the one :meth:`load`:
+
+    - ``_bundle() -> (tensors, fields, files)``: the tensors to store in ``tensors.safetensors``, the
+      JSON-able fields of ``meta.json`` beside ``kind`` (e.g. ``config``, ``meta``) and the extra
+      files (name -> writer, e.g. ``scores.csv``);
+    - ``_from_bundle(tensors, meta, path)`` (a classmethod): the result from what :meth:`load` read
+      (verified against the digests, kind checked); ``path`` is for error messages.
+
+    ``frame`` is not the table method's name because ablation and patching results already hold
+    their table in a ``frame`` field.
+
+    Example::
+
+        result.save("runs/x")               # any result class
+        same = type(result).load("runs/x")  # or chg_lens.load("runs/x"), by meta.json's kind
     """
 
     kind: str = ""
@@ -362,13 +378,35 @@ class Result(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Implemented by each result class."""
+    def _bundle(self) -> Bundle:
+        """``(tensors, meta.json fields besides kind, extra files)``; implemented by each result class."""
 
     @classmethod
     @abc.abstractmethod
+    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike):
+        """The result from a loaded bundle; implemented by each result class."""
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the result to the folder ``path``: ``tensors.safetensors``, ``meta.json`` (its kind,
+        fields, identity and the sha256 of every file) and the class's extra files, atomically as a
+        whole (see :func:`save_bundle`). A folder holding another kind of result or a different one
+        of this kind is refused unless ``overwrite``.
+
+        Example: ``result.save("runs/ioi")``.
+        """
+        tensors, fields, files = self._bundle()
+        return save_bundle(path, tensors, {"kind": self.kind, **fields}, files=files, identity=self.identity(),
+                           overwrite=overwrite)
+
+    @classmethod
     def load(cls, path: str | os.PathLike):
-        """Implemented by each result class (through :meth:`read`)."""
+        """The result saved at ``path``, verified against the digests in its ``meta.json``; a
+        ``ValueError`` when the folder holds another kind of result or misses a part of this one.
+
+        Example: ``CHGResult.load("runs/ioi")``.
+        """
+        tensors, meta = cls.read(path)
+        return cls._from_bundle(tensors, meta, path)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -399,16 +437,15 @@ class FrameResult(Result):
     def identity(self) -> dict[str, Any]:
         return {k: self.meta.get(k) for k in self.IDENTITY if k in self.meta}
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Folder with ``frame.parquet``, ``frame.csv``, ``meta.json`` (+ tensors.safetensors),
-        written atomically as a whole; a folder holding another kind of result or a different one
-        of this kind is refused unless ``overwrite``."""
+    def _bundle(self) -> Bundle:
         frame = self.frame
-        return save_bundle(path, self.tensors_to_save(), {"kind": self.kind, "frame": frame_to_json(frame),
-                                                          "baseline": self.baseline, "meta": self.meta},
-                           files={"frame.parquet": lambda p: frame.to_parquet(p, index=False),
-                                  "frame.csv": lambda p: frame.to_csv(p, index=False)},
-                           identity=self.identity(), overwrite=overwrite)
+        return (self.tensors_to_save(), {"frame": frame_to_json(frame), "baseline": self.baseline, "meta": self.meta},
+                {"frame.parquet": lambda p: frame.to_parquet(p, index=False),
+                 "frame.csv": lambda p: frame.to_csv(p, index=False)})
+
+    @classmethod
+    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike):
+        return cls(frame=frame_from_json(meta["frame"]), baseline=meta["baseline"], meta=meta["meta"])
 
 
 def head_tensor(frame, column: str, n_layers: int, n_heads: int) -> Tensor:

@@ -11,8 +11,9 @@ both formats with and without the mask (accuracy with 95% Wilson intervals).
 
 Writes OUT/figure5_contrastive/: figure5.parquet/.csv (direction, heldout_task, format, gates,
 accuracy, ci_low, ci_high, n), evaluation.parquet/.csv (accuracy and log-prob with CIs per fit and
-seed), gates.parquet/.csv (the masks), figure5.html, and fits/<model>/<direction>__<task>/ (one
-ContrastiveResult each). A second run skips finished fits and resumes a cut one.
+seed), gates.parquet/.csv (the masks), figure5.html, and fits/<model>/fits/<direction>__<task>/ (one
+ContrastiveResult each). A second run skips finished fits and resumes a cut one. The driver itself
+(fits, caching, the Figure 5 rows) is ``_figure5.icl_vs_instruction``.
 """
 
 import os
@@ -22,8 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from _common import HERE, Config, Timer, _slug, load, write_figure, write_frame
+from _figure5 import DIRECTIONS, SIX_TASKS, icl_vs_instruction
 
-from chg_lens.contrastive import DIRECTIONS, SIX_TASKS, ContrastiveResult, icl_vs_instruction
+from chg_lens.contrastive import ContrastiveResult
 
 FV = Path(os.environ.get("CHG_LENS_SHARED_DATA", HERE.parent.parent / "shared" / "data")) / "function_vectors"
 SMOKE = Config(tasks=list(SIX_TASKS), n_seeds=1, updates=20, batch_size=8, n_prompts=24,

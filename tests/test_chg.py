@@ -193,3 +193,22 @@ def test_evaluate_batches_configs_like_single_runs(known_model):
         torch.testing.assert_close(many.logprob_sum[k], one.logprob_sum[0], rtol=1e-5, atol=1e-5)
     acc = many.correct.float().mean(1)
     assert acc[1] < 0.2 and acc[2] == 1.0  # without the answer head it fails; without the distractor it is perfect
+
+
+def test_gates_is_a_read_only_mapping_by_stage_and_the_old_call_warns(known_fit):
+    gates = known_fit.gates
+    assert list(gates) == ["g0", "g_plus", "g_minus"] and len(gates) == 3 and "g_plus" in gates
+    for stage, want in (("g0", known_fit.g0), ("g_plus", known_fit.g_plus), ("g_minus", known_fit.g_minus)):
+        assert gates[stage].shape == (2, 1, 4)
+        assert torch.equal(gates[stage], want)
+        assert torch.equal(gates[stage], torch.sigmoid(known_fit.logits[stage]))
+    assert {k: tuple(v.shape) for k, v in gates.items()} == {s: (2, 1, 4) for s in ("g0", "g_plus", "g_minus")}
+    with pytest.raises(KeyError, match="no stage 'g1'; the stages are 'g0', 'g_plus', 'g_minus'"):
+        gates["g1"]
+    with pytest.raises(TypeError):
+        gates["g0"] = torch.zeros(2, 1, 4)
+    gates["g0"].zero_()  # a fresh tensor each time: the result is unchanged
+    assert torch.equal(known_fit.gates["g0"], known_fit.g0) and known_fit.g0.min() > 0
+    with pytest.warns(DeprecationWarning, match=r"result.gates\('g_minus'\) is now result.gates\['g_minus'\]"):
+        old = known_fit.gates("g_minus")
+    assert torch.equal(old, known_fit.g_minus)

@@ -1,5 +1,6 @@
 """Contrastive CHG: a hand-set model where two prompt formats need different heads, pairing checks,
-exact reloads, the confidence intervals, the Figure 5 driver and the CLI; one slow SmolLM2 run."""
+exact reloads, the confidence intervals and the CLI (the Figure 5 driver is tested in
+test_experiments.py); one slow SmolLM2 run."""
 
 import json
 
@@ -10,7 +11,7 @@ import torch
 import chg_lens
 from chg_lens import CHGResult, models
 from chg_lens.contrastive import (ContrastiveResult, check_matched, evaluate_contrastive, facilitation_overlap,
-                                  fit_contrastive, icl_vs_instruction)
+                                  fit_contrastive)
 from chg_lens.stats import t_interval, t_quantile, wilson_interval
 
 from conftest import SHARED_DATA, tiny_llama_hf, word_tokenizer
@@ -265,38 +266,30 @@ def test_evaluate_accepts_raw_gates(two_format_model):
         ("retain", "default"): 1.0, ("retain", "gated"): 1.0, ("forget", "default"): 1.0, ("forget", "gated"): 0.0}
 
 
-# ----------------------------------------------------------------------------- Figure 5 driver and CLI
+# ----------------------------------------------------------------------------- CLI
 FV = SHARED_DATA / "function_vectors"
 
 
-def test_icl_vs_instruction_frame_and_resume_from_the_cli(tiny_gpt2_vocab_model, tmp_path, monkeypatch, capsys):
-    if not FV.exists():
-        pytest.skip(f"no function-vector data at {FV}")
-    model = tiny_gpt2_vocab_model
-    frame = icl_vs_instruction(model, tasks=("country-capital", "singular-plural"), data_dir=FV,
-                               heldout=["country-capital"], n_prompts=6, n_shots=2, updates=2, batch_size=4,
-                               out_dir=tmp_path / "fig5", progress=False)
-    assert list(frame.columns) == ["direction", "heldout_task", "format", "gates", "accuracy", "ci_low", "ci_high", "n"]
-    assert len(frame) == 8 and set(frame["direction"]) == {"forget_icl", "forget_instruction"}
-    assert set(frame["format"]) == {"icl", "instruction"} and (frame["n"] == 6).all()
-    assert ((frame["ci_low"] <= frame["accuracy"]) & (frame["accuracy"] <= frame["ci_high"])).all()
-    fit = ContrastiveResult.load(tmp_path / "fig5" / "fits" / "forget_icl__country-capital")
-    assert fit.meta["retain_format"] == "instruction" and fit.meta["forget_format"] == "icl"
-    assert fit.meta["n_train"] == 6
-
-    # the CLI preset with the same settings resumes: finished fits are loaded, not refitted
-    import chg_lens.contrastive as c
+def test_cli_preset_fails_at_once_with_the_figure5_command(tmp_path, monkeypatch, capsys):
     from chg_lens.cli import main
 
-    monkeypatch.setattr(c, "fit_contrastive", lambda *a, **k: pytest.fail("finished fits must not be refitted"))
-    monkeypatch.setattr(chg_lens.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(chg_lens.models, "load_model", lambda *a, **k: pytest.fail("no model may load"))
+    out = tmp_path / "fig 5"
     args = ["contrast", "--preset", "icl-vs-instruction", "--tasks", "country-capital,singular-plural",
             "--heldout", "country-capital", "--n-prompts", "6", "--n-shots", "2", "--updates", "2",
-            "--batch-size", "4", "--data-dir", str(FV), "--out", str(tmp_path / "fig5"), "--no-progress"]
-    assert main(args) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "fig5" / "figure5.csv"), frame, check_dtype=False)
-    assert main(args[:-3] + ["--updates", "3", "--out", str(tmp_path / "fig5")]) == 2   # other settings: refuse
-    assert "other settings (updates)" in capsys.readouterr().err
+            "--batch-size", "4", "--data-dir", "/data/fv", "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "chg-lens contrast: error: --preset icl-vs-instruction moved out of the library: the Figure 5 driver is now "
+        "`python experiments/figure5_contrastive.py` in a source checkout; for these options run ")
+    assert (f"run `python experiments/figure5_contrastive.py --smoke --tasks country-capital singular-plural "
+            f"--heldout country-capital --n-shots 2 --n-prompts 6 --updates 2 --batch-size 4 --data-dir /data/fv "
+            f"--out '{out}' --no-progress`") in err
+    assert not out.exists()
+    assert main(["contrast", "--preset", "icl-vs-instruction", "--model", "gpt2"]) == 2  # defaults are left out
+    assert "run `python experiments/figure5_contrastive.py --smoke --models gpt2` (its --help" in capsys.readouterr().err
+    assert not hasattr(chg_lens.contrastive, "icl_vs_instruction")  # the library has no driver to fall back on
 
 
 def test_cli_contrast_on_files(tiny_gpt2_vocab_model, tmp_path, monkeypatch, capsys):

@@ -51,6 +51,6 @@ def test_fit_chg_positional_options_still_work_with_a_warning(known_model):
     with pytest.warns(DeprecationWarning, match="by position"):
         old = fit_chg(known_model, data, 1, 2, 2, 4, 0.1, 3, progress=False)
     for stage in ("g0", "g_plus", "g_minus"):
-        assert torch.equal(new.gates(stage), old.gates(stage))
+        assert torch.equal(new.gates[stage], old.gates[stage])
     with pytest.raises(TypeError, match="at most"):
         fit_chg(known_model, data, 1, 2, 2, 4, 0.1, 3, 7)

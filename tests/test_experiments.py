@@ -1,8 +1,12 @@
-"""The experiment scripts run end to end (same files, tiny random model via --tiny) and resume."""
+"""The experiment scripts run end to end (same files, tiny random model via --tiny) and resume;
+the Figure 5 driver (experiments/_figure5.py) on a tiny model, and the command the CLI names for it."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,20 +14,95 @@ import pandas as pd
 import pytest
 
 import chg_lens
+from chg_lens.contrastive import ContrastiveResult
+
+from conftest import SHARED_DATA
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY = ["--tiny", "--n-seeds", "2", "--updates", "2", "--reg-updates", "2", "--n-prompts", "12", "--no-progress"]
+FV = SHARED_DATA / "function_vectors"
 
 
-def run_script(name: str, argv: list[str]) -> None:
+def run_script(name: str, argv: list[str], patch=None) -> None:
+    """``experiments/<name>.py``'s ``main(argv)``, with experiments/ on ``sys.path`` as when the script
+    runs; ``patch(module)`` is called before ``main`` (e.g. to swap the model loader)."""
     sys.path.insert(0, str(EXPERIMENTS))
     try:
         spec = importlib.util.spec_from_file_location(f"exp_{name}", EXPERIMENTS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        if patch is not None:
+            patch(module)
         module.main(argv)
     finally:
         sys.path.remove(str(EXPERIMENTS))
+
+
+def experiment_module(name: str):
+    """An experiments/ module (e.g. ``_figure5``) imported as the scripts import it."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def test_figure5_driver_frame_and_resume(tiny_gpt2_vocab_model, tmp_path, monkeypatch):
+    if not FV.exists():
+        pytest.skip(f"no function-vector data at {FV}")
+    fig5 = experiment_module("_figure5")
+    model = tiny_gpt2_vocab_model
+    kw = dict(tasks=("country-capital", "singular-plural"), data_dir=FV, heldout=["country-capital"], n_prompts=6,
+              n_shots=2, updates=2, batch_size=4, out_dir=tmp_path / "fig5", progress=False)
+    frame = fig5.icl_vs_instruction(model, **kw)
+    assert list(frame.columns) == ["direction", "heldout_task", "format", "gates", "accuracy", "ci_low", "ci_high", "n"]
+    assert len(frame) == 8 and set(frame["direction"]) == {"forget_icl", "forget_instruction"}
+    assert set(frame["format"]) == {"icl", "instruction"} and (frame["n"] == 6).all()
+    assert ((frame["ci_low"] <= frame["accuracy"]) & (frame["accuracy"] <= frame["ci_high"])).all()
+    fit = ContrastiveResult.load(tmp_path / "fig5" / "fits" / "forget_icl__country-capital")
+    assert fit.meta["retain_format"] == "instruction" and fit.meta["forget_format"] == "icl"
+    assert fit.meta["n_train"] == 6 and fit.meta["direction"] == "forget_icl"
+    acc = fit.evaluation.set_index(["variant", "gates"])["accuracy"]
+    rows = frame[frame.direction == "forget_icl"].set_index(["format", "gates"])["accuracy"]
+    assert rows["icl", "gated"] == acc["forget", "gated"] and rows["instruction", "default"] == acc["retain", "default"]
+
+    # a second call with the same settings loads the finished fits; other settings are refused
+    monkeypatch.setattr(fig5, "fit_contrastive", lambda *a, **k: pytest.fail("finished fits must not be refitted"))
+    pd.testing.assert_frame_equal(fig5.icl_vs_instruction(model, **kw), frame)
+    with pytest.raises(ValueError, match=r"other settings \(updates\)"):
+        fig5.icl_vs_instruction(model, **{**kw, "updates": 3})
+    with pytest.raises(ValueError, match="direction must be one of"):
+        fig5.icl_vs_instruction(model, **{**kw, "directions": ["forget_both"]})
+
+
+def test_the_command_the_cli_preset_names_runs_figure5(tiny_gpt2_vocab_model, tmp_path, capsys):
+    if not FV.exists():
+        pytest.skip(f"no function-vector data at {FV}")
+    from chg_lens.cli import main
+
+    out = tmp_path / "fig5"
+    assert main(["contrast", "--preset", "icl-vs-instruction", "--tasks", "country-capital,singular-plural",
+                 "--heldout", "country-capital", "--n-prompts", "6", "--n-shots", "2", "--updates", "2",
+                 "--batch-size", "4", "--data-dir", str(FV), "--out", str(out), "--no-progress"]) == 2
+    command = shlex.split(re.search(r"for these options run `([^`]*)`", capsys.readouterr().err).group(1))
+    assert command[:3] == ["python", "experiments/figure5_contrastive.py", "--smoke"]
+
+    def tiny(module):  # --smoke names SmolLM2; the tiny model stands in for it
+        module.load = lambda name: tiny_gpt2_vocab_model
+
+    run_script("figure5_contrastive", command[2:], patch=tiny)
+    folder = out / "figure5_contrastive"
+    frame = pd.read_csv(folder / "figure5.csv")
+    assert len(frame) == 8 and set(frame["model"]) == {"smollm2-135m-instruct"}
+    assert set(frame["heldout_task"]) == {"country-capital"} and (frame["n"] == 32).all()  # --smoke: 32 eval rows
+    fig5 = experiment_module("_figure5")
+    for direction in fig5.DIRECTIONS:
+        fit = ContrastiveResult.load(folder / "fits" / "smollm2-135m-instruct" / "fits" / f"{direction}__country-capital")
+        assert fit.config["updates"] == 2 and fit.config["batch_size"] == 4 and fit.meta["n_train"] == 6
+        got = frame[frame.direction == direction].drop(columns="model").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, fig5.figure5_rows(fit, direction, "country-capital"), check_dtype=False)
+    for name in ("figure5.parquet", "evaluation.csv", "gates.csv", "figure5.html", "timing.json"):
+        assert (folder / name).exists(), name
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ def test_auto_default_fit_finds_the_same_roles_as_float32(known_model, monkeypat
     assert fast.meta["autocast"] == "bf16" and "bf16 autocast" in fast.meta["precision"]
     assert plain.meta["autocast"] is None and "float32" in plain.meta["precision"]
     for stage in ("g0", "g_plus", "g_minus"):
-        assert (fast.gates(stage) - plain.gates(stage)).abs().max() < TOL_GATES, stage
+        assert (fast.gates[stage] - plain.gates[stage]).abs().max() < TOL_GATES, stage
     assert fast.scores()["role"].tolist() == plain.scores()["role"].tolist()
     assert set(fast.scores()["role"]) >= {"facilitating", "irrelevant"}  # the known answer is found
     assert fast.meta["validation_precision"] == "float32"

@@ -29,8 +29,8 @@ def test_smollm2_auto_precision_fit_finds_the_float32_roles(smollm2):
     fast = chg_lens.fit_chg(smollm2, train, **kw)
     plain = chg_lens.fit_chg(smollm2, train, autocast="off", **kw)
     assert fast.meta["autocast"] == "bf16" and plain.meta["autocast"] is None
-    diffs = {s: float((fast.gates(s) - plain.gates(s)).abs().mean()) for s in ("g0", "g_plus", "g_minus")}
-    maxes = {s: float((fast.gates(s) - plain.gates(s)).abs().max()) for s in ("g0", "g_plus", "g_minus")}
+    diffs = {s: float((fast.gates[s] - plain.gates[s]).abs().mean()) for s in ("g0", "g_plus", "g_minus")}
+    maxes = {s: float((fast.gates[s] - plain.gates[s]).abs().max()) for s in ("g0", "g_plus", "g_minus")}
     agree = float((fast.scores()["role"].values == plain.scores()["role"].values).mean())
     print(f"mean |dg| {diffs}, max |dg| {maxes}, role agreement {agree:.3f}")
     assert all(diffs[s] < MEAN_GATE_DIFF[s] for s in diffs), (diffs, maxes)

@@ -72,7 +72,7 @@ def test_bf16_fit_finds_the_same_roles_as_float32(known_model):
     fast = fit_chg(known_model, data, autocast="bf16", **kw)
     assert fast.meta["autocast"] == "bf16" and plain.meta["autocast"] is None
     for stage in ("g0", "g_plus", "g_minus"):
-        assert (fast.gates(stage) - plain.gates(stage)).abs().max() < 0.1, stage
+        assert (fast.gates[stage] - plain.gates[stage]).abs().max() < 0.1, stage
     assert fast.scores()["role"].tolist() == plain.scores()["role"].tolist()
     assert not any(p.grad is not None for p in known_model.parameters())
 

@@ -1,5 +1,8 @@
-"""``chg-lens contrast``: fit contrastive CHG on two matched data sets (or the Figure 5 preset) and write a
-results folder."""
+"""``chg-lens contrast``: fit contrastive CHG on two matched data sets and write a results folder.
+
+The paper's Figure 5 (six function-vector tasks, hold one out, both directions) is an experiment, not
+a library function: ``python experiments/figure5_contrastive.py`` in a source checkout. The former
+``--preset icl-vs-instruction`` fails at once with that command, translated from its options."""
 
 from __future__ import annotations
 
@@ -10,13 +13,15 @@ from pathlib import Path
 from . import options
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..contrastive import SIX_TASKS
+FIGURE5 = "python experiments/figure5_contrastive.py"
+"""The Figure 5 driver (a script of the source checkout; the installed package does not hold it)."""
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_model(p)
     p.add_argument("--preset", choices=["icl-vs-instruction"], default=None,
-                   help="icl-vs-instruction: the paper's Figure 5 (six function-vector tasks, hold one out, "
-                        "both directions); --retain/--forget are then not used")
+                   help=f"moved out of the library: the paper's Figure 5 is `{FIGURE5}` in a source checkout; "
+                        "this flag only prints that command for the options given (exit 2)")
     p.add_argument("--retain", help="data to keep: a registered task (`chg-lens tasks`) or a file with prompt, "
                                     "target (and optional pair_id) columns (.json, .jsonl, .csv, .tsv, .parquet)")
     p.add_argument("--forget", help="data to remove, matched row by row with --retain (same task or file kinds)")
@@ -29,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the tasks' data files")
     p.add_argument("--n-prompts", type=int, default=None, help="rows to build per task (task default if unset)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="evaluation share of a file's rows")
-    p.add_argument("--tasks", default=",".join(SIX_TASKS), help="preset: comma-separated function-vector tasks")
-    p.add_argument("--heldout", default=None, help="preset: comma-separated held-out tasks (default: every task)")
-    p.add_argument("--n-shots", type=int, default=10, help="preset: ICL examples per prompt")
+    p.add_argument("--tasks", default=None, help="--preset only: comma-separated function-vector tasks")
+    p.add_argument("--heldout", default=None, help="--preset only: comma-separated held-out tasks")
+    p.add_argument("--n-shots", type=int, default=None, help="--preset only: ICL examples per prompt")
     p.add_argument("--chg-retain", default=None, help="a saved CHG result on the retain data: write overlap.csv")
     p.add_argument("--chg-forget", default=None, help="a saved CHG result on the forget data: write overlap.csv")
     p.add_argument("--n-seeds", type=int, default=1)
@@ -69,14 +74,39 @@ def _side(model, spec: str, opts: dict, a: argparse.Namespace):
     return tasks.build(spec, model, **kwargs)
 
 
+def figure5_command(a: argparse.Namespace) -> str:
+    """The ``experiments/figure5_contrastive.py`` command for the options of a former
+    ``chg-lens contrast --preset icl-vs-instruction`` call (at the smoke scale, with the options that
+    differ from this subcommand's defaults)."""
+    import shlex
+
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    default = vars(defaults.parse_args([]))
+    given = lambda name: getattr(a, name) is not None and getattr(a, name) != default[name]
+    args = ["--smoke"] + (["--models", a.model] if given("model") else [])
+    for name in ("tasks", "heldout"):
+        if given(name):
+            args += [f"--{name}", *(t.strip() for t in getattr(a, name).split(",") if t.strip())]
+    for name in ("n_shots", "n_prompts", "n_seeds", "updates", "batch_size", "lam", "data_dir", "out"):
+        if given(name):
+            args += ["--" + name.replace("_", "-"), str(getattr(a, name))]
+    if a.no_progress:
+        args.append("--no-progress")
+    return " ".join([FIGURE5, *map(shlex.quote, args)])
+
+
 def run(a: argparse.Namespace) -> int:
-    import os
     import shutil
+
+    if a.preset == "icl-vs-instruction":
+        raise ValueError(f"--preset icl-vs-instruction moved out of the library: the Figure 5 driver is now "
+                         f"`{FIGURE5}` in a source checkout; for these options run `{figure5_command(a)}` "
+                         "(its --help lists the rest; without --smoke it runs the paper's setting)")
 
     from .. import checks, models
     from ..chg import CHGResult
-    from ..contrastive import (ContrastiveConfig, check_matched, facilitation_overlap, fit_contrastive,
-                               icl_vs_instruction)
+    from ..contrastive import ContrastiveConfig, check_matched, facilitation_overlap, fit_contrastive
     import warnings
 
     from ..data import TaskDataset
@@ -88,8 +118,9 @@ def run(a: argparse.Namespace) -> int:
     kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
               lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress,
               configs_per_pass=a.configs_per_pass, autocast=a.autocast)
-    if a.preset is None and (not a.retain or not a.forget):
-        raise ValueError("give --retain and --forget (a task name or a file each), or --preset icl-vs-instruction")
+    if not a.retain or not a.forget:
+        raise ValueError("give --retain and --forget (a task name or a file each); the paper's Figure 5 is "
+                         f"`{FIGURE5}`")
     # every option, input and the output folder are checked before the model loads
     ContrastiveConfig(**{k: v for k, v in kw.items() if k not in ("progress", "configs_per_pass", "autocast")}).check()
     check_configs_per_pass(a.configs_per_pass)
@@ -98,22 +129,9 @@ def run(a: argparse.Namespace) -> int:
                        ("--chg-forget", a.chg_forget)):
         if spec and (_is_file(spec) or flag.startswith("--chg")) and not Path(spec).exists():
             raise FileNotFoundError(f"{flag} {spec}: no such file or folder")
-    out = options.check_run(a, None if a.preset else "contrastive")
+    out = options.check_run(a, "contrastive")
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
     print(f"precision: {models.describe_precision(model, a.autocast)}")
-    if a.preset == "icl-vs-instruction":
-        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-        heldout = None if a.heldout is None else [t.strip() for t in a.heldout.split(",") if t.strip()]
-        frame = icl_vs_instruction(model, tasks=tasks, data_dir=a.data_dir, heldout=heldout,
-                                   n_prompts=a.n_prompts or 32, n_shots=a.n_shots, out_dir=out,
-                                   checkpoint_every=a.checkpoint_every, **kw)
-        write_text_atomic(out / "figure5.csv", frame.to_csv(index=False))
-        tmp = out / f".figure5.parquet.tmp-{os.getpid()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, out / "figure5.parquet")
-        print(frame.to_string(index=False))
-        print(f"wrote {out}/figure5.csv, figure5.parquet and fits/ in {time.time() - t0:.0f}s")
-        return 0
     shared = options.task_options(a.task_option)
     sides = []
     for spec, opts in ((a.retain, a.retain_option), (a.forget, a.forget_option)):
