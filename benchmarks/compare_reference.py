@@ -14,9 +14,10 @@ repeat the sides run one after the other so that machine noise hits all of them.
 
 Sides (see :func:`speed_sides`): the reference as shipped (it always enters CPU autocast, bf16);
 the reference with that autocast disabled (float32); chg_lens at its defaults (``autocast="auto"``:
-bf16 with the weights cast once where the CPU has native bf16, float32 elsewhere); chg_lens in
-float32, also with ``configs_per_pass`` where masks exceed it; where bf16 runs, chg_lens with plain
-per-op autocast (``ours_bf16_percast``: the weights re-cast on every op, the lever it replaces).
+bf16 with the weights cast once where bf16 pays on this CPU, float32 elsewhere: see
+``models.auto_precision``); chg_lens in float32, also with ``configs_per_pass`` where masks exceed it;
+where the CPU has native bf16, chg_lens with plain per-op autocast (``ours_bf16_percast``: the weights
+re-cast on every op, the lever cast-once replaces) and, where auto is float32, bf16 cast once (``ours_bf16``).
 Without native bf16 the reference as shipped runs in the first repeat only and at most
 ``--shipped-max-masks`` masks: its emulated bf16 takes about half a minute per update there.
 
@@ -134,9 +135,11 @@ def cpu_bf16_info() -> dict:
     from chg_lens import models
 
     flags = models.cpu_flags()
-    return {"native_bf16": models.cpu_native_bf16(), "flags": sorted(f for f in flags if "bf16" in f or "amx" in f),
+    native = models.cpu_native_bf16()
+    return {"native_bf16": native, "flags": sorted(f for f in flags if "bf16" in f or "amx" in f),
             "torch_avx512_bf16": models._torch_cpu_bf16(),
-            "default_precision_cpu": "bf16 autocast" if models.cpu_native_bf16() else "float32"}
+            "bf16_matmul_speedup": round(models.cpu_bf16_speedup(), 3) if native else None,
+            "default_precision_cpu": "bf16 autocast" if models.cpu_bf16_pays() else "float32"}
 
 
 def nominal_peak_gflops(threads: int) -> dict:
@@ -349,7 +352,7 @@ def speed_sides(args, suite: list[dict], me: str, bf16: bool) -> dict[str, tuple
     if grouped:
         sides["ours_fp32_cpp"] = (me, "ours", {"autocast": "none", "configs_per_pass": args.configs_per_pass}, grouped)
     if bf16:
-        if not models.cpu_native_bf16():  # --bf16 forced: the default is float32 here
+        if not models.cpu_bf16_pays():  # the default is float32 here: time bf16 (cast once) too
             sides["ours_bf16"] = (me, "ours", {"autocast": "bf16"}, suite)
         sides["ours_bf16_percast"] = (me, "ours", {"autocast": "bf16", "cast_once": False}, suite)
     return {k: v for k, v in sides.items() if v[3] and not (args.no_shipped and k == "ref")}
@@ -421,7 +424,7 @@ def table(res: dict) -> str:
 
     bf = m.get("bf16", {})
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores (native bf16: {bf.get('native_bf16')}, flags "
-             f"{bf.get('flags')}, torch CPU capability {m['torch_cpu_capability']}; chg_lens's default here: "
+             f"{bf.get('flags')}, bf16 matmul {bf.get('bf16_matmul_speedup')}x float32's speed, torch CPU capability {m['torch_cpu_capability']}; chg_lens's default here: "
              f"{bf.get('default_precision_cpu')}), torch {m['torch']}; {m['utc']} to "
              f"{m.get('utc_end', '?')}, load average at start {tuple(round(x, 1) for x in m['load_avg_start'])}, "
              f"at end {tuple(round(x, 1) for x in m.get('load_avg_end', (float('nan'),) * 3))}; medians of "

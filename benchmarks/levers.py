@@ -16,6 +16,16 @@ Variants (each in the precision chg_lens picks here, ``autocast="auto"``, and in
   ``logits_to_keep=1``: the floor the TransformerLens hooks are measured against;
 * ``joint``: chg_lens's pass with 2K configurations (the joint G+/G- stage) against K (G0): is a
   joint update ~2x a G0 update (linear) or worse (a cliff)?
+* ``no_last_block``: the same pass with the last block left out (stopped at its input, unembedded
+  there): an upper bound on what skipping the last block's work at positions that predict no target
+  could save (that lever can only save part of this: keys and values are needed at every position);
+* ``layer0_attn``: layer 0's attention up to ``hook_z`` for the K configurations' rows, forward only
+  (nothing before the gates needs a gradient): an upper bound on sharing it across configurations
+  (computed once instead of K times, it would save (K-1)/K of this);
+* ``mlp_compiled`` (TransformerLens 4.x): chg_lens's pass with ``torch.compile`` on each block's inner
+  Hugging Face MLP (``block.mlp.original_component``; compiling the whole Bridge block fails in
+  dynamo on TransformerLens 4.3), measured last, after a compile whose seconds are printed. This
+  bypasses the TransformerLens hook points inside the MLP, so it is measured here, not used.
 """
 
 from __future__ import annotations
@@ -30,8 +40,9 @@ import time
 import torch
 
 import chg_lens
+from chg_lens import gates as gates_mod
 from chg_lens import models
-from chg_lens.logprobs import row_logprobs
+from chg_lens.scoring import row_logprobs
 
 
 def hf_gated_loss(hf, n_heads: int, tokens, gates, autocast):
@@ -97,6 +108,25 @@ def main() -> int:
             row_logprobs(model, tokens, mask, g, autocast=mode).nll.sum().backward()
         return run
 
+    def no_last_block_pass(k, mode):
+        rows_t, pos_t = mask[:, 1:].nonzero(as_tuple=True)
+
+        def run():
+            g = torch.rand(k, L, H, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+            hooks = gates_mod.gate_hooks(model, g)
+            with models.autocast(model, mode):
+                resid = models.run_until(model, tokens.repeat(k, 1), models.resid_pre_hook_name(L - 1), hooks)
+                resid = resid.reshape(k, -1, *resid.shape[1:])[:, rows_t, pos_t]
+                logits = models.unembed(model, resid).float()
+            logits.logsumexp(-1).sum().backward()
+        return run
+
+    def layer0_attn_pass(k, mode):
+        def run():
+            with torch.no_grad(), models.autocast(model, mode):
+                models.run_until(model, tokens.repeat(k, 1), models.z_hook_name(0))
+        return run
+
     def hf_pass(k, bf16):
         def run():
             g = torch.rand(k, L, H, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
@@ -112,6 +142,8 @@ def main() -> int:
                 with models.cast_weights_once(model, mode):
                     times.setdefault(f"tl_{pname}", []).append(timed(chg_pass(K, mode), args.passes))
                     times.setdefault(f"joint_{pname}", []).append(timed(chg_pass(2 * K, mode), args.passes))
+                    times.setdefault(f"no_last_block_{pname}", []).append(timed(no_last_block_pass(K, mode), args.passes))
+                    times.setdefault(f"layer0_attn_{pname}", []).append(timed(layer0_attn_pass(K, mode), args.passes))
                 if mode:
                     times.setdefault(f"tl_percast_{pname}", []).append(timed(chg_pass(K, mode), args.passes))
             if last_target:
@@ -119,6 +151,23 @@ def main() -> int:
                     times.setdefault(f"hf_{pname}", []).append(timed(hf_pass(K, mode), args.passes))
         loads.append(os.getloadavg()[0])
         print("repeat", r, {k: round(v[-1], 3) for k, v in times.items()}, f"load {loads[-1]:.1f}", flush=True)
+    inner = [getattr(getattr(b, "mlp", None), "original_component", None) for b in model.blocks]
+    if all(m is not None for m in inner):  # last: compiled MLPs stay compiled for the rest of the process
+        originals = [m.forward for m in inner]
+        for m in inner:
+            m.forward = torch.compile(m.forward, dynamic=True)
+        with models.frozen(model):
+            t0 = time.perf_counter()
+            chg_pass(K, None)()
+            print(f"torch.compile of {len(inner)} MLPs: first pass {time.perf_counter() - t0:.1f} s", flush=True)
+            for _ in range(args.repeats):
+                times.setdefault("mlp_compiled_fp32", []).append(timed(chg_pass(K, None), args.passes))
+                times.setdefault("tl_fp32_again", []).append(0.0)
+                for m, f in zip(inner, originals):
+                    m.forward = f
+                times["tl_fp32_again"][-1] = timed(chg_pass(K, None), args.passes)
+                for m in inner:
+                    m.forward = torch.compile(m.forward, dynamic=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print("median seconds per pass:", {k: round(v, 3) for k, v in med.items()})
     for pname, _ in precisions:
@@ -126,9 +175,14 @@ def main() -> int:
         if f"hf_{pname}" in med:
             line.append(f"TransformerLens pass / plain HF = {med[f'tl_{pname}'] / med[f'hf_{pname}']:.2f}")
         line.append(f"joint (2K) / G0 (K) = {med[f'joint_{pname}'] / med[f'tl_{pname}']:.2f}")
+        tl = med[f"tl_{pname}"]
+        line.append(f"last block's share of a pass <= {(tl - med[f'no_last_block_{pname}']) / tl:.1%}")
+        line.append(f"sharing layer 0's attention saves <= {(K - 1) / K * med[f'layer0_attn_{pname}'] / tl:.1%}")
         if f"tl_percast_{pname}" in med:
             line.append(f"per-op cast / cast once = {med[f'tl_percast_{pname}'] / med[f'tl_{pname}']:.2f}")
         print("  ".join(line))
+    if "mlp_compiled_fp32" in med:
+        print(f"fp32: compiled MLPs / eager = {med['mlp_compiled_fp32'] / med['tl_fp32_again']:.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"tl_version": models.TL_VERSION, "times": times, "median": med, "loads": loads,
