@@ -438,7 +438,7 @@ def table(res: dict) -> str:
         lines.append(f"| {r['task']} | {r['masks']} | {r['batch']} | " + " | ".join(cell(r, k) for k, _ in present)
                      + f" | {ratio(r, 'ours_default', 'ref')} | {ratio(r, 'ours_fp32', 'ref_fp32')} |"
                      + (f" {ratio(r, 'ours_fp32_cpp', 'ref_fp32')} |" if cpp else "")
-                     + f" {ratio(r, 'ours_default', 'ours_bf16_percast')} |")
+                     + f" {ratio(r, 'ours_bf16' if 'ours_bf16' in r else 'ours_default', 'ours_bf16_percast')} |")
     mm = res.get("matmul_gflops") or []
     if mm and any("flops_per_update" in r for r in res["speed"]):
         peak = {k: median([x[k] for x in mm]) for k in ("fp32", "bf16")}
@@ -458,7 +458,7 @@ def table(res: dict) -> str:
                     cells.append("-")
                     continue
                 got = gf * r[k]["updates_per_s"]
-                ref_peak = peak["bf16"] if ("bf16" in k or k == "ref" or "bf16" in str(r[k].get("precision"))) \
+                ref_peak = peak["bf16"] if ("bf16" in k or k == "ref" or str(r[k].get("precision", "")).startswith("bf16")) \
                     else peak["fp32"]
                 cells.append(f"{got:.1f} ({100 * got / ref_peak:.0f}%)")
             lines.append(f"| {r['task']} | {r['masks']} | {r['batch']} | {gf:.1f} | " + " | ".join(cells) + " |")
