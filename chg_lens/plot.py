@@ -507,7 +507,8 @@ def contrastive_bars(frame: Any) -> go.Figure:
 
 # ----------------------------------------------------------------------------- export
 def save_html(fig: go.Figure, path: str | os.PathLike, include_plotlyjs: bool | str = True) -> Path:
-    """Write ``fig`` as a standalone HTML file. ``include_plotlyjs=True`` embeds plotly.js (works
+    """Write ``fig`` as a standalone HTML file (by a temporary name and one rename, so an
+    interrupted write never leaves a half file). ``include_plotlyjs=True`` embeds plotly.js (works
     offline, ~4.5 MB); ``"cdn"`` links it from the plotly CDN (small file, needs internet).
 
     Example: ``plot.save_html(fig, "figure.html", include_plotlyjs="cdn")``.
@@ -516,7 +517,9 @@ def save_html(fig: go.Figure, path: str | os.PathLike, include_plotlyjs: bool | 
         raise ValueError(f"include_plotlyjs must be True (embedded) or 'cdn'; got {include_plotlyjs!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=include_plotlyjs, full_html=True)
+    from .results import write_text_atomic
+
+    write_text_atomic(path, fig.to_html(include_plotlyjs=include_plotlyjs, full_html=True))
     return path
 
 

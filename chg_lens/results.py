@@ -121,8 +121,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write one text file by a temporary name and one rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _RENAME_EXCHANGE = 2

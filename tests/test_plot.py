@@ -162,6 +162,23 @@ def test_export_html_and_image_message(tmp_path, result):
             plot.save_image(fig, tmp_path / "f.png")
 
 
+def test_an_interrupted_html_write_keeps_the_old_file_whole(tmp_path, result, monkeypatch):
+    import chg_lens.results as results
+
+    fig = plot.heatmap(result)
+    path = plot.save_html(fig, tmp_path / "f.html", include_plotlyjs="cdn")
+    before = path.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        plot.save_html(plot.convergence(result), path, include_plotlyjs="cdn")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["f.html"]  # no temporary file left behind
+
+
 def test_convergence_figure_shows_nll_and_movement(result):
     fig = plot.convergence(result)
     names = [t.name for t in fig.data]

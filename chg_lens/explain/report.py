@@ -130,13 +130,16 @@ def markdown(summary: pd.DataFrame, clusters: dict[str, Any] | None, task: str |
 def write_explain_report(summary: pd.DataFrame, outdir: str | os.PathLike, clusters: dict[str, Any] | None = None,
                          task: str | None = None, title: str = "Head explanations",
                          settings: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write ``summary.csv`` and ``report.md`` into ``outdir`` (the CHG HTML report is
-    :func:`chg_lens.report.write_report`)."""
+    """Write ``summary.csv`` and ``report.md`` into ``outdir``, each by a temporary name and one
+    rename (an interrupted write never leaves a half file); the CHG HTML report is
+    :func:`chg_lens.report.write_report`."""
+    from ..results import write_text_atomic
+
     outdir = Path(outdir)
     csv = outdir / "summary.csv"
-    summary.to_csv(csv, index=False, float_format="%.6g")
+    write_text_atomic(csv, summary.to_csv(index=False, float_format="%.6g"))
     md = outdir / "report.md"
-    md.write_text(markdown(summary, clusters, task, title, settings or {}))
+    write_text_atomic(md, markdown(summary, clusters, task, title, settings or {}))
     return md, csv
 
 
