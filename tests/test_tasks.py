@@ -3,6 +3,7 @@ exactly the target tokens, example counts and formats, disjoint splits, seeded d
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -226,6 +227,23 @@ def test_csqa_letters_shuffled_one_example(tok):
 
 
 # ----------------------------------------------------------------------------- BIG-bench syntax
+@pytest.mark.parametrize("record, message", [
+    ({"input": "walk", "target": "  "}, "record 2: empty target"),
+    ({"input": None, "target": "walked"}, "record 2: missing input"),
+    ({"target": "walked"}, "record 2: a record without 'input'"),
+    ({"input": "walk"}, "record 2: a record without 'target' or 'target_scores'"),
+])
+def test_bigbench_syntax_names_the_bad_record(tok, tmp_path, record, message):
+    import json
+
+    from chg_lens.tasks import bigbench
+
+    (tmp_path / "tense").mkdir()
+    (tmp_path / "tense" / "task.json").write_text(json.dumps({"examples": [{"input": "go", "target": "went"}, record]}))
+    with pytest.raises(ValueError, match=re.escape(f"task.json, {message}")):
+        bigbench.load_subtask("tense", tmp_path)
+
+
 def test_bigbench_syntax_instructions_and_subtasks(tok):
     from chg_lens.tasks.bigbench import INSTRUCTIONS as BB
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..data import TaskSplits, _tokenizer_of
 from . import register
-from .common import example_pool, few_shot_prompt, load_records, prompt_dataset, require_data_dir
+from .common import _missing, example_pool, few_shot_prompt, load_located_records, prompt_dataset, require_data_dir
 
 INSTRUCTIONS = {
     "past_tense": "Convert the verb to its past tense form.",
@@ -77,10 +77,15 @@ def load_subtask(subtask: str, data_dir: Any) -> list[tuple[str, str]]:
 def _read_pairs(files: tuple[tuple[str, int], ...]) -> tuple[tuple[str, str], ...]:
     pairs = []
     for f, _ in files:
-        for r in load_records(f):
+        for where, r in load_located_records(f):
             if "input" not in r:
-                raise ValueError(f"{f}: a record without 'input'; has {sorted(r)}")
-            pairs.append((str(r["input"]).strip(), _target(r, str(f)).strip()))
+                raise ValueError(f"{f}, {where}: a record without 'input'; has {sorted(r)}")
+            pair = (str(r["input"]).strip(), _target(r, f"{f}, {where}").strip())
+            for name, value in zip(("input", "target"), (r["input"], pair[1])):
+                why = _missing(value)
+                if why:
+                    raise ValueError(f"{f}, {where}: {why} {name}; fix or remove that record")
+            pairs.append(pair)
     return tuple(dict.fromkeys(pairs))  # drop exact duplicates, keep order
 
 
