@@ -227,9 +227,26 @@ def advice(frame: pd.DataFrame, th: Thresholds = DEFAULT, kind: str = "CHG") -> 
                             f"vs ungated {lost.ungated_logprob.iloc[0]:.2f})")
     if not problems:
         return ""
-    return (f"{kind} fit did not converge: " + "; ".join(problems) + ". Give it more updates (updates/reg_updates), "
-            "a larger batch (batch_size) or a higher learning rate; if only G+/G- move, try another lambda. "
-            "See docs/diagnostics.md.")
+    return f"{kind} fit did not converge: " + "; ".join(problems) + ". " + remedy(moving, th) + " See docs/diagnostics.md."
+
+
+def remedy(moving: pd.DataFrame, th: Thresholds = DEFAULT) -> str:
+    """What to change for the unsettled rows ``moving`` of a diagnostics frame.
+
+    Gates that move while the NLL is still falling are drifting toward a better fit: give the stage
+    more updates or a higher rate. Gates that move while the NLL is flat are walking on batch noise
+    around the fit: a lower final rate (``lr_end`` / ``reg_lr_end``) or a larger batch stills them
+    (measured on SmolLM2 / bigbench_syntax, experiments/README.md)."""
+    falling = moving.nll_change < -th.max_nll_drop
+    tips = []
+    if len(moving) == 0 or falling.any():
+        tips.append("more updates (updates/reg_updates) or a higher learning rate (lr/reg_lr) while the NLL is still falling")
+    if (~falling).any():
+        tips.append("a lower final learning rate (lr_end/reg_lr_end, e.g. 0.01) or a larger batch (batch_size) "
+                    "where the gates move but the NLL is flat")
+    if len(moving) and set(moving.stage) <= {"g_plus", "g_minus"}:
+        tips.append("as only G+/G- move, another lambda (lam) may settle them")
+    return "Give it " + "; ".join(tips) + "."
 
 
 def warn_if_not_converged(message: str) -> None:

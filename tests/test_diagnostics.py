@@ -52,6 +52,21 @@ def test_settled_rule():
     assert diag.is_settled(share, slope, se, 10, th).tolist() == [False, False, True, True]
 
 
+def test_advice_tells_a_drift_from_a_noise_walk():
+    def frame(stage, nll_change):
+        return pd.DataFrame({"stage": [stage], "seed": [0], "updates": [300], "window": [30], "mean_abs_change": [0.03],
+                             "share_moving": [0.07], "nll_slope": [nll_change / 30], "nll_change": [nll_change],
+                             "settled": [False]})
+    drift = diag.advice(frame("g0", -0.4))  # NLL still falling: more updates, not a lower final rate
+    assert "g0 not settled in 1 seed(s) (7% of gates moving" in drift and "more updates" in drift
+    assert "lower final learning rate" not in drift and "lambda" not in drift
+    walk = diag.advice(frame("g_minus", -0.01))  # NLL flat, gates moving: batch noise
+    assert "lower final learning rate (lr_end/reg_lr_end" in walk and "more updates" not in walk and "lambda" in walk
+    both = diag.advice(pd.concat([frame("g0", -0.4), frame("g_plus", 0.0)]))
+    assert "more updates" in both and "lower final learning rate" in both and "lambda" not in both
+    assert diag.advice(frame("g0", 0.0).assign(settled=True)) == ""
+
+
 def test_seed_agreement_pieces():
     a = torch.tensor([[0.1, 0.5, 0.9, 0.3]])
     assert diag.spearman(a, a * 2 + 1) == pytest.approx(1.0)
