@@ -237,14 +237,16 @@ def remedy(moving: pd.DataFrame, th: Thresholds = DEFAULT) -> str:
     more updates or a higher rate. Gates that move while the NLL is flat are walking on batch noise
     around the fit: a lower final rate (``lr_end`` / ``reg_lr_end``) or a larger batch stills them
     (measured on SmolLM2 / bigbench_syntax, experiments/README.md)."""
+    if len(moving) == 0:  # every stage settled, so only G0 lost the task
+        return "Give G0 more updates (updates), a higher learning rate (lr) or more training prompts."
     falling = moving.nll_change < -th.max_nll_drop
     tips = []
-    if len(moving) == 0 or falling.any():
+    if falling.any():
         tips.append("more updates (updates/reg_updates) or a higher learning rate (lr/reg_lr) while the NLL is still falling")
     if (~falling).any():
         tips.append("a lower final learning rate (lr_end/reg_lr_end, e.g. 0.01) or a larger batch (batch_size) "
                     "where the gates move but the NLL is flat")
-    if len(moving) and set(moving.stage) <= {"g_plus", "g_minus"}:
+    if set(moving.stage) <= {"g_plus", "g_minus"}:
         tips.append("as only G+/G- move, another lambda (lam) may settle them")
     return "Give it " + "; ".join(tips) + "."
 

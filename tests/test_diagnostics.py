@@ -65,6 +65,9 @@ def test_advice_tells_a_drift_from_a_noise_walk():
     both = diag.advice(pd.concat([frame("g0", -0.4), frame("g_plus", 0.0)]))
     assert "more updates" in both and "lower final learning rate" in both and "lambda" not in both
     assert diag.advice(frame("g0", 0.0).assign(settled=True)) == ""
+    lost = frame("g0", 0.0).assign(settled=True, val_logprob=-3.0, val_accuracy=0.2, ungated_logprob=-1.0,
+                                   ungated_accuracy=0.8, kept_task=False)
+    assert "G0 lost the task in 1 seed(s)" in diag.advice(lost) and "Give G0 more updates" in diag.advice(lost)
 
 
 def test_seed_agreement_pieces():
