@@ -236,10 +236,12 @@ def remedy(moving: pd.DataFrame, th: Thresholds = DEFAULT) -> str:
     Gates that move while the NLL is still falling are drifting toward a better fit: give the stage
     more updates or a higher rate. Gates that move while the NLL is flat are walking on batch noise
     around the fit: a lower final rate (``lr_end`` / ``reg_lr_end``) or a larger batch stills them
-    (measured on SmolLM2 / bigbench_syntax, experiments/README.md)."""
+    (measured on SmolLM2 / bigbench_syntax, experiments/README.md). A stage whose window is the whole
+    stage is too short to tell the two apart and is given more updates."""
     if len(moving) == 0:  # every stage settled, so only G0 lost the task
         return "Give G0 more updates (updates), a higher learning rate (lr) or more training prompts."
-    falling = moving.nll_change < -th.max_nll_drop
+    # a stage no longer than its window is too short to tell a drift from noise: it needs more updates
+    falling = (moving.nll_change < -th.max_nll_drop) | (moving.window >= moving.updates)
     tips = []
     if falling.any():
         tips.append("more updates (updates/reg_updates) or a higher learning rate (lr/reg_lr) while the NLL is still falling")

@@ -64,6 +64,8 @@ def test_advice_tells_a_drift_from_a_noise_walk():
     assert "lower final learning rate (lr_end/reg_lr_end" in walk and "more updates" not in walk and "lambda" in walk
     both = diag.advice(pd.concat([frame("g0", -0.4), frame("g_plus", 0.0)]))
     assert "more updates" in both and "lower final learning rate" in both and "lambda" not in both
+    short = diag.advice(frame("g_plus", 0.0).assign(updates=4, window=4))  # the whole stage is the window
+    assert "more updates" in short and "lower final learning rate" not in short
     assert diag.advice(frame("g0", 0.0).assign(settled=True)) == ""
     lost = frame("g0", 0.0).assign(settled=True, val_logprob=-3.0, val_accuracy=0.2, ungated_logprob=-1.0,
                                    ungated_accuracy=0.8, kept_task=False)
