@@ -244,7 +244,7 @@ def remedy(moving: pd.DataFrame, th: Thresholds = DEFAULT) -> str:
     falling = (moving.nll_change < -th.max_nll_drop) | (moving.window >= moving.updates)
     tips = []
     if falling.any():
-        tips.append("more updates (updates/reg_updates) or a higher learning rate (lr/reg_lr) while the NLL is still falling")
+        tips.append("more updates (updates/reg_updates) or a higher learning rate (lr/reg_lr) where the NLL still falls or the stage is short")
     if (~falling).any():
         tips.append("a lower final learning rate (lr_end/reg_lr_end, e.g. 0.01) or a larger batch (batch_size) "
                     "where the gates move but the NLL is flat")
