@@ -122,7 +122,7 @@ def head_sweep(
     batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> AblationResult:
     """Ablate every head (or ``heads``) on its own (the "individual" mode), many heads per pass.
 
@@ -187,7 +187,7 @@ def sequential_ablation(
     batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> AblationResult:
     """Cumulative ablation: step ``i`` ablates the first ``i`` heads of ``order`` (see
     :func:`head_order`); all steps share forward passes. The frame has ``step`` (1..n) and the
@@ -237,7 +237,7 @@ def figure2(
     batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> AblationResult:
     """The paper's Figure 2 test from a fitted :class:`~chg_lens.chg.CHGResult`.
 

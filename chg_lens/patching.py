@@ -185,7 +185,7 @@ def patch_heads(
     batch_size: int = 16,
     rows_per_pass: int = 256,
     progress: bool = False,
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> PatchResult:
     """Patch each head's ``z`` from the clean run into the corrupted run, one head per
     configuration, many configurations per pass.
@@ -194,7 +194,8 @@ def patch_heads(
     ``metric``: ``"logit_diff"`` (needs ``row_meta["answers"]`` = [correct, wrong] on ``clean``),
     ``"logprob"`` (summed target log-prob) or ``"prob"``; ``"auto"`` picks logit_diff when answers
     exist. ``positions``: see :func:`position_mask`. ``mediating``: see :func:`label_mediating`.
-    ``autocast``: the precision of the patched passes (default ``"auto"``, see
+    ``autocast``: the precision of the patched passes (default ``"off"``: the model's own dtype, so
+    effects equal TransformerLens's patching module; ``"auto"``/``"bf16"`` for speed, see
     :func:`chg_lens.models.resolve_autocast`); the clean ``z`` is recorded in the model's dtype.
 
     Example::

@@ -74,7 +74,7 @@ def row_logprobs(
     answers: Int[Tensor, "rows answers"] | None = None,
     start_at_layer: int | None = None,
     resid: Float[Tensor, "rows pos d_model"] | None = None,
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> RowScores:
     """Score ``rows`` under each gate configuration in one forward pass (differentiable in ``gates``).
 
@@ -88,9 +88,11 @@ def row_logprobs(
     caller guarantees that every configuration's gates below ``k`` equal those ``resid`` was
     computed with.
 
-    ``autocast`` (``"auto"``: bf16 where the hardware has it natively, see
-    :func:`chg_lens.models.resolve_autocast`; ``"bf16"``, ``"fp16"``, ``"off"``) sets the precision
-    of the pass and the unembedding; gates and log-softmax are always float32.
+    ``autocast`` sets the precision of the pass and the unembedding: ``"off"`` (the default of
+    every measurement: the model's own dtype, the numbers TransformerLens and Hugging Face give, the
+    same on every machine), ``"auto"`` (bf16 where it pays, see
+    :func:`chg_lens.models.resolve_autocast`; what fits use), ``"bf16"`` or ``"fp16"``; gates and
+    log-softmax are always float32.
     """
     autocast = models.resolve_autocast(model, autocast)
     width = int(loss_mask.any(dim=0).nonzero().max()) + 1
@@ -156,13 +158,13 @@ def evaluate(
     rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "evaluate",
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> RowScores:
     """Score every row of ``data`` under each configuration in ``gates`` (None = ungated).
 
     Configurations are batched into the same pass, ``rows_per_pass`` rows (configurations x
     rows) at a time. Returns :class:`RowScores` with ``[n_configs, len(data)]`` tensors on the CPU.
-    ``autocast`` sets the precision (default ``"auto"``; see :func:`row_logprobs`). This is
+    ``autocast`` sets the precision (default ``"off"``: the model's own dtype; see :func:`row_logprobs`). This is
     :func:`score_configs` without answers or prefix reuse.
 
     Example::
@@ -205,7 +207,7 @@ def score_configs(
     rows_per_pass: int = 256,
     progress: bool = False,
     desc: str = "configs",
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> RowScores:
     """Score every row of ``data`` under each gate configuration; ``[n_configs, rows]`` on the CPU.
 
@@ -217,8 +219,10 @@ def score_configs(
     ``data.row_meta["answers"]`` when present (their logits give the logit difference), None skips.
 ``configs=None`` scores the ungated model (one configuration, no gate hooks). Rows are taken
 ``batch_size`` at a time and configurations grouped so a pass holds at most ``rows_per_pass``
-rows (configurations x rows); ``autocast`` as in :func:`row_logprobs` (default ``"auto"``; under
-autocast the weights are cast once for the whole call, :func:`chg_lens.models.cast_weights_once`).
+rows (configurations x rows); ``autocast`` as in :func:`row_logprobs` (default ``"off"``: exact in
+the model's own dtype; ``"auto"``/``"bf16"`` trade accuracy for speed in large sweeps, see
+docs/models.md; under autocast the weights are cast once for the whole call,
+:func:`chg_lens.models.cast_weights_once`).
 
     Example::
 

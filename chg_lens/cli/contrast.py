@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_seed(p)
     p.add_argument("--configs-per-pass", type=int, default=None,
                    help="at most N masks per pass (less memory; default: all)")
-    options.add_run(p, out=options.OUT["contrast"])
+    options.add_run(p, out=options.OUT["contrast"], purpose="fit")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the fit finished")
     p.add_argument("--checkpoint-every", type=int, default=25)
 

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (less memory)")
     p.add_argument("--configs-per-pass", type=int, default=None,
                    help="at most N gate configurations per pass (less memory; default: all)")
-    options.add_run(p, out=options.OUT["fit"])
+    options.add_run(p, out=options.OUT["fit"], purpose="fit")
     p.add_argument("--checkpoint-every", type=int, default=25,
                    help="write a resumable checkpoint to OUT/checkpoint every N updates")
     p.add_argument("--keep-checkpoint", action="store_true",

@@ -54,22 +54,33 @@ def add_seed(p: argparse.ArgumentParser, help: str = "seed of the task's rows an
     p.add_argument("--seed", type=int, default=SEED, help=help)
 
 
-AUTOCAST = "auto"
-"""``--autocast`` default: bf16 mixed precision where the hardware has it natively, float32 elsewhere."""
+AUTOCAST = {"fit": "auto", "measure": "off"}
+"""``--autocast`` default per purpose: fits (``fit``, ``contrast``, sweeps) ``auto`` (bf16 mixed precision
+where it pays, float32 elsewhere: their objective is stochastic and their diagnostics say how they ended);
+measurements (``ablate``, ``patch``, ``explain``, ``compare``'s scoring) ``off``: the model's own dtype, the
+same numbers on every machine."""
 
 
-def add_autocast(p: argparse.ArgumentParser) -> None:
-    """``--autocast auto|bf16|fp16|off`` (see :func:`chg_lens.models.resolve_autocast`)."""
-    p.add_argument("--autocast", choices=["auto", "bf16", "fp16", "off"], default=AUTOCAST,
-                   help="precision of the passes: auto (default; bf16 mixed precision on CUDA devices and CPUs "
-                        "where bf16 measured faster than float32, float32 elsewhere), bf16, fp16, or off (float32)")
+def add_autocast(p: argparse.ArgumentParser, purpose: str = "measure") -> None:
+    """``--autocast auto|bf16|fp16|off`` (see :func:`chg_lens.models.resolve_autocast`), defaulting by
+    ``purpose`` (:data:`AUTOCAST`)."""
+    if purpose not in AUTOCAST:
+        raise ValueError(f"purpose must be one of {tuple(AUTOCAST)}; got {purpose!r}")
+    default = AUTOCAST[purpose]
+    what = ("auto (default for fits: bf16 mixed precision on CUDA devices and CPUs where bf16 measured faster "
+            "than float32, float32 elsewhere), bf16, fp16, or off (the model's own dtype)") if purpose == "fit" else (
+            "off (default for measurements: the model's own dtype, the same numbers on every machine), or auto "
+            "(bf16 where it pays), bf16, fp16 for large sweeps: faster, less exact (docs/models.md)")
+    p.add_argument("--autocast", choices=["auto", "bf16", "fp16", "off"], default=default,
+                   help=f"precision of the passes: {what}")
 
 
-def add_run(p: argparse.ArgumentParser, out: str) -> None:
-    """``--device``, ``--dtype``, ``--autocast``, ``--out`` (default ``out``) and ``--no-progress``."""
+def add_run(p: argparse.ArgumentParser, out: str, purpose: str = "measure") -> None:
+    """``--device``, ``--dtype``, ``--autocast`` (default by ``purpose``, :data:`AUTOCAST`), ``--out``
+    (default ``out``) and ``--no-progress``."""
     p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    add_autocast(p)
+    add_autocast(p, purpose)
     p.add_argument("--out", default=out, help="results folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different result already in --out (default: refuse and say what is there)")

@@ -73,7 +73,7 @@ class ExplainConfig:
     stackexchange_dir: str | None = None
     wikitext_dir: str | None = None
     chg_result: str | None = None
-    autocast: str | None = "auto"       # precision of the recording passes: auto | bf16 | fp16 | off
+    autocast: str | None = "off"       # precision of the recording passes: off (model dtype) | auto | bf16 | fp16
 
     def check(self) -> None:
         """Clear errors for bad options, before any long work."""

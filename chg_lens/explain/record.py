@@ -178,14 +178,14 @@ def record_to_parquet(
     top_sources: int = 3,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
-    autocast: str | None = "auto",
+    autocast: str | None = "off",
 ) -> Path:
     """Record ``heads`` on every window and write ``raw_events.parquet`` (streamed, one row group a batch).
 
     Columns: window, pos, token, layer, head, activity, src0..src{k-1}, w0..w{k-1} and the float16
     attention masses ``m_<pattern>`` of :data:`MASS_PATTERNS`. The file's
     metadata holds the heads, the windows' sources, the strings of the tokens that occur, ``meta``, and
-    the precision of the recording passes (``autocast``, default ``"auto"``: see
+    the precision of the recording passes (``autocast``, default ``"off"``, the model's own dtype; see
     :func:`chg_lens.models.resolve_autocast`; activities and weights are stored as float32).
     """
     model = models.as_model(model)
