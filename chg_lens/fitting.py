@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import diagnostics
+from . import diagnostics, runtime
 from .results import load_bundle
 
 DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
@@ -229,6 +229,7 @@ def run_stage(
     configs_per_pass: int | None = None,
     window: int | None = None,
     settle: SettleRule | None = None,
+    threads: runtime.LoadAwareThreads | None = None,
 ) -> StageResult:
     """Fit ``logits`` for one stage and return them with per-update traces and snapshots.
 
@@ -240,7 +241,8 @@ def run_stage(
     than ``stage.lr_end``. The gates of the last ``settle.window`` updates are kept in checkpoints.
     ``configs_per_pass`` splits the gate configurations into groups that run (forward and backward)
     one after the other: each configuration's loss is its own, so the gradients are the same, and
-    the activations held at once shrink with the group size.
+    the activations held at once shrink with the group size. ``threads`` (a started
+    :class:`chg_lens.runtime.LoadAwareThreads`) re-judges the CPU load before each update.
     """
     param = torch.nn.Parameter(logits.detach().clone().float())
     opt = torch.optim.Adam([param], lr=stage.lr_start)
@@ -287,6 +289,8 @@ def run_stage(
     bar = tqdm(range(start, stage.updates), desc=f"CHG {stage.name}", disable=not progress,
                initial=start, total=stage.updates, leave=True)
     for step in bar:
+        if threads is not None:
+            threads.adapt()
         if step % snapshot_every == 0 or step == window_at:
             snaps.append(torch.sigmoid(param.detach()).clone())
             snap_steps.append(step)
@@ -366,17 +370,20 @@ def run_stages(
     progress: bool = True,
     configs_per_pass: int | None = None,
 ) -> dict[str, StageResult]:
-    """Run stages in order; with a checkpoint, finished stages are kept and a cut fit resumes."""
-    if checkpoint is None:
-        return _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, None, progress,
-                           configs_per_pass)
-    with checkpoint.locked():
-        return _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, checkpoint,
-                           progress, configs_per_pass)
+    """Run stages in order; with a checkpoint, finished stages are kept and a cut fit resumes.
+    Torch's thread count follows the CPU load meanwhile (:class:`chg_lens.runtime.LoadAwareThreads`;
+    ``CHG_LENS_THREADS=fixed`` turns that off) and is restored at the end."""
+    with runtime.LoadAwareThreads() as threads:
+        if checkpoint is None:
+            return _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, None, progress,
+                               configs_per_pass, threads)
+        with checkpoint.locked():
+            return _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, checkpoint,
+                               progress, configs_per_pass, threads)
 
 
 def _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot_every, checkpoint, progress,
-                configs_per_pass) -> dict[str, StageResult]:
+                configs_per_pass, threads=None) -> dict[str, StageResult]:
     done: dict[str, StageResult] = {}
     if checkpoint is not None:
         state = checkpoint.load()
@@ -389,7 +396,7 @@ def _run_stages(specs, data_loss, n_rows, batch_size, seed, grad_accum, snapshot
             spec.stage, spec.init(done), data_loss, spec.regularizer, n_rows, batch_size, seed,
             grad_accum=grad_accum, snapshot_every=snapshot_every, checkpoint=checkpoint,
             carry=_pack_done(done), progress=progress, configs_per_pass=configs_per_pass,
-            window=spec.window, settle=spec.settle,
+            window=spec.window, settle=spec.settle, threads=threads,
         )
         done[spec.stage.name] = result
         if checkpoint is not None:

@@ -141,10 +141,12 @@ def test_the_cli_has_autocast_on_every_model_running_subcommand():
 
     from chg_lens.cli import subcommand
 
-    for name in ("fit", "contrast", "ablate", "patch", "explain"):
+    # precision per purpose (issue 28): fits default to auto, measurements to the model's own dtype
+    for name, default in (("fit", "auto"), ("contrast", "auto"), ("ablate", "off"), ("patch", "off"),
+                          ("explain", "off")):
         p = argparse.ArgumentParser()
         subcommand(name).add_arguments(p)
-        assert p.parse_args([]).autocast == "auto", name
+        assert p.parse_args([]).autocast == default, name
         assert p.parse_args(["--autocast", "off"]).autocast == "off"
         with pytest.raises(SystemExit):
             p.parse_args(["--autocast", "float32"])
@@ -173,8 +175,8 @@ def test_auto_reaches_ablation_and_patching_metadata(tiny_model, monkeypatch):
     _cpu(monkeypatch, ("avx512_bf16",))
     toks, mask = _batch(tiny_model, rows=3)
     data = TaskDataset.from_tokens(toks, mask, pad_token_id=3)
-    fast = head_sweep(tiny_model, data)
-    plain = head_sweep(tiny_model, data, autocast="off")
+    fast = head_sweep(tiny_model, data, autocast="auto")  # asked for: measurements default to "off"
+    plain = head_sweep(tiny_model, data)
     assert fast.meta["autocast"] == "bf16" and plain.meta["autocast"] is None
     diff = (fast.frame["logprob"] - plain.frame["logprob"]).abs().max()
     assert 0 < diff < 0.05 * toks.shape[1]  # it ran in bf16, and close to float32 (summed over targets)
@@ -267,3 +269,63 @@ def test_explain_recording_under_bf16_gives_float32_close_to_float32(tiny_model)
     assert fast[0].dtype == fast[2].dtype == torch.float32
     torch.testing.assert_close(fast[0], plain[0], rtol=0.05, atol=1e-3)
     torch.testing.assert_close(fast[2], plain[2], rtol=0.05, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- precision per purpose (issue 28)
+def _pairs(model, n=6, width=7, seed=0):
+    """Clean/corrupted rows of equal length differing in one token, target the last token."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, model.cfg.d_vocab, (n, width), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(4, model.cfg.d_vocab, (n,), generator=g)
+    mask = torch.zeros_like(clean, dtype=torch.bool)
+    mask[:, -1] = True
+    return (TaskDataset.from_tokens(clean, mask, name="clean"), TaskDataset.from_tokens(corrupted, mask, name="corrupted"))
+
+
+def _hf_logprobs(model, data):
+    """The model's own full forward (no autocast, float32): summed target log-prob per row."""
+    with torch.no_grad(), torch.autocast(device_type="cpu", enabled=False):
+        logits = models.run_with_hooks(model, data.tokens).float().log_softmax(-1)
+    lp = logits[:, :-1].gather(-1, data.tokens[:, 1:, None]).squeeze(-1)
+    return (lp * data.loss_mask[:, 1:]).sum(1)
+
+
+def test_measurements_stay_exact_when_auto_means_bf16_and_fits_record_bf16(tiny_model, monkeypatch):
+    """Under CHG_LENS_AUTOCAST=bf16 ("auto" means bf16 everywhere) every measurement at its defaults
+    runs in the model's own dtype: evaluate, score_configs, head_sweep and patch_heads equal float32 and
+    TransformerLens's own patching module, while a fit at its defaults runs (and records) bf16."""
+    from transformer_lens import patching as tl_patching
+
+    from chg_lens import evaluate
+    from chg_lens.patching import patch_heads
+
+    monkeypatch.setenv(models.AUTOCAST_ENV, "bf16")
+    assert models.resolve_autocast(tiny_model, "auto") == "bf16"
+    clean, corrupted = _pairs(tiny_model)
+    want = _hf_logprobs(tiny_model, clean)
+    assert torch.allclose(evaluate(tiny_model, clean).logprob_sum[0], want, atol=1e-5)
+    configs = gates.single_head_configs(tiny_model)
+    exact = score_configs(tiny_model, clean, configs, autocast="off").logprob_sum
+    assert torch.equal(score_configs(tiny_model, clean, configs).logprob_sum, exact)
+    fast = score_configs(tiny_model, clean, configs, autocast="auto").logprob_sum
+    assert (fast - exact).abs().max() > 1e-4  # auto really is bf16 here: the default is not auto
+    sweep = head_sweep(tiny_model, clean)
+    assert sweep.meta["autocast"] is None and "autocast off" in sweep.meta["precision"]
+    assert torch.allclose(torch.tensor(sweep.frame["logprob"].to_numpy()).float(), exact.mean(1), atol=1e-5)
+
+    res = patch_heads(tiny_model, clean, corrupted, metric="logprob")
+    assert res.meta["autocast"] is None
+
+    def metric(logits):  # the summed target log-prob of the clean targets, mean over rows (as patch_heads)
+        lp = logits.float().log_softmax(-1)[:, :-1].gather(-1, corrupted.tokens[:, 1:, None]).squeeze(-1)
+        return (lp * corrupted.loss_mask[:, 1:]).sum(1).mean()
+
+    _, cache = tiny_model.run_with_cache(clean.tokens)
+    tl = tl_patching.get_act_patch_attn_head_out_all_pos(tiny_model, corrupted.tokens, cache, metric)
+    base = metric(tiny_model(corrupted.tokens))
+    assert torch.allclose(res.effects, (tl - base).float(), atol=1e-5)
+
+    fit = fit_chg(tiny_model, clean, n_seeds=1, updates=2, reg_updates=2, batch_size=4, progress=False,
+                  validation=clean)
+    assert fit.meta["autocast"] == "bf16" and "bf16 autocast" in fit.meta["precision"]

@@ -1,0 +1,148 @@
+"""How chg_lens shares the CPU: the OpenMP wait policy and the number of torch threads under load.
+
+torch's OpenMP threads spin-wait for work by default. When another process holds one of the cores,
+a spinning thread steals it and every parallel region waits for the descheduled one: measured on a
+2-core machine with one other busy process, one CHG update took 4x longer at torch's default two
+threads than at one thread (benchmarks/threads_under_load.py, benchmarks/README.md). Two rules fix it:
+
+* :func:`prefer_passive_wait` sets ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep instead of spinning)
+  when torch is not imported yet and the variable is unset; OpenMP reads it once, when torch loads.
+  The ``chg-lens`` command line does this first thing; in Python, ``import chg_lens`` before torch
+  (or set the variable yourself) to get it.
+* :class:`LoadAwareThreads` (used by every fit, once per update) looks at how much CPU other processes
+  took on this process's cores since the last look (``/proc/stat`` minus this process's own time) and
+  runs torch on the cores left free, never more than the threads torch had when the fit started;
+  the caller's thread count is restored afterwards. ``CHG_LENS_THREADS=fixed`` turns it off (the
+  thread count is then whatever torch has).
+
+Both do nothing on a machine without ``/proc`` (not Linux).
+
+Example::
+
+    from chg_lens import runtime
+    with runtime.LoadAwareThreads() as threads:
+        for step in range(updates):
+            threads.adapt()          # at most one look per `every` seconds; cheap
+            ...                      # one update
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+THREADS_ENV = "CHG_LENS_THREADS"
+"""``auto`` (default: threads follow the load during fits) or ``fixed`` (leave torch's thread count alone)."""
+
+
+def prefer_passive_wait(environ=os.environ, modules=sys.modules) -> bool:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` if torch is not imported yet and the variable is unset;
+    returns whether the policy that torch will use (or uses) is passive."""
+    if "torch" not in modules and WAIT_POLICY_ENV not in environ:
+        environ[WAIT_POLICY_ENV] = "PASSIVE"
+    return environ.get(WAIT_POLICY_ENV, "").strip().upper() == "PASSIVE"
+
+
+def cores() -> list[int]:
+    """The CPUs this process may run on (its affinity); ``[0 .. cpu_count)`` where that is unknown."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def busy_seconds(cpus: list[int], path: str = "/proc/stat") -> float | None:
+    """Seconds the CPUs ``cpus`` spent busy (not idle, not waiting for I/O) since boot, from
+    ``/proc/stat``; None where it cannot be read."""
+    want = {f"cpu{i}" for i in cpus}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    found = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, rest = line.partition(" ")
+                if name in want:
+                    v = [int(x) for x in rest.split()]
+                    total += sum(v[:8]) - v[3] - v[4]  # user..steal minus idle and iowait
+                    found += 1
+    except (OSError, ValueError):
+        return None
+    return total / tick if found else None
+
+
+def own_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    t = os.times()
+    return t.user + t.system
+
+
+def threads_for(n_cores: int, others: float, most: int) -> int:
+    """Threads to run when other processes keep ``others`` cores busy on ``n_cores`` cores: the
+    cores left free (a core counts as taken from 0.5 of it on), at least 1, at most ``most``::
+
+        threads_for(2, 0.0, 2), threads_for(2, 1.0, 2), threads_for(2, 2.0, 2)   # 2, 1, 1
+    """
+    free = n_cores - int(others + 0.5)
+    return max(1, min(most, free))
+
+
+class LoadAwareThreads:
+    """Within the block, torch runs on as many threads as there are cores other processes leave
+    free (:func:`threads_for`), re-judged at most every ``every`` seconds when :meth:`adapt` is
+    called; torch's thread count at entry is the most it uses and is restored at exit.
+    ``enabled=None`` follows ``CHG_LENS_THREADS`` (anything but ``fixed`` enables it)."""
+
+    def __init__(self, every: float = 2.0, enabled: bool | None = None):
+        self.every = float(every)
+        if enabled is None:
+            enabled = os.environ.get(THREADS_ENV, "auto").strip().lower() != "fixed"
+        self.enabled = enabled
+        self.history: list[tuple[float, int]] = []  # (others, threads) at each change, for tests and logs
+
+    def __enter__(self) -> "LoadAwareThreads":
+        import torch
+
+        self._torch = torch
+        self.start_threads = torch.get_num_threads()
+        self._cpus = cores()
+        self._last = self._sample()
+        if self._last is None:
+            self.enabled = False
+        return self
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        busy = busy_seconds(self._cpus)
+        return None if busy is None else (time.monotonic(), busy, own_seconds())
+
+    def others(self) -> float | None:
+        """Cores other processes kept busy since the last look (None: not measured yet or not readable)."""
+        now = self._sample()
+        if now is None or self._last is None:
+            return None
+        wall = now[0] - self._last[0]
+        if wall <= 0:
+            return None
+        used = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2]))
+        self._last = now
+        return min(float(len(self._cpus)), used / wall)
+
+    def adapt(self) -> int:
+        """Re-judge the load (at most every ``every`` seconds) and set torch's thread count; returns it."""
+        torch = self._torch
+        if not self.enabled or time.monotonic() - self._last[0] < self.every:
+            return torch.get_num_threads()
+        others = self.others()
+        if others is None:
+            return torch.get_num_threads()
+        want = threads_for(len(self._cpus), others, self.start_threads)
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+            self.history.append((others, want))
+        return want
+
+    def __exit__(self, *exc) -> None:
+        if self._torch.get_num_threads() != self.start_threads:
+            self._torch.set_num_threads(self.start_threads)
