@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from chg_lens import models
-from chg_lens.explain import (ExplainConfig, OpenAIExplainer, PatternExplainer, load_raw, run_explain,
-                              sample_windows, score_head, split_windows)
+from chg_lens.explain import (ExplainConfig, Explainer, OpenAIExplainer, PatternExplainer, load_raw,
+                              run_explain, sample_windows, score_head, split_windows)
 from chg_lens.explain import pipeline as pipeline_mod
 from chg_lens.explain.explainers import parse_explanation, parse_simulation
 
@@ -531,6 +531,79 @@ def test_parsers():
     assert parse_explanation("It copies names.") == "It copies names."
     assert parse_simulation("0: 1\n2: 7.5\nnoise\n9: 3", 3).tolist() == [1.0, 0.0, 7.5]
 
+
+
+# ----------------------------------------------------------------------------- the explainer protocol
+class PositionExplainer:
+    """An explainer of one's own (the protocol's example): every head is a previous-token head whose
+    activity grows with the position."""
+
+    name = "position"
+
+    def explain(self, raw, head_index, windows, events):
+        layer, head = raw.heads[head_index]
+        return {"layer": layer, "head": head, "explainer": self.name, "status": "ok", "error": None,
+                "explanation": "Previous-token head: attends to the token just before it.", "hypothesis": None}
+
+    def predict(self, record, tokens, token_str):
+        return np.broadcast_to(np.arange(tokens.shape[1], dtype=np.float64), tokens.shape)
+
+
+def test_both_explainers_and_ones_own_satisfy_the_protocol(monkeypatch):
+    pytest.importorskip("openai")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert isinstance(PatternExplainer(), Explainer)
+    assert isinstance(OpenAIExplainer(base_url="http://127.0.0.1:9/v1"), Explainer)   # no request is made
+    assert isinstance(PositionExplainer(), Explainer)
+
+    class NoPredict:
+        name = "half"
+
+        def explain(self, raw, head_index, windows, events):
+            return {}
+
+    assert not isinstance(NoPredict(), Explainer)
+    assert not isinstance(object(), Explainer)
+
+
+def test_ones_own_explainer_runs_through_the_pipeline(pattern_run, tmp_path):
+    out, text = pattern_run
+    outdir = copy_outputs(out.outdir, tmp_path / "own", ["raw_events.parquet", "probes.parquet", "clusters.json"])
+    cfg = small_config(text)
+    run = run_explain(None, outdir, cfg, skip_cache=True, skip_cluster=True, explainer=PositionExplainer(),
+                      progress=False)
+    assert run.steps_run == ["explain", "simulate", "report"]
+    assert [r["explainer"] for r in run.records] == ["position"] * 4
+    assert run.scores.explainer.tolist() == ["position"] * 4
+    assert run.scores.label.tolist() == ["previous_token"] * 4          # read from the sentence
+    raw = load_raw(outdir / "raw_events.parquet")
+    _, held = split_windows(raw.tokens.shape[0], cfg.holdout_fraction)
+    for row in run.scores.itertuples():
+        real = raw.activity[raw.head_index(row.layer, row.head)][held].astype(np.float64)
+        pos = np.broadcast_to(np.arange(real.shape[1], dtype=np.float64), real.shape)
+        assert row.n_windows == len(held) and row.n_tokens == real.size
+        assert row.simulation_score == pytest.approx(np.corrcoef(pos.reshape(-1), real.reshape(-1))[0, 1], abs=1e-9)
+
+
+def test_split_modules_keep_every_name_of_explainers():
+    from chg_lens.explain import explainers, llm, pattern_explainer, patterns, protocol
+    from chg_lens.explain.events import context
+
+    homes = {patterns: ["PATTERN_TEXT", "PATTERNS", "pattern_text", "pattern_name", "pattern_sources", "_topk_masses",
+                        "pattern_fits", "correlation"],
+             pattern_explainer: ["WHEN_TEXT", "HEAD_NAMES", "PatternExplainer", "label_of", "_TEXT_LABELS",
+                                 "label_from_text", "_round"],
+             llm: ["EXPLAIN_SYSTEM", "SIMULATE_SYSTEM", "LLMError", "OpenAIExplainer", "evidence_lines", "_retry_after",
+                   "parse_explanation", "parse_simulation"],
+             protocol: ["Explainer"]}
+    for module, names in homes.items():
+        for name in names:
+            obj = getattr(module, name)
+            assert getattr(explainers, name) is obj, name
+            if callable(obj):                                   # defined there, not imported from elsewhere
+                assert obj.__module__ == module.__name__, name
+    assert explainers.show_context is context
+    assert all(hasattr(explainers, name) for name in explainers.__all__)
 
 def test_cli_explain(pattern_run, tmp_path, capsys):
     from chg_lens.cli import main

@@ -11,18 +11,20 @@ Example::
 
 from .cluster import cluster_explanations, embed
 from .events import salient_events, split_windows, token_class
-from .explainers import (LLMError, OpenAIExplainer, PatternExplainer, correlation, label_from_text, label_of,
-                         pattern_fits, pattern_sources)
+from .llm import LLMError, OpenAIExplainer
+from .pattern_explainer import PatternExplainer, label_from_text, label_of
+from .patterns import correlation, pattern_fits, pattern_sources
 from .pipeline import ExplainConfig, ExplainOutput, run_explain
 from .probes import PROBES, load_probes, probe_scores, write_probes
+from .protocol import Explainer
 from .record import RawActivity, load_raw, pattern_masks, record_to_parquet, select_heads
 from .report import build_summary, write_explain_report, write_report
 from .simulate import detection_score, probe_agreement, score_all, score_head
 from .sources import Windows, sample_windows
 
 __all__ = [
-    "ExplainConfig", "ExplainOutput", "LLMError", "OpenAIExplainer", "PROBES", "PatternExplainer", "RawActivity",
-    "Windows", "build_summary", "cluster_explanations", "correlation", "detection_score", "embed",
+    "ExplainConfig", "ExplainOutput", "Explainer", "LLMError", "OpenAIExplainer", "PROBES", "PatternExplainer",
+    "RawActivity", "Windows", "build_summary", "cluster_explanations", "correlation", "detection_score", "embed",
     "label_from_text", "label_of", "load_probes", "load_raw", "pattern_fits", "pattern_masks", "pattern_sources",
     "probe_agreement", "probe_scores", "record_to_parquet", "run_explain", "salient_events", "sample_windows",
     "score_all", "score_head", "select_heads", "split_windows", "token_class", "write_explain_report", "write_probes",
