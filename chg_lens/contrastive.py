@@ -34,7 +34,7 @@ from . import checks, models
 from . import diagnostics as diag
 from .chg import CHGResult
 from .data import TaskDataset
-from .deprecation import keyword_only
+from .deprecation import keyword_only, renamed
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
@@ -288,6 +288,7 @@ def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, 
 
 
 @keyword_only("n_seeds", "updates", "batch_size", "lam", "max_diff", "lr", "lr_end", "clip", "seed")
+@renamed(evaluate_on="validation")
 def fit_contrastive(
     model: Any,
     retain: TaskDataset,
@@ -307,7 +308,6 @@ def fit_contrastive(
     one_pass: bool | None = None,
     check_pairs: bool = True,
     validation: tuple[TaskDataset, TaskDataset] | None = None,
-    evaluate_on: tuple[TaskDataset, TaskDataset] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
@@ -361,17 +361,9 @@ def fit_contrastive(
         raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
     retain.check_model(model)
     forget.check_model(model)
-    if evaluate_on is not None:
-        import warnings
-
-        if validation is not None:
-            raise ValueError("give validation=(retain_eval, forget_eval) only; evaluate_on is its old name")
-        warnings.warn("fit_contrastive(evaluate_on=...) is now validation=...", DeprecationWarning, stacklevel=2)
-        validation = evaluate_on
-    evaluate_on = validation
-    if evaluate_on is not None:
-        check_matched(*evaluate_on)
-        for d in evaluate_on:
+    if validation is not None:
+        check_matched(*validation)
+        for d in validation:
             d.check_model(model)
     L, H, S = models.n_layers(model), models.n_heads(model), n_seeds
     autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
@@ -409,10 +401,10 @@ def fit_contrastive(
         "configs_per_pass": configs_per_pass, **models.precision_meta(model, autocast),
     }
     result = ContrastiveResult(r.logits, r.traces, r.snapshots, r.snapshot_steps, asdict(cfg), meta)
-    if evaluate_on is not None:
-        result.evaluation = evaluate_contrastive(model, result, *evaluate_on)
-        result.meta["n_eval"] = len(evaluate_on[0])
-        result.meta["eval_fingerprints"] = [d.fingerprint() for d in evaluate_on]
+    if validation is not None:
+        result.evaluation = evaluate_contrastive(model, result, *validation)
+        result.meta["n_eval"] = len(validation[0])
+        result.meta["eval_fingerprints"] = [d.fingerprint() for d in validation]
     diag.warn_if_not_converged(result.convergence_warning())
     return result
 

@@ -461,17 +461,6 @@ def head_tensor(frame, column: str, n_layers: int, n_heads: int) -> Tensor:
     return out
 
 
-def read_kind(path: str | os.PathLike) -> str | None:
-    """The ``kind`` in ``path/meta.json`` (None if the folder holds no chg_lens result)."""
-    meta = Path(path) / META
-    if not meta.is_file() or not (Path(path) / TENSORS).is_file():
-        return None
-    try:
-        return read_meta(path).get("kind")
-    except (OSError, ValueError):
-        return None
-
-
 def result_class(kind: str):
     """The class that saves results of ``kind`` (see :data:`KINDS`)."""
     import importlib

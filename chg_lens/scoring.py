@@ -148,8 +148,8 @@ def row_logprobs(
     return RowScores(logprob_sum, n_targets, n_hit == n_targets, answer_logits)
 
 
-@torch.no_grad()
 @renamed(max_rows_per_pass="rows_per_pass")
+@torch.no_grad()
 def evaluate(
     model,
     data: TaskDataset,
@@ -192,8 +192,8 @@ def first_changed_layer(configs: Float[Tensor, "configs layer head"], base: Floa
     return idx.min(dim=1).values
 
 
-@torch.no_grad()
 @renamed(max_rows_per_pass="rows_per_pass")
+@torch.no_grad()
 def score_configs(
     model,
     data: TaskDataset,

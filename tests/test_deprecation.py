@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from chg_lens import fit_chg
+from chg_lens import evaluate, fit_chg
 from chg_lens.deprecation import keyword_only, renamed
 
 from conftest import known_answer_data
@@ -54,3 +54,24 @@ def test_fit_chg_positional_options_still_work_with_a_warning(known_model):
         assert torch.equal(new.gates[stage], old.gates[stage])
     with pytest.raises(TypeError, match="at most"):
         fit_chg(known_model, data, 1, 2, 2, 4, 0.1, 3, 7)
+
+
+def test_a_deprecation_warning_raised_inside_chg_lens_fails_a_test():
+    """pyproject's filterwarnings: a DeprecationWarning that points at a chg_lens module is an error
+    (the library must not call deprecated names); one from another library is ignored."""
+    with pytest.raises(DeprecationWarning, match="inside chg_lens"):
+        warnings.warn_explicit("inside chg_lens", DeprecationWarning, "chg_lens/scoring.py", 1, module="chg_lens.scoring")
+    warnings.warn_explicit("elsewhere", DeprecationWarning, "lib.py", 1, module="some_library.lib")  # no error
+
+
+def test_the_warning_points_at_the_deprecated_call_not_at_the_library(known_model):
+    @keyword_only("a")
+    @renamed(old="a")
+    def h(x, *, a=0):
+        return a
+
+    data = known_answer_data(4)
+    with pytest.warns(DeprecationWarning) as got:
+        assert h(0, 1) == 1 and h(0, old=2) == 2
+        evaluate(known_model, data, max_rows_per_pass=8)  # under torch.no_grad as well
+    assert len(got) == 3 and {w.filename for w in got} == {__file__}

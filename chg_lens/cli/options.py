@@ -124,8 +124,9 @@ def n_prompts(a: argparse.Namespace, task: str) -> int | None:
 
 
 def task_kwargs(task: str, a: argparse.Namespace, options: dict, n: int | None = None) -> dict:
-    """The options :func:`build_task` passes to ``tasks.build``, checked (unknown options and values
-    of the wrong type are a ValueError) without building anything: call it before loading a model."""
+    """The options to pass to ``tasks.build``: ``--seed`` (unless ``options`` sets one), ``--n-prompts``
+    (``n`` when given) and ``--data-dir`` (when set), checked (unknown options and values of the wrong
+    type are a ValueError) without building anything: call it before loading a model."""
     from .. import tasks
 
     kwargs = {"seed": a.seed, **options}
@@ -136,14 +137,6 @@ def task_kwargs(task: str, a: argparse.Namespace, options: dict, n: int | None =
         kwargs["data_dir"] = a.data_dir
     tasks.check_options(task, **kwargs)
     return kwargs
-
-
-def build_task(model, task: str, a: argparse.Namespace, options: dict, n: int | None = None):
-    """``tasks.build`` with the options of ``a``: ``--seed`` (unless ``options`` sets one), ``--n-prompts``
-    (``n`` when given) and ``--data-dir`` (when set and the task takes it)."""
-    from .. import tasks
-
-    return tasks.build(task, model, **task_kwargs(task, a, options, n))
 
 
 def print_convergence(result) -> None:
