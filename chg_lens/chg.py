@@ -322,6 +322,26 @@ class CHGResult(Result):
     def to_frame(self) -> pd.DataFrame:
         return self.scores()
 
+    def _html_body(self) -> str:
+        """The notebook view's table (see :meth:`_repr_html_`): the role map of the seed-mean scores
+        (F facilitating, I interfering, · irrelevant; a cell's tooltip has its scores)."""
+        from . import display
+
+        mean = {k: v.mean(dim=0) for k, v in taxonomy.score_tensors(self.g_plus, self.g_minus).items()}
+        role = taxonomy.roles(mean)
+        cells = []
+        for layer in range(role.shape[0]):
+            row = []
+            for head in range(role.shape[1]):
+                name = taxonomy.ROLES[taxonomy.SCORES[int(role[layer, head])]]
+                text, bg = display.ROLE_STYLE[name]
+                tip = f"L{layer}H{head} {name}: " + ", ".join(f"{s} {float(mean[s][layer, head]):.3f}"
+                                                            for s in taxonomy.SCORES)
+                row.append((text, bg, tip))
+            cells.append(row)
+        return display.grid(cells, caption="Role map (mean scores over seeds): F facilitating, I interfering, "
+                                           "· irrelevant; rows are layers, columns heads")
+
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
         """What makes two CHG results the same fit: options, data and model."""

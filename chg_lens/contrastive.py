@@ -231,6 +231,21 @@ class ContrastiveResult(Result):
     def to_frame(self) -> pd.DataFrame:
         return self.gates_frame()
 
+    def _html_body(self) -> str:
+        """The notebook view's table (see :meth:`_repr_html_`): the seed-mean gate of every head,
+        the heads switched off (gate < 0.5) marked; then the validation table when there is one."""
+        from . import display
+
+        g = self.gate_matrix()
+        cells = [[("×", display.RED, f"L{l}H{h} gate {float(g[l, h]):.3f} (off)") if float(g[l, h]) < 0.5 else
+                  ("·", display.GREY, f"L{l}H{h} gate {float(g[l, h]):.3f}") for h in range(g.shape[1])]
+                 for l in range(g.shape[0])]
+        body = display.grid(cells, caption="Heads switched off (× : mean gate over seeds < 0.5); rows are layers, "
+                                           "columns heads")
+        if self.evaluation is not None:
+            body += display.table(self.evaluation, max_rows=12, caption="Validation")
+        return body
+
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
         """What makes two contrastive results the same fit: options, data and model."""

@@ -381,6 +381,15 @@ class Result(abc.ABC):
         replaces one; see :func:`check_target`); None compares the kind only."""
         return None
 
+    def _repr_html_(self) -> str:
+        """What a notebook (Jupyter, Colab) shows for a bare ``result`` in a cell: the summary, a
+        green "converged" / red "NOT converged" banner for fits, and a compact table (the role map,
+        the gates switched off, or the top heads by effect), every text escaped
+        (:func:`chg_lens.display.notebook_html`)."""
+        from .display import notebook_html
+
+        return notebook_html(self)
+
     @abc.abstractmethod
     def _bundle(self) -> Bundle:
         """``(tensors, meta.json fields besides kind, extra files)``; implemented by each result class."""

@@ -143,6 +143,6 @@ def test_the_check_catches_an_upward_import_an_unlisted_module_and_tolerates_pla
         "tasks (layer 3) imports chg (layer 7)"]
 
 
-@pytest.mark.parametrize("module", ["checks", "deprecation", "diagnostics", "stats", "taxonomy"])
+@pytest.mark.parametrize("module", ["checks", "deprecation", "diagnostics", "stats", "taxonomy", "display"])
 def test_leaves_import_no_chg_lens_module(module):
     assert imported(PACKAGE / f"{module}.py") == []
