@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import checks, models, taxonomy
+from . import checks, deprecation, models, taxonomy
 from . import diagnostics as diag
 from .data import TaskDataset
 from .deprecation import keyword_only
@@ -523,20 +523,35 @@ def fit_chg(
         config=asdict(cfg), meta=meta,
     )
     if validation is not None:
-        result.validation = validate(model, result, validation)
+        result.validation = validate(model, validation, result)
         result.meta["n_validation"] = len(validation)
         result.meta["validation_precision"] = "float32"
     diag.warn_if_not_converged(result.convergence_warning())
     return result
 
 
-def validate(model: Any, result: CHGResult, data: TaskDataset, batch_size: int = 32,
+@keyword_only("batch_size", "autocast")
+def validate(model: Any, data: TaskDataset, result: CHGResult, *, batch_size: int = 32,
              autocast: str | None = "off") -> pd.DataFrame:
     """Target log-probability (summed over each row's targets, mean over rows) and accuracy (all
     targets argmax-correct) for the ungated model and for G0, G+ and G- of every seed.
 
+    Model, data, then the result, as in :func:`chg_lens.ablation.figure2`; the old order
+    ``validate(model, result, data)`` still works for one release with a ``DeprecationWarning``.
     Full precision by default (``autocast="off"``): one forward pass, a small share of a fit's
-    time, and numbers that do not depend on the machine's bf16 support."""
+    time, and numbers that do not depend on the machine's bf16 support.
+
+    Example::
+
+        chg_lens.validate(model, val, result).groupby("gates").accuracy.mean()
+    """
+    if isinstance(data, CHGResult) and isinstance(result, TaskDataset):
+        deprecation.warn("validate(model, result, data) is now validate(model, data, result), the order of "
+                         "figure2; the old order goes away in the next release", depth=1)
+        data, result = result, data
+    if not isinstance(data, TaskDataset) or not isinstance(result, CHGResult):
+        raise TypeError(f"validate(model, data, result) takes a TaskDataset and a CHGResult; got "
+                        f"{type(data).__name__} and {type(result).__name__}")
     model = models.as_model(model)
     S = result.n_seeds
     configs = torch.cat([torch.ones(1, *result.g0.shape[1:]), result.g0, result.g_plus, result.g_minus])

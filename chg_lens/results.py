@@ -53,7 +53,7 @@ KINDS: dict[str, str] = {
 
 FORMAT = 2
 """meta.json format: 2 adds ``digests`` (sha256 of every file of the bundle) and ``identity``."""
-KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "evaluation.csv", "overlap.csv",
+KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "validation.csv", "evaluation.csv", "overlap.csv",
                "summary.txt", "head_rankings.csv", "report.html", "report_summary.txt")
 """Files that chg_lens writes beside a result; replacing a result never carries them over."""
 

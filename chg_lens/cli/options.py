@@ -25,6 +25,9 @@ recovers the task from its random start within 50 updates; G+/G- run 250 updates
 0.5 -> 0.1) so that they settle: on SmolLM2 / IOI this fit reports ``converged`` in about 4 minutes on 2 cores
 where bf16 pays (an AMD Zen 5) and about 7.5 minutes in float32 (an Intel Xeon VM, where float32 is faster)."""
 SEED = 0
+SCORING_BATCH_SIZE = 32
+"""``--batch-size`` of ``ablate`` and ``patch``: rows of data per forward pass, the library's default
+for every measurement (``scoring.evaluate``, ``score_configs``, the ablation sweeps, ``patch_heads``)."""
 OUT = {"fit": "runs/chg", "contrast": "runs/contrast", "ablate": "runs/ablate", "patch": "runs/patch",
        "explain": "runs/explain"}
 """Default ``--out`` folder of each subcommand."""
