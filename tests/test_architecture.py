@@ -41,7 +41,7 @@ def layer_table(text: str) -> tuple[dict[str, int], dict[int, bool], set[tuple[s
         for name in names(cells[1]):
             assert name not in layer_of, f"{name} is listed twice in {DOC.name}"
             layer_of[name] = layer
-    exceptions = {(a, b) for cells in table_rows(text, "| module | also imports |")
+    exceptions = {(a, b, cells[2] == "in a function") for cells in table_rows(text, "| module | also imports |")
                   for a in names(cells[0]) for b in names(cells[1])}
     return layer_of, same, exceptions
 
@@ -59,19 +59,27 @@ def is_module(dotted: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def imported(path: Path) -> list[tuple[int, str]]:
+def _nodes(tree: ast.AST, in_function: bool = False):
+    """Every node below ``tree`` with whether it sits inside a function."""
+    for child in ast.iter_child_nodes(tree):
+        yield child, in_function
+        yield from _nodes(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+
+def imported(path: Path, *, where: bool = False) -> list[tuple]:
     """(line, chg_lens module) of every import of a chg_lens module in ``path`` (``chg_lens`` for a
-    name of the package itself, e.g. ``from chg_lens import fit_chg``)."""
+    name of the package itself, e.g. ``from chg_lens import fit_chg``); with ``where``, (line,
+    module, inside a function)."""
     name = module_name(path)
     package = name.split(".") if path.name == "__init__.py" and name != "chg_lens" else name.split(".")[:-1]
     if name == "chg_lens":
         package = []
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node, in_function in _nodes(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "chg_lens" or alias.name.startswith("chg_lens."):
-                    out.append((node.lineno, alias.name.removeprefix("chg_lens").lstrip(".") or "chg_lens"))
+                    out.append((node.lineno, alias.name.removeprefix("chg_lens").lstrip(".") or "chg_lens", in_function))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
@@ -82,8 +90,8 @@ def imported(path: Path) -> list[tuple[int, str]]:
                 continue
             for alias in node.names:  # `from chg_lens import checks` imports the module checks
                 sub = f"{target}.{alias.name}" if target else alias.name
-                out.append((node.lineno, sub if is_module(sub) else (target or "chg_lens")))
-    return out
+                out.append((node.lineno, sub if is_module(sub) else (target or "chg_lens"), in_function))
+    return out if where else [(line, module) for line, module, _ in out]
 
 
 def entry(module: str, layer_of: dict[str, int]) -> str | None:
@@ -102,11 +110,11 @@ def violations(layer_of, same, exceptions) -> tuple[list[str], list[str]]:
         if me is None:
             unlisted.append(module_name(path))
             continue
-        for line, target in imported(path):
+        for line, target, in_function in imported(path, where=True):
             other = entry(target, layer_of)
             if other is None:
                 unlisted.append(target)
-            elif other != me and (me, other) not in exceptions and (
+            elif other != me and (me, other, False) not in exceptions and (me, other, in_function) not in exceptions and (
                     layer_of[other] > layer_of[me] or (layer_of[other] == layer_of[me] and not same[layer_of[me]])):
                 bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {me} (layer {layer_of[me]}) imports {other} "
                            f"(layer {layer_of[other]})")
@@ -135,12 +143,15 @@ def test_the_check_catches_an_upward_import_an_unlisted_module_and_tolerates_pla
     (fake / "tasks" / "ioi.py").write_text("def ioi():\n    from chg_lens.chg import fit_chg\n")  # upward, in a function
     (fake / "ablation.py").write_text("from chg_lens import fit_chg\nfrom . import chg\n")  # the package, a sibling
     (fake / "mystery.py").write_text("")
+    (fake / "compare.py").write_text("from . import plot\n\ndef f():\n    from . import plot\n")  # allowed in a function only
+    (fake / "plot.py").write_text("")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     unlisted, bad = violations(layer_of, same, exceptions)
     assert unlisted == ["mystery"]
     assert [b.split(": ", 1)[1] for b in bad] == [
         "ablation (layer 7) imports chg_lens (layer 10)", "ablation (layer 7) imports chg (layer 7)",
-        "tasks (layer 3) imports chg (layer 7)"]
+        "compare (layer 8) imports plot (layer 9)", "tasks (layer 3) imports chg (layer 7)"]
+    assert [b.split(": ", 1)[0] for b in bad][2] == "chg_lens/compare.py:1"  # the top-level one, not line 4
 
 
 @pytest.mark.parametrize("module", ["checks", "deprecation", "diagnostics", "stats", "taxonomy", "display"])
