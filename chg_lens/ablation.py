@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import checks, models
 from . import gates as gates_mod
 from .deprecation import keyword_only, renamed
 from .data import TaskDataset
-from .scoring import (Heads, RowScores, all_heads, check_heads, collect_z, first_changed_layer, metrics,  # noqa: F401
-                      score_configs)
+from .scoring import Heads, all_heads, check_heads, collect_z, metrics, score_configs  # noqa: F401 (ablation.metrics, .all_heads: see CHANGELOG)
 from .results import FrameResult, library_versions
 
 METHODS = ("zero", "mean")

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import checks, models, taxonomy
+from . import checks, deprecation, models, taxonomy
 from . import diagnostics as diag
 from .data import TaskDataset
 from .deprecation import keyword_only
@@ -322,6 +322,26 @@ class CHGResult(Result):
     def to_frame(self) -> pd.DataFrame:
         return self.scores()
 
+    def _html_body(self) -> str:
+        """The notebook view's table (see :meth:`_repr_html_`): the role map of the seed-mean scores
+        (F facilitating, I interfering, · irrelevant; a cell's tooltip has its scores)."""
+        from . import display
+
+        mean = {k: v.mean(dim=0) for k, v in taxonomy.score_tensors(self.g_plus, self.g_minus).items()}
+        role = taxonomy.roles(mean)
+        cells = []
+        for layer in range(role.shape[0]):
+            row = []
+            for head in range(role.shape[1]):
+                name = taxonomy.ROLES[taxonomy.SCORES[int(role[layer, head])]]
+                text, bg = display.ROLE_STYLE[name]
+                tip = f"L{layer}H{head} {name}: " + ", ".join(f"{s} {float(mean[s][layer, head]):.3f}"
+                                                            for s in taxonomy.SCORES)
+                row.append((text, bg, tip))
+            cells.append(row)
+        return display.grid(cells, caption="Role map (mean scores over seeds): F facilitating, I interfering, "
+                                           "· irrelevant; rows are layers, columns heads")
+
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
         """What makes two CHG results the same fit: options, data and model."""
@@ -503,20 +523,35 @@ def fit_chg(
         config=asdict(cfg), meta=meta,
     )
     if validation is not None:
-        result.validation = validate(model, result, validation)
+        result.validation = validate(model, validation, result)
         result.meta["n_validation"] = len(validation)
         result.meta["validation_precision"] = "float32"
     diag.warn_if_not_converged(result.convergence_warning())
     return result
 
 
-def validate(model: Any, result: CHGResult, data: TaskDataset, batch_size: int = 32,
+@keyword_only("batch_size", "autocast")
+def validate(model: Any, data: TaskDataset, result: CHGResult, *, batch_size: int = 32,
              autocast: str | None = "off") -> pd.DataFrame:
     """Target log-probability (summed over each row's targets, mean over rows) and accuracy (all
     targets argmax-correct) for the ungated model and for G0, G+ and G- of every seed.
 
+    Model, data, then the result, as in :func:`chg_lens.ablation.figure2`; the old order
+    ``validate(model, result, data)`` still works for one release with a ``DeprecationWarning``.
     Full precision by default (``autocast="off"``): one forward pass, a small share of a fit's
-    time, and numbers that do not depend on the machine's bf16 support."""
+    time, and numbers that do not depend on the machine's bf16 support.
+
+    Example::
+
+        chg_lens.validate(model, val, result).groupby("gates").accuracy.mean()
+    """
+    if isinstance(data, CHGResult) and isinstance(result, TaskDataset):
+        deprecation.warn("validate(model, result, data) is now validate(model, data, result), the order of "
+                         "figure2; the old order goes away in the next release", depth=1)
+        data, result = result, data
+    if not isinstance(data, TaskDataset) or not isinstance(result, CHGResult):
+        raise TypeError(f"validate(model, data, result) takes a TaskDataset and a CHGResult; got "
+                        f"{type(data).__name__} and {type(result).__name__}")
     model = models.as_model(model)
     S = result.n_seeds
     configs = torch.cat([torch.ones(1, *result.g0.shape[1:]), result.g0, result.g_plus, result.g_minus])

@@ -30,11 +30,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import checks, models
+from . import checks, deprecation, models
 from . import diagnostics as diag
 from .chg import CHGResult
 from .data import TaskDataset
-from .deprecation import keyword_only
+from .deprecation import keyword_only, renamed
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
@@ -126,9 +126,11 @@ class ContrastiveResult(Result):
     """Fitted contrastive gates of every seed, per-update traces and the metadata to reproduce them.
 
     ``logits`` is ``[n_seeds, n_layers, n_heads]``; ``traces`` maps ``retain_nll``, ``forget_nll``,
-    ``forget_term``, ``reg`` and ``loss`` to ``[updates, n_seeds]``; ``evaluation`` (when fitted with
-    evaluation data) is the frame of :func:`evaluate_contrastive`. ``save(path)`` writes
-    ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and ``evaluation.csv`` when evaluated);
+    ``forget_term``, ``reg`` and ``loss`` to ``[updates, n_seeds]``; ``validation`` (when fitted with
+    ``validation=(retain_eval, forget_eval)``) is the frame of :func:`evaluate_contrastive`
+    (``evaluation``, its old name, still reads it for one release with a ``DeprecationWarning``).
+    ``save(path)`` writes ``tensors.safetensors``, ``meta.json``, ``gates.csv`` (and
+    ``validation.csv`` when validated);
     ``ContrastiveResult.load(path)`` (or ``chg_lens.load``) is exact.
     """
 
@@ -140,7 +142,18 @@ class ContrastiveResult(Result):
     snapshot_steps: Tensor
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
-    evaluation: pd.DataFrame | None = None
+    validation: pd.DataFrame | None = None
+
+    @property
+    def evaluation(self) -> pd.DataFrame | None:
+        """Deprecated: the old name of :attr:`validation` (one release)."""
+        deprecation.warn("ContrastiveResult.evaluation is now .validation", depth=1)
+        return self.validation
+
+    @evaluation.setter
+    def evaluation(self, frame: pd.DataFrame | None) -> None:
+        deprecation.warn("ContrastiveResult.evaluation is now .validation", depth=1)
+        self.validation = frame
 
     @property
     def gates(self) -> Float[Tensor, "seeds layer head"]:
@@ -217,8 +230,8 @@ class ContrastiveResult(Result):
                  f"  heads off (mean gate < 0.5): {len(self.off_heads())} of {self.logits[0].numel()}: "
                  + ", ".join(f"L{l}H{h}" for l, h in self.off_heads()[:20])
                  + (" ..." if len(self.off_heads()) > 20 else "")]
-        if self.evaluation is not None:
-            e = self.evaluation.groupby(["variant", "gates"], sort=False)[["accuracy", "logprob"]].mean()
+        if self.validation is not None:
+            e = self.validation.groupby(["variant", "gates"], sort=False)[["accuracy", "logprob"]].mean()
             for (variant, gates), row in e.iterrows():
                 lines.append(f"  {variant:7s} {gates:8s} accuracy {row.accuracy:.3f}  logprob {row.logprob:8.4f}")
         d = self.diagnostics()
@@ -231,6 +244,21 @@ class ContrastiveResult(Result):
     def to_frame(self) -> pd.DataFrame:
         return self.gates_frame()
 
+    def _html_body(self) -> str:
+        """The notebook view's table (see :meth:`_repr_html_`): the seed-mean gate of every head,
+        the heads switched off (gate < 0.5) marked; then the validation table when there is one."""
+        from . import display
+
+        g = self.gate_matrix()
+        cells = [[("×", display.RED, f"L{l}H{h} gate {float(g[l, h]):.3f} (off)") if float(g[l, h]) < 0.5 else
+                  ("·", display.GREY, f"L{l}H{h} gate {float(g[l, h]):.3f}") for h in range(g.shape[1])]
+                 for l in range(g.shape[0])]
+        body = display.grid(cells, caption="Heads switched off (× : mean gate over seeds < 0.5); rows are layers, "
+                                           "columns heads")
+        if self.validation is not None:
+            body += display.table(self.validation, max_rows=12, caption="Validation")
+        return body
+
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
         """What makes two contrastive results the same fit: options, data and model."""
@@ -238,14 +266,14 @@ class ContrastiveResult(Result):
                 "retain": self.meta.get("retain_fingerprint"), "forget": self.meta.get("forget_fingerprint")}
 
     def _bundle(self) -> Bundle:
-        gates, ev = self.gates_frame(), self.evaluation
+        gates, ev = self.gates_frame(), self.validation
         files = {"gates.csv": lambda p: gates.to_csv(p, index=False)}
         if ev is not None:
-            files["evaluation.csv"] = lambda p: ev.to_csv(p, index=False)
+            files["validation.csv"] = lambda p: ev.to_csv(p, index=False)
         return (pack_stages({STAGE: self.logits}, {STAGE: self.traces}, {STAGE: self.snapshots},
                             {STAGE: self.snapshot_steps}),
                 {"config": self.config, "meta": self.meta,
-                 "evaluation": None if ev is None else frame_to_json(ev)},
+                 "validation": None if ev is None else frame_to_json(ev)},
                 files)
 
     @classmethod
@@ -254,10 +282,14 @@ class ContrastiveResult(Result):
         require(tensors, [f"logits/{STAGE}", f"snapshots/{STAGE}", f"snapshot_steps/{STAGE}"], path,
                 "contrastive CHG result")
         logits, traces, snapshots, steps = unpack_stages(tensors)
-        ev = meta.get("evaluation")
+        ev = meta.get("validation", meta.get("evaluation"))  # "evaluation": saved before the rename
+        inner = dict(meta["meta"])
+        for old, new in (("n_eval", "n_validation"), ("eval_fingerprints", "validation_fingerprints")):
+            if old in inner:
+                inner.setdefault(new, inner.pop(old))
         return cls(logits=logits[STAGE], traces=traces[STAGE], snapshots=snapshots[STAGE],
-                   snapshot_steps=steps[STAGE], config=meta["config"], meta=meta["meta"],
-                   evaluation=None if ev is None else frame_from_json(ev))
+                   snapshot_steps=steps[STAGE], config=meta["config"], meta=inner,
+                   validation=None if ev is None else frame_from_json(ev))
 
 
 # --------------------------------------------------------------------------------------------- fitting
@@ -288,6 +320,7 @@ def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, 
 
 
 @keyword_only("n_seeds", "updates", "batch_size", "lam", "max_diff", "lr", "lr_end", "clip", "seed")
+@renamed(evaluate_on="validation")
 def fit_contrastive(
     model: Any,
     retain: TaskDataset,
@@ -307,7 +340,6 @@ def fit_contrastive(
     one_pass: bool | None = None,
     check_pairs: bool = True,
     validation: tuple[TaskDataset, TaskDataset] | None = None,
-    evaluate_on: tuple[TaskDataset, TaskDataset] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
@@ -361,17 +393,9 @@ def fit_contrastive(
         raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
     retain.check_model(model)
     forget.check_model(model)
-    if evaluate_on is not None:
-        import warnings
-
-        if validation is not None:
-            raise ValueError("give validation=(retain_eval, forget_eval) only; evaluate_on is its old name")
-        warnings.warn("fit_contrastive(evaluate_on=...) is now validation=...", DeprecationWarning, stacklevel=2)
-        validation = evaluate_on
-    evaluate_on = validation
-    if evaluate_on is not None:
-        check_matched(*evaluate_on)
-        for d in evaluate_on:
+    if validation is not None:
+        check_matched(*validation)
+        for d in validation:
             d.check_model(model)
     L, H, S = models.n_layers(model), models.n_heads(model), n_seeds
     autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
@@ -409,10 +433,10 @@ def fit_contrastive(
         "configs_per_pass": configs_per_pass, **models.precision_meta(model, autocast),
     }
     result = ContrastiveResult(r.logits, r.traces, r.snapshots, r.snapshot_steps, asdict(cfg), meta)
-    if evaluate_on is not None:
-        result.evaluation = evaluate_contrastive(model, result, *evaluate_on)
-        result.meta["n_eval"] = len(evaluate_on[0])
-        result.meta["eval_fingerprints"] = [d.fingerprint() for d in evaluate_on]
+    if validation is not None:
+        result.validation = evaluate_contrastive(model, result, *validation)
+        result.meta["n_validation"] = len(validation[0])
+        result.meta["validation_fingerprints"] = [d.fingerprint() for d in validation]
     diag.warn_if_not_converged(result.convergence_warning())
     return result
 
@@ -422,11 +446,13 @@ def _format_of(data: TaskDataset) -> str:
     return str(data.meta.get("fmt", data.name))
 
 
+@keyword_only("batch_size", "level", "autocast")
 def evaluate_contrastive(
     model: Any,
     gates: ContrastiveResult | Tensor,
     retain: TaskDataset,
     forget: TaskDataset,
+    *,
     batch_size: int = 32,
     level: float = 0.95,
     autocast: str | None = "off",

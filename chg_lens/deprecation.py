@@ -3,7 +3,27 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
+
+
+def warn(message: str, *, depth: int = 0) -> None:
+    """A ``DeprecationWarning`` that points at the call of the deprecated name: the first frame
+    outside this module, after skipping ``depth`` more frames (``depth=1`` from inside the body of
+    the deprecated function itself). The decorators' own frames never count, so a warning names the
+    caller's file and line, and a chg_lens module that calls a deprecated name is the one blamed
+    (an error in the tests)::
+
+        def validate(model, data, result):
+            if old_order:
+                warn("validate(model, result, data) is now validate(model, data, result)", depth=1)
+    """
+    frame, level = sys._getframe(1), 2
+    for _ in range(depth):
+        frame, level = frame.f_back, level + 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
 
 
 def renamed(**old_to_new: str):
@@ -20,7 +40,7 @@ def renamed(**old_to_new: str):
                 if old in kwargs:
                     if new in kwargs:
                         raise TypeError(f"{fn.__name__}() got both {old}= and {new}=; {old} is the old name of {new}")
-                    warnings.warn(f"{fn.__name__}({old}=...) is now {new}=...", DeprecationWarning, stacklevel=2)
+                    warn(f"{fn.__name__}({old}=...) is now {new}=...")
                     kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)
 
@@ -58,8 +78,8 @@ def keyword_only(*old_positional: str):
                 for name in names:
                     if name in kwargs:
                         raise TypeError(f"{fn.__name__}() got multiple values for argument {name!r}")
-                warnings.warn(f"{fn.__name__}(): passing {', '.join(names)} by position is deprecated; "
-                              f"pass {names[0]}=... by keyword", DeprecationWarning, stacklevel=2)
+                warn(f"{fn.__name__}(): passing {', '.join(names)} by position is deprecated; "
+                     f"pass {names[0]}=... by keyword")
                 kwargs.update(zip(names, extra))
                 args = args[:n_positional]
             return fn(*args, **kwargs)

@@ -905,7 +905,9 @@ def _hooked_from_hf(folder: str, hf_model, tok, device, **tl_kwargs):
     cfg_dict = {k: v for k, v in cfg_dict.items() if k in fields}
     cfg_dict.update(device=str(device or "cpu"), dtype=next(hf_model.parameters()).dtype, **tl_kwargs)
     cfg = HookedTransformerConfig(**cfg_dict)
-    model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    with warnings.catch_warnings():  # the 3.x line is HookedTransformer on purpose (4.x: the Bridge)
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     state = loading.get_pretrained_state_dict(folder, cfg, hf_model=hf_model, dtype=cfg.dtype)
     model.load_and_process_state_dict(
         state, fold_ln=False, center_writing_weights=False, center_unembed=False,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
@@ -182,7 +181,7 @@ def patch_heads(
     n_std: float = 3.0,
     alpha: float = 0.05,
     prefix_reuse: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
     autocast: str | None = "off",

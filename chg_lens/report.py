@@ -19,7 +19,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -50,6 +49,13 @@ def _read_table(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
 
+def result_name(root: Path, folder: Path) -> str:
+    """A result's name in the report: its folder below ``root``, or the name of ``root`` itself when
+    the result is saved there (``chg-lens report runs/chg-smollm2-ioi`` names it ``chg-smollm2-ioi``)."""
+    rel = folder.relative_to(root)
+    return str(rel) if rel.parts else (root.resolve().name or str(root.resolve()))
+
+
 def find_results(results_dir: str | os.PathLike) -> ResultsFolder:
     """Every saved result below ``results_dir``, discovered by the ``kind`` in its ``meta.json``:
     CHG results (kind "chg"), and ablation results (kind "ablation") whose frame is an ablation
@@ -68,7 +74,7 @@ def find_results(results_dir: str | os.PathLike) -> ResultsFolder:
         if "checkpoint" in meta.relative_to(root).parts:
             continue
         owned.add(meta.parent)
-        name = str(meta.parent.relative_to(root)) or "."
+        name = result_name(root, meta.parent)
         try:
             kind = read_meta(meta.parent).get("kind")
             if kind == "chg":
@@ -177,7 +183,7 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
         items = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(msg)}</li>" for name, msg in unconverged.items())
         banner = (f"<div id='not-converged' class='banner'><b>Not converged: {len(unconverged)} of {len(found.chg)} "
                   f"fit(s) did not settle or lost the task, so their roles are not yet reliable.</b><ul>{items}</ul></div>")
-    parts.append(f"<h2>Summary</h2><pre>{html.escape(_summary(found, scores))}</pre>")
+    parts.append(f"<h2>Summary</h2><pre class='summary'>{html.escape(_summary(found, scores))}</pre>")
     if len(found.chg) > 1:
         fig(plot.score_cdf(scores), "Empirical CDF of each score per model/task (paper Fig. 3a).")
     for name, res in found.chg.items():
@@ -219,6 +225,7 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
             fig(makers[kind][0](frame), makers[kind][1])
     js = plotly.offline.get_plotlyjs()
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "pre{white-space:pre-wrap;overflow-wrap:anywhere}"  # long summary lines wrap inside the page
              ".tbl{border-collapse:collapse;font-size:13px}.tbl td,.tbl th{padding:2px 8px;border-bottom:1px solid #ddd}"
              "figcaption{color:#555;font-size:14px}#script-errors:empty{display:none}#script-errors{color:#b00}"
              ".banner{background:#fff3cd;border:2px solid #d9a400;padding:0.6em 1em;margin:1em 0}")

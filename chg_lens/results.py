@@ -53,7 +53,7 @@ KINDS: dict[str, str] = {
 
 FORMAT = 2
 """meta.json format: 2 adds ``digests`` (sha256 of every file of the bundle) and ``identity``."""
-KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "evaluation.csv", "overlap.csv",
+KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "validation.csv", "evaluation.csv", "overlap.csv",
                "summary.txt", "head_rankings.csv", "report.html", "report_summary.txt")
 """Files that chg_lens writes beside a result; replacing a result never carries them over."""
 
@@ -381,6 +381,15 @@ class Result(abc.ABC):
         replaces one; see :func:`check_target`); None compares the kind only."""
         return None
 
+    def _repr_html_(self) -> str:
+        """What a notebook (Jupyter, Colab) shows for a bare ``result`` in a cell: the summary, a
+        green "converged" / red "NOT converged" banner for fits, and a compact table (the role map,
+        the gates switched off, or the top heads by effect), every text escaped
+        (:func:`chg_lens.display.notebook_html`)."""
+        from .display import notebook_html
+
+        return notebook_html(self)
+
     @abc.abstractmethod
     def _bundle(self) -> Bundle:
         """``(tensors, meta.json fields besides kind, extra files)``; implemented by each result class."""
@@ -459,17 +468,6 @@ def head_tensor(frame, column: str, n_layers: int, n_heads: int) -> Tensor:
     out[torch.tensor(frame["layer"].to_numpy(dtype="int64")), torch.tensor(frame["head"].to_numpy(dtype="int64"))] = \
         torch.tensor(frame[column].to_numpy(dtype="float64"), dtype=torch.float32)
     return out
-
-
-def read_kind(path: str | os.PathLike) -> str | None:
-    """The ``kind`` in ``path/meta.json`` (None if the folder holds no chg_lens result)."""
-    meta = Path(path) / META
-    if not meta.is_file() or not (Path(path) / TENSORS).is_file():
-        return None
-    try:
-        return read_meta(path).get("kind")
-    except (OSError, ValueError):
-        return None
 
 
 def result_class(kind: str):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import checks, models
 from . import gates as gates_mod
-from .deprecation import renamed
+from .deprecation import keyword_only, renamed
 from .data import TaskDataset, first_target_position
 from .models import Hook
 
@@ -148,12 +148,14 @@ def row_logprobs(
     return RowScores(logprob_sum, n_targets, n_hit == n_targets, answer_logits)
 
 
-@torch.no_grad()
+@keyword_only("batch_size", "rows_per_pass", "progress", "desc", "autocast")
 @renamed(max_rows_per_pass="rows_per_pass")
+@torch.no_grad()
 def evaluate(
     model,
     data: TaskDataset,
     gates: Float[Tensor, "*configs layer head"] | None = None,
+    *,
     batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = False,
@@ -192,14 +194,16 @@ def first_changed_layer(configs: Float[Tensor, "configs layer head"], base: Floa
     return idx.min(dim=1).values
 
 
-@torch.no_grad()
+@keyword_only("base", "answers", "prefix_reuse", "batch_size", "rows_per_pass", "progress", "desc", "autocast")
 @renamed(max_rows_per_pass="rows_per_pass")
+@torch.no_grad()
 def score_configs(
     model,
     data: TaskDataset,
     configs: Float[Tensor, "*configs layer head"] | None,
     sources: Mapping[int, Tensor] | None = None,
     positions: Bool[Tensor, "rows pos"] | None = None,
+    *,
     base: Float[Tensor, "layer head"] | None = None,
     answers: Any = "auto",
     prefix_reuse: bool = True,

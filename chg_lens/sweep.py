@@ -50,6 +50,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .deprecation import keyword_only
 from .results import cached
 
 EXECUTORS = ("local", "slurm", "debug")
@@ -648,8 +649,10 @@ def _make_executor(cfg: SweepConfig, folder: Path, kind: str | None = None, dry:
     return executor
 
 
+@keyword_only("executor", "wait", "poll_s", "progress")
 def run_sweep(
     config: "str | os.PathLike | dict | SweepConfig",
+    *,
     executor: str | None = None,
     wait: bool = True,
     poll_s: float | None = None,
@@ -761,7 +764,8 @@ def _cell_converged(done: dict | None, folder: Path) -> bool | None:
         return None
 
 
-def collect(config: "str | os.PathLike | dict | SweepConfig", require_complete: bool = False,
+@keyword_only("require_complete", "write", "converged_only")
+def collect(config: "str | os.PathLike | dict | SweepConfig", *, require_complete: bool = False,
             write: bool = True, converged_only: bool = False) -> pd.DataFrame:
     """Every finished cell's scores in one long frame: ``model, task, fit_seed, lam, <varied options>,
     seed, mask, layer, head, g_plus, g_minus, facilitation, interference, irrelevance, role, cell``.

@@ -137,10 +137,10 @@ def figure5_rows(result: ContrastiveResult, direction: str, task: str) -> pd.Dat
 
     Example: ``figure5_rows(ContrastiveResult.load(folder), "forget_icl", "antonym")``.
     """
-    if result.evaluation is None:
-        raise ValueError("the result has no evaluation; fit with validation=(retain_eval, forget_eval)")
+    if result.validation is None:
+        raise ValueError("the result has no validation; fit with validation=(retain_eval, forget_eval)")
     keep, drop = direction_roles(direction)
-    ev = result.evaluation
+    ev = result.validation
     rows = []
     for variant, fmt in (("retain", keep), ("forget", drop)):
         for gates in ("default", "gated"):

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             for direction in DIRECTIONS:
                 fit = ContrastiveResult.load(root / "fits" / f"{direction}__{task}")
                 keys = dict(model=model_name, direction=direction, heldout_task=task)
-                evals.append(fit.evaluation.assign(**keys))
+                evals.append(fit.validation.assign(**keys))
                 gates.append(fit.gates_frame().assign(**keys))
     figure5 = pd.concat(frames, ignore_index=True)
     write_frame(figure5, out, "figure5")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import chg_lens
-from chg_lens import ablation, fit_chg, gates, models
+from chg_lens import ablation, fit_chg, gates, models, scoring
 from chg_lens.scoring import row_logprobs
 
 from conftest import known_answer_data
@@ -24,7 +24,7 @@ def _data(seed=0, rows=6, width=7):
 
 def test_batched_sweep_equals_one_head_at_a_time(tiny_model):
     data = _data()
-    sweep = ablation.head_sweep(tiny_model, data, batch_size=4, max_rows_per_pass=12)
+    sweep = ablation.head_sweep(tiny_model, data, batch_size=4, rows_per_pass=12)
     ans = torch.tensor(data.row_meta["answers"])
     for i, (l, h) in enumerate(ablation.all_heads(tiny_model)):
         g = gates.ones(tiny_model)
@@ -53,7 +53,7 @@ def test_prefix_reuse_equals_plain_path(tiny_model):
     b = ablation.score_configs(tiny_model, data, configs, means, prefix_reuse=False, batch_size=4)
     torch.testing.assert_close(a.logprob_sum, b.logprob_sum, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.answer_logits, b.answer_logits, rtol=1e-5, atol=1e-5)
-    assert ablation.first_changed_layer(configs, torch.ones(2, 4))[:5].tolist() == [1] * 5
+    assert scoring.first_changed_layer(configs, torch.ones(2, 4))[:5].tolist() == [1] * 5
     # models-level: the residual entering block 1, run from there, gives the same final residual
     hooks = gates.gate_hooks(tiny_model, configs[6])
     with torch.no_grad():

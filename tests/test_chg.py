@@ -187,7 +187,7 @@ def test_evaluate_batches_configs_like_single_runs(known_model):
     cfg = torch.ones(3, 1, 4)
     cfg[1, 0, 0] = 0
     cfg[2, 0, 1] = 0
-    many = evaluate(known_model, data, cfg, batch_size=4, max_rows_per_pass=8)
+    many = evaluate(known_model, data, cfg, batch_size=4, rows_per_pass=8)
     for k in range(3):
         one = evaluate(known_model, data, cfg[k])
         torch.testing.assert_close(many.logprob_sum[k], one.logprob_sum[0], rtol=1e-5, atol=1e-5)

@@ -82,7 +82,7 @@ def contrast_fit(two_format_model):
     ev = two_format_data(40, seed=1)
     # the paper's 500 updates at lr 0.1 -> 0.01 are for real models; 20 updates need a larger rate
     return fit_contrastive(two_format_model, retain, forget, n_seeds=2, updates=20, batch_size=16, lr=0.5,
-                           lr_end=0.1, evaluate_on=ev, progress=False)
+                           lr_end=0.1, validation=ev, progress=False)
 
 
 def test_model_has_the_designed_answer(two_format_model):
@@ -108,7 +108,7 @@ def test_contrastive_switches_off_only_the_head_the_forget_format_needs(contrast
 
 
 def test_evaluation_keeps_retain_and_removes_forget(contrast_fit):
-    ev = contrast_fit.evaluation
+    ev = contrast_fit.validation
     assert list(ev.columns) == ["variant", "format", "gates", "seed", "accuracy", "accuracy_lo", "accuracy_hi",
                                 "logprob", "logprob_lo", "logprob_hi", "n"]
     acc = ev.groupby(["variant", "gates"])["accuracy"].min()
@@ -140,7 +140,7 @@ def test_save_load_round_trip_is_exact(contrast_fit, tmp_path):
     assert back.traces.keys() == contrast_fit.traces.keys()
     assert all(torch.equal(back.traces[k], v) for k, v in contrast_fit.traces.items())
     assert back.config == contrast_fit.config and back.meta == contrast_fit.meta
-    pd.testing.assert_frame_equal(back.evaluation, contrast_fit.evaluation)
+    pd.testing.assert_frame_equal(back.validation, contrast_fit.validation)
     assert json.loads((path / "meta.json").read_text())["config"]["max_diff"] == 5.0
     assert not any(p.suffix in (".pt", ".pkl", ".pickle") for p in path.iterdir())
     with pytest.raises(ValueError, match="not a CHG result"):
@@ -306,11 +306,11 @@ def test_cli_contrast_on_files(tiny_gpt2_vocab_model, tmp_path, monkeypatch, cap
             "--no-progress", "--out", str(out)]
     assert main(base + ["--forget", str(tmp_path / "other.jsonl")]) == 0
     assert "heads off" in capsys.readouterr().out
-    for name in ("tensors.safetensors", "meta.json", "gates.csv", "evaluation.csv", "summary.txt"):
+    for name in ("tensors.safetensors", "meta.json", "gates.csv", "validation.csv", "summary.txt"):
         assert (out / name).exists()
     back = ContrastiveResult.load(out)
     assert back.meta["retain"] == "keep" and back.meta["forget"] == "other" and back.meta["n_train"] == 8
-    assert len(pd.read_csv(out / "evaluation.csv")) == 4  # 2 variants x (default, 1 seed)
+    assert len(pd.read_csv(out / "validation.csv")) == 4  # 2 variants x (default, 1 seed)
     assert main(base + ["--forget", str(tmp_path / "shuffled.jsonl")]) == 2  # checked before the split hides it
     assert "not in the same order" in capsys.readouterr().err
     assert main(["contrast", "--retain", str(tmp_path / "keep.jsonl")]) == 2
@@ -340,18 +340,18 @@ def test_smollm2_forgets_icl_more_than_instruction(smollm2):
     train = {f: concat([s.train for s in split[f]]) for f in split}
     val = {f: concat([s.validation for s in split[f]]) for f in split}
     result = fit_contrastive(smollm2, train["instruction"], train["icl"], updates=12, batch_size=4, lr=0.5,
-                             lr_end=0.1, evaluate_on=(val["instruction"], val["icl"]), progress=False)
-    acc = result.evaluation.set_index(["variant", "gates"])["accuracy"]
+                             lr_end=0.1, validation=(val["instruction"], val["icl"]), progress=False)
+    acc = result.validation.set_index(["variant", "gates"])["accuracy"]
     drop_retain = acc["retain", "default"] - acc["retain", "gated"]
     drop_forget = acc["forget", "default"] - acc["forget", "gated"]
     print(result.summary())
-    lp = result.evaluation.set_index(["variant", "gates"])["logprob"]
+    lp = result.validation.set_index(["variant", "gates"])["logprob"]
     lp_drop_retain = lp["retain", "default"] - lp["retain", "gated"]
     lp_drop_forget = lp["forget", "default"] - lp["forget", "gated"]
-    assert acc["forget", "default"] > 0.5 and acc["retain", "default"] > 0.5, result.evaluation
-    assert acc["forget", "gated"] == 0.0, result.evaluation
-    assert drop_forget > drop_retain, result.evaluation
-    assert lp_drop_forget > lp_drop_retain + 3.0, result.evaluation
+    assert acc["forget", "default"] > 0.5 and acc["retain", "default"] > 0.5, result.validation
+    assert acc["forget", "gated"] == 0.0, result.validation
+    assert drop_forget > drop_retain, result.validation
+    assert lp_drop_forget > lp_drop_retain + 3.0, result.validation
 
 
 def test_contrastive_diagnostics(contrast_fit, two_format_model):
@@ -378,9 +378,9 @@ def test_validation_is_the_new_name_of_evaluate_on(two_format_model):
     new = fit_contrastive(two_format_model, retain, forget, validation=ev, **kw)
     with pytest.warns(DeprecationWarning, match="validation"):
         old = fit_contrastive(two_format_model, retain, forget, evaluate_on=ev, **kw)
-    pd.testing.assert_frame_equal(new.evaluation, old.evaluation)
+    pd.testing.assert_frame_equal(new.validation, old.validation)
     assert torch.equal(new.logits, old.logits)
-    with pytest.raises(ValueError, match="validation=.* only"):
+    with pytest.raises(TypeError, match="got both evaluate_on= and validation="):
         fit_contrastive(two_format_model, retain, forget, validation=ev, evaluate_on=ev, **kw)
 
 

@@ -62,7 +62,7 @@ def test_figure5_driver_frame_and_resume(tiny_gpt2_vocab_model, tmp_path, monkey
     fit = ContrastiveResult.load(tmp_path / "fig5" / "fits" / "forget_icl__country-capital")
     assert fit.meta["retain_format"] == "instruction" and fit.meta["forget_format"] == "icl"
     assert fit.meta["n_train"] == 6 and fit.meta["direction"] == "forget_icl"
-    acc = fit.evaluation.set_index(["variant", "gates"])["accuracy"]
+    acc = fit.validation.set_index(["variant", "gates"])["accuracy"]
     rows = frame[frame.direction == "forget_icl"].set_index(["format", "gates"])["accuracy"]
     assert rows["icl", "gated"] == acc["forget", "gated"] and rows["instruction", "default"] == acc["retain", "default"]
 

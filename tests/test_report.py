@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -141,3 +142,23 @@ def test_saved_ablation_result_is_found_by_kind_once(tmp_path):
     found = find_results(tmp_path)
     assert [name for name, _ in found.extras["ablation"]] == ["fig2", "loose.parquet"]
     pd.testing.assert_frame_equal(found.extras["ablation"][0][1], frame, check_dtype=False)
+
+
+def test_a_result_saved_in_the_folder_itself_is_named_by_the_folder(tmp_path):
+    """`chg-lens report runs/chg-smollm2-ioi` on a folder `chg-lens fit` wrote: the summary names the
+    result "chg-smollm2-ioi", not "." ("[.]", "(.)"), and the summary block wraps inside the page."""
+    folder = tmp_path / "chg-smollm2-ioi"
+    res = converged_result()
+    res.meta["task"] = "ioi " + "x" * 300  # one very long summary line
+    res.save(folder)
+    paths = write_report(folder)
+    summary = paths["summary"].read_text()
+    assert summary.startswith("[chg-smollm2-ioi]\n") and "[.]" not in summary
+    page = paths["html"].read_text()
+    assert "<small>(chg-smollm2-ioi)</small>" in page and "<small>(.)</small>" not in page
+    shown = page.split("<pre class='summary'>", 1)[1].split("</pre>", 1)[0]
+    assert shown.startswith("[chg-smollm2-ioi]\n") and "[.]" not in shown
+    assert "pre{white-space:pre-wrap;overflow-wrap:anywhere}" in page
+    nested = tmp_path / "runs"
+    res.save(nested / "a" / "b")
+    assert write_report(nested)["summary"].read_text().startswith(f"[{Path('a') / 'b'}]\n")

@@ -86,12 +86,14 @@ def _old_save(result, path):
         scores = result.scores()
         return save_bundle(path, tensors, meta, identity=result.identity(),
                            files={"scores.csv": lambda p: scores.to_csv(p, index=False)})
-    if isinstance(result, ContrastiveResult):
+    if isinstance(result, ContrastiveResult):  # before `evaluation` was renamed `validation` (and its meta keys)
         tensors = pack_stages({"contrast": result.logits}, {"contrast": result.traces}, {"contrast": result.snapshots},
                               {"contrast": result.snapshot_steps})
-        meta = {"kind": result.kind, "config": result.config, "meta": result.meta,
-                "evaluation": None if result.evaluation is None else frame_to_json(result.evaluation)}
-        gates, ev = result.gates_frame(), result.evaluation
+        renamed = {"n_validation": "n_eval", "validation_fingerprints": "eval_fingerprints"}
+        inner = {renamed.get(k, k): v for k, v in result.meta.items()}
+        meta = {"kind": result.kind, "config": result.config, "meta": inner,
+                "evaluation": None if result.validation is None else frame_to_json(result.validation)}
+        gates, ev = result.gates_frame(), result.validation
         files = {"gates.csv": lambda p: gates.to_csv(p, index=False)}
         if ev is not None:
             files["evaluation.csv"] = lambda p: ev.to_csv(p, index=False)
@@ -133,8 +135,8 @@ LAYOUT = {  # kind -> (files, meta.json keys, tensor names): the folder layout r
             {"kind", "config", "meta", "validation", "identity", "format", "digests", "files"},
             {*STAGE_TENSORS("g0", ["nll", "loss"]), *STAGE_TENSORS("g_plus", ["nll", "reg", "loss"]),
              *STAGE_TENSORS("g_minus", ["nll", "reg", "loss"])}),
-    "contrastive": ({"tensors.safetensors", "meta.json", "gates.csv", "evaluation.csv"},
-                    {"kind", "config", "meta", "evaluation", "identity", "format", "digests", "files"},
+    "contrastive": ({"tensors.safetensors", "meta.json", "gates.csv", "validation.csv"},
+                    {"kind", "config", "meta", "validation", "identity", "format", "digests", "files"},
                     set(STAGE_TENSORS("contrast", ["retain_nll", "forget_nll", "forget_term", "reg", "loss"]))),
     "ablation": ({"tensors.safetensors", "meta.json", "frame.parquet", "frame.csv"},
                  {"kind", "frame", "baseline", "meta", "identity", "format", "digests", "files"}, {"delta_logprob"}),
@@ -179,14 +181,21 @@ def test_one_save_writes_the_layout_of_earlier_releases_and_one_load_is_exact(ev
     new = result.save(tmp_path / "new")
     old = _old_save(result, tmp_path / "old")
     files, keys, tensors = LAYOUT[kind]
-    assert {p.name for p in new.iterdir()} == files == {p.name for p in old.iterdir()}
+    rename = {"evaluation.csv": "validation.csv", "evaluation": "validation"} if kind == "contrastive" else {}
+    assert {p.name for p in new.iterdir()} == files == {rename.get(p.name, p.name) for p in old.iterdir()}
     meta = read_meta(new)
     assert set(meta) == keys and meta["kind"] == kind and meta["files"] == sorted(files - {"meta.json"})
     with safe_open(str(new / "tensors.safetensors"), "pt") as f:
         assert set(f.keys()) == tensors
-    # byte for byte what the per-class saves wrote: equal digests of every file, equal meta.json
-    assert meta == read_meta(old)
-    assert (new / "meta.json").read_bytes() == (old / "meta.json").read_bytes()
+    if kind == "contrastive":  # `evaluation` is `validation` now (n_eval, eval_fingerprints too): the same data
+        old_meta = read_meta(old)
+        assert old_meta["evaluation"] == meta["validation"] and old_meta["meta"]["n_eval"] == meta["meta"]["n_validation"]
+        assert old_meta["meta"]["eval_fingerprints"] == meta["meta"]["validation_fingerprints"]
+        assert old_meta["digests"]["gates.csv"] == meta["digests"]["gates.csv"]
+        assert old_meta["digests"]["evaluation.csv"] == meta["digests"]["validation.csv"]
+    else:  # byte for byte what the per-class saves wrote: equal digests of every file, equal meta.json
+        assert meta == read_meta(old)
+        assert (new / "meta.json").read_bytes() == (old / "meta.json").read_bytes()
     for folder in (new, old):  # a folder of an earlier release loads unchanged; load(save(x)) is x
         _assert_same(type(result).load(folder), result)
         _assert_same(chg_lens.load(folder), result)

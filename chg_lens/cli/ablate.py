@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", default="forward", help="forward, backward, random, or heads 'L.H,L.H,...'")
     p.add_argument("--n-steps", type=int, default=None, help="sequential/figure2: at most this many steps")
     p.add_argument("--chg-seeds", default="each", help="figure2: 'each' or seed numbers '0,2'")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=options.SCORING_BATCH_SIZE,
+                   help=f"rows of data per forward pass (default {options.SCORING_BATCH_SIZE})")
     p.add_argument("--rows-per-pass", "--max-rows-per-pass", dest="rows_per_pass", type=int, default=256,
                    help="at most N rows (configurations x prompts) per forward pass")
     p.add_argument("--no-prefix-reuse", action="store_true")

@@ -142,14 +142,14 @@ def run(a: argparse.Namespace) -> int:
                                           for s in sides]
     check_matched(r_train, f_train)
     check_matched(r_val, f_val)
-    print(f"loaded {a.model} in {time.time() - t0:.0f}s; {len(r_train)} train / {len(r_val)} evaluation pairs")
+    print(f"loaded {a.model} in {time.time() - t0:.0f}s; {len(r_train)} train / {len(r_val)} validation pairs")
     with warnings.catch_warnings():  # printed once, last, by options.print_convergence
         warnings.simplefilter("ignore", NotConvergedWarning)
         result = fit_contrastive(model, r_train, f_train, validation=(r_val, f_val), checkpoint_dir=out / "checkpoint",
                                  checkpoint_every=a.checkpoint_every, **kw)
     result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
     chg = {k: CHGResult.load(p) for k, p in (("retain", a.chg_retain), ("forget", a.chg_forget)) if p}
-    result.save(out, overwrite=a.overwrite)  # with evaluation.csv and gates.csv, atomically
+    result.save(out, overwrite=a.overwrite)  # with validation.csv and gates.csv, atomically
     if not a.keep_checkpoint:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if chg:
@@ -157,7 +157,7 @@ def run(a: argparse.Namespace) -> int:
     summary = result.summary()
     write_text_atomic(out / "summary.txt", summary + "\n")
     print(summary)
-    print(f"wrote {out}/ (tensors.safetensors, meta.json, gates.csv, evaluation.csv, summary.txt) "
+    print(f"wrote {out}/ (tensors.safetensors, meta.json, gates.csv, validation.csv, summary.txt) "
           f"in {time.time() - t0:.0f}s")
     options.print_convergence(result)
     return 0

@@ -25,6 +25,9 @@ recovers the task from its random start within 50 updates; G+/G- run 250 updates
 0.5 -> 0.1) so that they settle: on SmolLM2 / IOI this fit reports ``converged`` in about 4 minutes on 2 cores
 where bf16 pays (an AMD Zen 5) and about 7.5 minutes in float32 (an Intel Xeon VM, where float32 is faster)."""
 SEED = 0
+SCORING_BATCH_SIZE = 32
+"""``--batch-size`` of ``ablate`` and ``patch``: rows of data per forward pass, the library's default
+for every measurement (``scoring.evaluate``, ``score_configs``, the ablation sweeps, ``patch_heads``)."""
 OUT = {"fit": "runs/chg", "contrast": "runs/contrast", "ablate": "runs/ablate", "patch": "runs/patch",
        "explain": "runs/explain"}
 """Default ``--out`` folder of each subcommand."""
@@ -124,8 +127,9 @@ def n_prompts(a: argparse.Namespace, task: str) -> int | None:
 
 
 def task_kwargs(task: str, a: argparse.Namespace, options: dict, n: int | None = None) -> dict:
-    """The options :func:`build_task` passes to ``tasks.build``, checked (unknown options and values
-    of the wrong type are a ValueError) without building anything: call it before loading a model."""
+    """The options to pass to ``tasks.build``: ``--seed`` (unless ``options`` sets one), ``--n-prompts``
+    (``n`` when given) and ``--data-dir`` (when set), checked (unknown options and values of the wrong
+    type are a ValueError) without building anything: call it before loading a model."""
     from .. import tasks
 
     kwargs = {"seed": a.seed, **options}
@@ -136,14 +140,6 @@ def task_kwargs(task: str, a: argparse.Namespace, options: dict, n: int | None =
         kwargs["data_dir"] = a.data_dir
     tasks.check_options(task, **kwargs)
     return kwargs
-
-
-def build_task(model, task: str, a: argparse.Namespace, options: dict, n: int | None = None):
-    """``tasks.build`` with the options of ``a``: ``--seed`` (unless ``options`` sets one), ``--n-prompts``
-    (``n`` when given) and ``--data-dir`` (when set and the task takes it)."""
-    from .. import tasks
-
-    return tasks.build(task, model, **task_kwargs(task, a, options, n))
 
 
 def print_convergence(result) -> None:

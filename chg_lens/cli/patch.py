@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_seed(p)
     p.add_argument("--positions", default=None, help="all, last, or token indices '2,-1' (default: the preset's)")
     p.add_argument("--metric", choices=[*METRICS, "auto"], default=None, help="default: the preset's")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=options.SCORING_BATCH_SIZE,
+                   help=f"rows of data per forward pass (default {options.SCORING_BATCH_SIZE})")
     p.add_argument("--rows-per-pass", "--max-rows-per-pass", dest="rows_per_pass", type=int, default=256,
                    help="at most N rows (configurations x prompts) per forward pass")
     options.add_run(p, out=options.OUT["patch"])
