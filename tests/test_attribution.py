@@ -281,3 +281,26 @@ def test_bad_input_fails_before_any_pass(llama_model, monkeypatch):
     no_answers = chg_lens.TaskDataset(clean.tokens, clean.loss_mask, clean.lengths, PAD, "x")
     with pytest.raises(ValueError, match="answers"):
         attribute_heads(llama_model, no_answers, source="zero", metric="logit_diff")
+
+
+def test_where_the_linear_estimate_fails():
+    """On the wired two-head circuit of test_faithfulness: the estimate is close for the summed
+    log-prob, short for large logit-difference effects (the final RMSNorm bends), and far short for
+    the probability of an answer the corrupted run nearly rules out (a saturated softmax: the
+    gradient of p near 0 is near 0 however large the change)."""
+    from conftest import KNOWN_WORDS
+    from test_faithfulness import circuit_hf
+    from test_patching import _known_pairs
+
+    model = models.load_model(circuit_hf(), tokenizer=word_tokenizer(KNOWN_WORDS))
+    clean, corrupted = _known_pairs(32)
+    ratio = {}
+    for metric in ("logprob", "logit_diff", "prob"):
+        pat = patching.patch_heads(model, clean, corrupted, metric=metric)
+        atp = attribute_heads(model, clean, corrupted, metric=metric)
+        ratio[metric] = float(atp.effects[0, 0] / pat.effects[0, 0])
+        if metric == "prob":
+            assert pat.baseline["corrupted"] < 0.05  # measured 0.028: the answer is nearly ruled out
+    assert 0.9 < ratio["logprob"] < 1.2     # measured 1.08 (2.86 patched, 3.09 estimated)
+    assert 0.5 < ratio["logit_diff"] < 0.8  # measured 0.65 (5.69, 3.73)
+    assert ratio["prob"] < 0.3              # measured 0.21 (0.418, 0.086)

@@ -214,3 +214,75 @@ def test_bad_rankings_fail_before_any_pass(llama_model, monkeypatch):
         faithfulness(llama_model, no_answers, {"a": ok}, metric="logit_diff")
     with pytest.raises(ValueError, match="random orders"):
         head_scores(None, 2, 4)
+
+
+# ----------------------------------------------------------------------------- a known circuit
+CIRCUIT = {(0, 0), (1, 1)}
+
+
+def circuit_hf(noise=0.3, seed=0):
+    """Two layers, 4 query heads over 2 KV heads, hand-set weights, prompts ``<bos> a_i d_j q`` ->
+    ``a_i`` (conftest's known-answer data); attention is uniform (W_Q = W_K = 0), the MLPs write
+    nothing. The circuit is serial: L0H0 (the mover) reads which a token the prompt holds and writes
+    its code into a subspace S1 of the residual stream; L1H1 (the reader) reads S1 and writes the
+    answer's output direction. Neither works without the other. The six other heads read random
+    directions of the tokens and write small random vectors into the output directions (noise that
+    every method must rank below the circuit)."""
+    from conftest import A_TOKENS, KNOWN_WORDS, tiny_llama_hf
+
+    V, nh, dh = len(KNOWN_WORDS), 4, 16
+    hf = tiny_llama_hf(V, n_layers=2, n_heads=nh, n_kv_heads=2, d_head=dh)
+    tid = {w: i for i, w in enumerate(KNOWN_WORDS)}
+    S1 = 2 * V  # residual dims 2V..2V+7: the mover's code (dims V..2V-1 are the output directions)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        hf.model.embed_tokens.weight[:, :V] = 40.0 * torch.eye(V)
+        a0, a1 = hf.model.layers[0].self_attn, hf.model.layers[1].self_attn
+        for k in range(8):
+            a0.v_proj.weight[k, tid[A_TOKENS[k]]] = 1.0                    # L0, KV head 0: which a token
+            a0.o_proj.weight[S1 + k, 0 * dh + k] = 10.0                     # L0H0 writes it into S1
+            a1.v_proj.weight[k, S1 + k] = 1.0                               # L1, KV head 0 reads S1
+            a1.o_proj.weight[V + tid[A_TOKENS[k]], 1 * dh + k] = 20.0       # L1H1 writes the answer
+        for attn, heads in ((a0, (1, 2, 3)), (a1, (0, 2, 3))):
+            attn.v_proj.weight[dh:, :V] = torch.randn(dh, V, generator=g)  # KV head 1 (heads 2, 3): random reads
+            for h in heads:
+                attn.o_proj.weight[V:2 * V, h * dh:(h + 1) * dh] = noise * torch.randn(V, dh, generator=g)
+        hf.lm_head.weight[:, V:2 * V] = 0.5 * torch.eye(V)
+        for layer in hf.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        hf.model.norm.weight.fill_(1.0)
+    return hf
+
+
+def test_every_method_puts_a_known_circuit_first(tmp_path):
+    from chg_lens import ablation
+    from conftest import KNOWN_WORDS, known_answer_data
+    from test_patching import _known_pairs
+
+    model = models.load_model(circuit_hf(), tokenizer=word_tokenizer(KNOWN_WORDS))
+    data = known_answer_data(64)
+    clean, corrupted = _known_pairs(32)
+    pat = patching.patch_heads(model, clean, corrupted)
+    atp = chg_lens.attribute_heads(model, clean, corrupted)
+    sweep = ablation.head_sweep(model, data, method="mean")
+    chg = chg_lens.fit_chg(model, data, n_seeds=2, updates=30, reg_updates=30, batch_size=16, progress=False)
+    rankings = {"chg": chg, "chg_any": (chg, "any_facilitation"), "patching": pat, "attribution": atp,
+                "ablation": -sweep.tensor("delta_logprob"), "random": None}
+    for name, r in rankings.items():
+        if r is not None:
+            top = head_order(head_scores(r, 2, 4))[:2].tolist()
+            assert {divmod(i, 4) for i in top} == CIRCUIT, name
+    res = chg_lens.faithfulness(model, data, rankings, ablation="mean", n_random=4)  # the module, called
+    f = res.frame.set_index(["method", "k"])["normalized"]
+    for name in ("chg", "chg_any", "patching", "attribution", "ablation"):
+        assert f[(name, 1)] < 0.2, name        # one half of a serial circuit does nothing (measured 0.07)
+        assert f[(name, 2)] > 0.9, name        # both halves: the behaviour (measured 1.10; the noise hurts)
+    assert f[("random", 2)] < 0.5              # measured 0.23
+    cpr = res.cpr()
+    assert (cpr.drop("random") > cpr["random"] + 0.25).all()  # measured 0.85-0.89 vs 0.50
+    assert (res.cmd().drop("random") < res.cmd()["random"]).all()
+    # the linear estimate of a serial head's patch falls short of the patch (measured 3.7 vs 5.7)
+    assert atp.effects[0, 0] < 0.8 * pat.effects[0, 0]
