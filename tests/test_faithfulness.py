@@ -2,7 +2,6 @@
 by hand; rankings from every result type; bad rankings fail before any pass; saving."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -13,7 +12,8 @@ from chg_lens.faithfulness import default_grid, faithfulness, head_order, head_s
 
 import parity_models
 from conftest import word_tokenizer
-from test_attribution import PAD, greedy_pair, plain_metric, plain_z, ragged_pair
+from pair_models import (CIRCUIT, PAD, circuit_hf, greedy_pair, known_pairs, mean_z_by_hand, plain_metric, plain_z,
+                         ragged_pair)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,6 @@ def _tol(metric):
     return 1e-6 * SCALE.get(metric, 1.0)
 
 
-def _mean_z(model, data):
-    zs = plain_z(model, data.tokens)
-    real = (torch.arange(data.tokens.shape[1])[None, :] < data.lengths[:, None]).float()
-    return [(z * real[..., None, None]).sum(dim=(0, 1)) / real.sum() for z in zs]
-
-
 @pytest.mark.parametrize("family,ablation,metric", [
     ("llama_model", "mean", "logprob"), ("llama_model", "zero", "logit_diff"), ("gpt2_model", "corrupted", "logprob"),
     ("gpt2_model", "mean", "accuracy"), ("gpt2_model", "zero", "prob"),
@@ -86,7 +80,7 @@ def test_faithfulness_equals_plain_hook_keep_top_k(family, ablation, metric, req
     res = faithfulness(model, data, {"given": scores, "random": None}, n_heads=grid, n_random=2, seed=3,
                        ablation=corrupted if ablation == "corrupted" else ablation, metric=metric, batch_size=4,
                        rows_per_pass=8)
-    source = {"mean": _mean_z(model, data), "zero": [0.0] * L,
+    source = {"mean": mean_z_by_hand(model, data), "zero": [0.0] * L,
               "corrupted": plain_z(model, corrupted.tokens)}[ablation]
     order = torch.sort(scores.flatten(), descending=True, stable=True).indices
     m_all = plain_keep_top_k(model, data, torch.ones(L, H, dtype=torch.bool), metric, source)
@@ -217,54 +211,13 @@ def test_bad_rankings_fail_before_any_pass(llama_model, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- a known circuit
-CIRCUIT = {(0, 0), (1, 1)}
-
-
-def circuit_hf(noise=0.3, seed=0):
-    """Two layers, 4 query heads over 2 KV heads, hand-set weights, prompts ``<bos> a_i d_j q`` ->
-    ``a_i`` (conftest's known-answer data); attention is uniform (W_Q = W_K = 0), the MLPs write
-    nothing. The circuit is serial: L0H0 (the mover) reads which a token the prompt holds and writes
-    its code into a subspace S1 of the residual stream; L1H1 (the reader) reads S1 and writes the
-    answer's output direction. Neither works without the other. The six other heads read random
-    directions of the tokens and write small random vectors into the output directions (noise that
-    every method must rank below the circuit)."""
-    from conftest import A_TOKENS, KNOWN_WORDS, tiny_llama_hf
-
-    V, nh, dh = len(KNOWN_WORDS), 4, 16
-    hf = tiny_llama_hf(V, n_layers=2, n_heads=nh, n_kv_heads=2, d_head=dh)
-    tid = {w: i for i, w in enumerate(KNOWN_WORDS)}
-    S1 = 2 * V  # residual dims 2V..2V+7: the mover's code (dims V..2V-1 are the output directions)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.zero_()
-        hf.model.embed_tokens.weight[:, :V] = 40.0 * torch.eye(V)
-        a0, a1 = hf.model.layers[0].self_attn, hf.model.layers[1].self_attn
-        for k in range(8):
-            a0.v_proj.weight[k, tid[A_TOKENS[k]]] = 1.0                    # L0, KV head 0: which a token
-            a0.o_proj.weight[S1 + k, 0 * dh + k] = 10.0                     # L0H0 writes it into S1
-            a1.v_proj.weight[k, S1 + k] = 1.0                               # L1, KV head 0 reads S1
-            a1.o_proj.weight[V + tid[A_TOKENS[k]], 1 * dh + k] = 20.0       # L1H1 writes the answer
-        for attn, heads in ((a0, (1, 2, 3)), (a1, (0, 2, 3))):
-            attn.v_proj.weight[dh:, :V] = torch.randn(dh, V, generator=g)  # KV head 1 (heads 2, 3): random reads
-            for h in heads:
-                attn.o_proj.weight[V:2 * V, h * dh:(h + 1) * dh] = noise * torch.randn(V, dh, generator=g)
-        hf.lm_head.weight[:, V:2 * V] = 0.5 * torch.eye(V)
-        for layer in hf.model.layers:
-            layer.input_layernorm.weight.fill_(1.0)
-            layer.post_attention_layernorm.weight.fill_(1.0)
-        hf.model.norm.weight.fill_(1.0)
-    return hf
-
-
 def test_every_method_puts_a_known_circuit_first(tmp_path):
     from chg_lens import ablation
     from conftest import KNOWN_WORDS, known_answer_data
-    from test_patching import _known_pairs
 
     model = models.load_model(circuit_hf(), tokenizer=word_tokenizer(KNOWN_WORDS))
     data = known_answer_data(64)
-    clean, corrupted = _known_pairs(32)
+    clean, corrupted = known_pairs(32)
     pat = patching.patch_heads(model, clean, corrupted)
     atp = chg_lens.attribute_heads(model, clean, corrupted)
     sweep = ablation.head_sweep(model, data, method="mean")
