@@ -173,6 +173,9 @@ def test_bad_input_fails_before_any_pass(llama_model, monkeypatch):
         corr = kwargs.pop("corrupted", None)
         with pytest.raises(err, match=match):
             attribute_heads(llama_model, clean, corr, **kwargs)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not differentiable"):
+        scoring.gate_gradients(llama_model, clean, lambda s: s.correct.float())
     no_answers = chg_lens.TaskDataset(clean.tokens, clean.loss_mask, clean.lengths, PAD, "x")
     with pytest.raises(ValueError, match="answers"):
         attribute_heads(llama_model, no_answers, source="zero", metric="logit_diff")
