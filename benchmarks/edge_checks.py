@@ -14,7 +14,8 @@ and one ``head_sweep(model, data)`` call on a tiny random Llama (2 layers x 4 he
 
 (b) The walk: for one ``patch_heads`` and one ``fit_chg(model, data, updates=2, reg_updates=2)``
 on the same tiny model, the number of Python calls whose code lives in each ``chg_lens`` module
-(``sys.setprofile``; lambdas, hooks and nested functions count for their module). On a tree with
+(``sys.setprofile``; lambdas, hooks and nested functions count for their module; the fit runs with
+``CHG_LENS_THREADS=fixed`` so its count does not depend on the machine's load). On a tree with
 ``scoring.row_logprobs_unchecked``, a third column fits with ``chg.nll_loss`` replaced by the
 change proposed for chg.py (one :class:`chg_lens.scoring.Context` per fit, the unchecked pass on
 every update; :func:`nll_loss_on_context`).
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault(models.AUTOCAST_ENV, "off")  # fit_chg's "auto" is float32 on every machine
+    os.environ.setdefault("CHG_LENS_THREADS", "fixed")  # the fit's thread re-judging (every 2 s) is not counted
     if args.threads:
         torch.set_num_threads(args.threads)
 
