@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import checks, models
+from . import checks, models, scoring
 from . import gates as gates_mod
 from .deprecation import keyword_only, renamed
 from .data import TaskDataset
@@ -51,12 +51,25 @@ def mean_z(model, reference: TaskDataset, batch_size: int = 32) -> dict[int, Flo
     return collect_z(model, reference, mean=True, batch_size=batch_size)
 
 
-def _sources(model, method: str, reference: TaskDataset | None, data: TaskDataset, batch_size: int):
+def _check_method(method: str, reference: TaskDataset | None) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if reference is not None and not isinstance(reference, TaskDataset):
+        raise TypeError(f"reference must be a TaskDataset; got {type(reference).__name__}")
+
+
+def _sources(ctx: scoring.Context, method: str, reference: TaskDataset | None, data: TaskDataset, batch_size: int):
+    """The sources of ``method`` (None for zero ablation); ``reference`` is checked in ``ctx`` already."""
     if method == "zero":
         return None
-    return mean_z(model, reference if reference is not None else data, batch_size)
+    return scoring._collect_z(ctx, reference if reference is not None else data, mean=True, batch_size=batch_size)
+
+
+def _context(model, data: TaskDataset, method: str, reference: TaskDataset | None, autocast) -> scoring.Context:
+    """The checks of a sweep, once: the method, then the model, ``data`` and (for mean ablation)
+    ``reference`` against it, and the precision."""
+    _check_method(method, reference)
+    return scoring.context(model, data, reference if method == "mean" else None, autocast=autocast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,11 +98,11 @@ class AblationResult(FrameResult):
         return {}
 
 
-def _meta(model, data: TaskDataset, autocast: str | None, **extra) -> dict[str, Any]:
-    return {"model": models.model_name(model), "task": data.name, "n_rows": len(data),
-            "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
+def _meta(ctx: scoring.Context, data: TaskDataset, **extra) -> dict[str, Any]:
+    return {"model": models.model_name(ctx.model), "task": data.name, "n_rows": len(data),
+            "n_layers": ctx.n_layers, "n_heads": ctx.n_heads,
             "data_fingerprint": data.fingerprint(), "versions": library_versions(),
-            **models.precision_meta(model, autocast), **extra}
+            **ctx.precision_meta, **extra}
 
 
 def _with_deltas(frame: pd.DataFrame, values: dict[str, Tensor], baseline: dict[str, float]) -> pd.DataFrame:
@@ -131,21 +144,22 @@ def head_sweep(
         sweep = head_sweep(model, val, method="mean", reference=train)
         sweep.tensor("delta_logprob")      # [n_layers, n_heads]
     """
-    model = models.as_model(model)
+    ctx = _context(model, data, method, reference, autocast)
+    model = ctx.model
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
     check_heads(model, heads)
-    L, H = models.n_layers(model), models.n_heads(model)
+    L, H = ctx.n_layers, ctx.n_heads
     start = gates_mod.ones(model) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
-    src = _sources(model, method, reference, data, batch_size)
+    src = _sources(ctx, method, reference, data, batch_size)
     configs = torch.cat([start[None], gates_mod.single_head_configs(model, heads, 0.0, start)])
-    scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
-                           batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
-                           desc="head sweep")
+    scores = scoring._score_configs(ctx, data, configs, src, base=start, answers=scoring._check_answers(data, "auto"),
+                                    prefix_reuse=prefix_reuse, batch_size=batch_size, rows_per_pass=rows_per_pass,
+                                    progress=progress, desc="head sweep")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
     frame = pd.DataFrame({"layer": [l for l, _ in heads], "head": [h for _, h in heads]})
     frame = _with_deltas(frame, {k: v[1:] for k, v in values.items()}, baseline)
-    return AblationResult(frame, baseline, _meta(model, data, autocast, mode="individual", method=method))
+    return AblationResult(frame, baseline, _meta(ctx, data, mode="individual", method=method))
 
 
 def head_order(model, order: str | Heads = "forward", seed: int = 0) -> list[tuple[int, int]]:
@@ -195,26 +209,27 @@ def sequential_ablation(
         seq = sequential_ablation(model, val, order="random", seed=1, n_steps=40)
         seq.frame[["step", "layer", "head", "delta_logprob"]]
     """
-    model = models.as_model(model)
+    ctx = _context(model, data, method, reference, autocast)
+    model = ctx.model
     if n_steps is not None:
         n_steps = checks.positive_int("n_steps", n_steps)
     heads = head_order(model, order, seed)[: n_steps]
-    L, H = models.n_layers(model), models.n_heads(model)
+    L, H = ctx.n_layers, ctx.n_heads
     start = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
-    src = _sources(model, method, reference, data, batch_size)
+    src = _sources(ctx, method, reference, data, batch_size)
     configs = start.repeat(len(heads) + 1, 1, 1)
     for i, (l, h) in enumerate(heads):
         configs[i + 1 :, l, h] = 0.0
-    scores = score_configs(model, data, configs, src, base=start, autocast=autocast, prefix_reuse=prefix_reuse,
-                           batch_size=batch_size,
-                           rows_per_pass=rows_per_pass, progress=progress, desc="sequential")
+    scores = scoring._score_configs(ctx, data, configs, src, base=start, answers=scoring._check_answers(data, "auto"),
+                                    prefix_reuse=prefix_reuse, batch_size=batch_size, rows_per_pass=rows_per_pass,
+                                    progress=progress, desc="sequential")
     values = metrics(scores)
     baseline = {k: float(v[0]) for k, v in values.items()}
     frame = pd.DataFrame({"step": range(1, len(heads) + 1), "layer": [l for l, _ in heads],
                           "head": [h for _, h in heads]})
     frame = _with_deltas(frame, {k: v[1:] for k, v in values.items()}, baseline)
     label = order if isinstance(order, str) else "given"
-    meta = _meta(model, data, autocast, mode="sequential", method=method, order=label, seed=seed)
+    meta = _meta(ctx, data, mode="sequential", method=method, order=label, seed=seed)
     return AblationResult(frame, baseline, meta)
 
 
@@ -252,19 +267,21 @@ def figure2(
     """
     from .taxonomy import SCORES
 
-    model = models.as_model(model)
+    ctx = _context(model, data, method, reference, autocast)
+    model = ctx.model
     bad = [s for s in scores if s not in SCORES]
     if bad:
         raise ValueError(f"scores must be among {SCORES}; got {bad}")
     g_plus = result.g_plus.detach().float().cpu()
-    L, H = models.n_layers(model), models.n_heads(model)
+    L, H = ctx.n_layers, ctx.n_heads
     if tuple(g_plus.shape[1:]) != (L, H):
         raise ValueError(f"the CHG result is for [{g_plus.shape[1]}, {g_plus.shape[2]}] heads; the model has [{L}, {H}]")
+    checks.gate_tensor("the CHG result's g_plus", g_plus, (L, H), trailing=True)  # every config's values, once
     seed_list = list(range(g_plus.shape[0])) if seeds == "each" else ([seeds] if isinstance(seeds, int) else list(seeds))
     if any(not 0 <= s < g_plus.shape[0] for s in seed_list):
         raise ValueError(f"seeds must be in [0, {g_plus.shape[0]}); got {seed_list}")
     table = result.scores()
-    src = _sources(model, method, reference, data, batch_size)
+    src = _sources(ctx, method, reference, data, batch_size)
     n = L * H if n_steps is None else min(int(n_steps), L * H)
     configs, labels = [], []
     for s in seed_list:
@@ -284,10 +301,9 @@ def figure2(
     per = 2 * n * len(scores)
     for i, s in enumerate(seed_list):
         part = slice(i * per, (i + 1) * per)
-        sc = score_configs(model, data, cfg[part], src, base=g_plus[s], answers=None, autocast=autocast,
-                           prefix_reuse=prefix_reuse,
-                           batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
-                           desc=f"figure 2, seed {s}")
+        sc = scoring._score_configs(ctx, data, cfg[part], src, base=g_plus[s], prefix_reuse=prefix_reuse,
+                                    batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress,
+                                    desc=f"figure 2, seed {s}")
         lp[part] = sc.logprob_sum.mean(dim=1)
         acc[part] = sc.correct.float().mean(dim=1)
     frame = pd.DataFrame(labels, columns=["score", "seed", "step", "layer", "head"])
@@ -297,10 +313,9 @@ def figure2(
     frame["accuracy_retained"] = acc[0::2].double().numpy()
     frame["accuracy_ablated"] = acc[1::2].double().numpy()
     frame["delta_accuracy"] = frame["accuracy_ablated"] - frame["accuracy_retained"]
-    base_scores = score_configs(model, data, g_plus[seed_list], src, answers=None, autocast=autocast,
-                                prefix_reuse=False,
-                                batch_size=batch_size, rows_per_pass=rows_per_pass)
+    base_scores = scoring._score_configs(ctx, data, g_plus[seed_list], src, prefix_reuse=False,
+                                         batch_size=batch_size, rows_per_pass=rows_per_pass)
     baseline = {f"g_plus_seed{s}": float(v) for s, v in zip(seed_list, base_scores.logprob_sum.mean(dim=1))}
-    meta = _meta(model, data, autocast, mode="figure2", method=method, seeds=seed_list, scores=list(scores),
+    meta = _meta(ctx, data, mode="figure2", method=method, seeds=seed_list, scores=list(scores),
                  n_steps=n, chg_task=result.meta.get("task"))
     return AblationResult(frame, baseline, meta)

@@ -45,12 +45,12 @@ from typing import Any, Sequence
 
 import torch
 
-from . import checks, models
+from . import checks, models, scoring
 from .data import TaskDataset
 from .pairs import (HeadEffectResult, check_pair, effect_frame, metric_values, position_mask,
                     resolve_metric)
 from .results import library_versions
-from .scoring import all_heads, check_heads, collect_z, gate_gradients, score_configs
+from .scoring import all_heads, check_heads
 
 SOURCES = ("auto", "clean", "zero", "mean")
 """``source=`` of :func:`attribute_heads`."""
@@ -131,7 +131,6 @@ def attribute_heads(
         res.effects                                      # [n_layers, n_heads], like patch_heads
         attribute_heads(model, val, source="zero", metric="logprob").frame.nsmallest(5, "effect")
     """
-    model = models.as_model(model)
     if not isinstance(clean, TaskDataset):
         raise TypeError(f"clean must be a TaskDataset; got {type(clean).__name__}")
     source = _resolve_source(source, corrupted)
@@ -147,28 +146,27 @@ def attribute_heads(
         raise ValueError(f"mediating rule must be one of ('std', 'significance'); got {mediating!r}")
     batch_size = checks.positive_int("batch_size", batch_size)
     metric = resolve_metric(metric, clean)
+    run = corrupted if corrupted is not None else clean
+    ctx = scoring.context(model, clean, corrupted, reference, autocast=autocast)  # model and data, once
+    model = ctx.model
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
     check_heads(model, heads)
     if not heads:
         raise ValueError("no heads to attribute")
     if len(set(heads)) != len(heads):
         raise ValueError("heads names a head more than once")
-    run = corrupted if corrupted is not None else clean
-    for d in (clean, run, reference):
-        if d is not None:
-            d.check_model(model)
     pos = position_mask(run, positions)
-    autocast = models.resolve_autocast(model, autocast)
-    answers = clean.row_meta.get("answers") if metric == "logit_diff" else None
+    answers = scoring._check_answers(clean, "auto") if metric == "logit_diff" else None
 
     if source == "clean":
-        sources = collect_z(model, clean, mean=False, batch_size=batch_size)
+        sources = scoring._collect_z(ctx, clean, mean=False, batch_size=batch_size)
     elif source == "mean":
-        sources = collect_z(model, reference if reference is not None else clean, mean=True, batch_size=batch_size)
+        sources = scoring._collect_z(ctx, reference if reference is not None else clean, mean=True,
+                                     batch_size=batch_size)
     else:
         sources = None
-    out = gate_gradients(model, run, lambda s: metric_values(s, metric), sources, pos, answers=answers,
-                         batch_size=batch_size, progress=progress, desc="attribution", autocast=autocast)
+    out = scoring._gate_gradients(ctx, run, lambda s: metric_values(s, metric), sources, pos, answers=answers,
+                                  batch_size=batch_size, progress=progress, desc="attribution")
     index_l = torch.tensor([l for l, _ in heads])
     index_h = torch.tensor([h for _, h in heads])
     per_prompt = -out.grads[:, index_l, index_h].T.contiguous()  # [heads, rows]
@@ -177,7 +175,7 @@ def attribute_heads(
     run_value = float(out.values.mean())
     run_accuracy = float(out.scores.correct.float().mean())
     if corrupted is not None:
-        clean_run = score_configs(model, clean, None, answers=answers, batch_size=batch_size, autocast=autocast)
+        clean_run = scoring._score_configs(ctx, clean, None, answers=answers, batch_size=batch_size)
         baseline = {"clean": float(metric_values(clean_run, metric).mean()), "corrupted": run_value,
                     "clean_accuracy": float(clean_run.correct.float().mean()), "corrupted_accuracy": run_accuracy}
     else:
@@ -189,5 +187,5 @@ def attribute_heads(
             "n_rows": len(run), "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
             "metric": metric, "positions": positions if isinstance(positions, (str, list)) else "mask",
             "mediating_rule": mediating, "n_std": n_std, "alpha": alpha, "data_fingerprint": run.fingerprint(),
-            "versions": library_versions(), **models.precision_meta(model, autocast)}
+            "versions": library_versions(), **ctx.precision_meta}
     return AttributionResult(frame, per_prompt, baseline, meta)

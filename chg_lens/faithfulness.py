@@ -47,11 +47,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import checks, models
+from . import checks, models, scoring
 from .data import TaskDataset
 from .pairs import METRICS, check_pair, metric_values, resolve_metric
 from .results import FrameResult, frame_from_json, library_versions
-from .scoring import collect_z, score_configs
 
 FAITHFULNESS_METRICS = (*METRICS, "accuracy")
 """``metric=`` of :func:`faithfulness`: the pair metrics and accuracy (every target argmax-correct)."""
@@ -243,11 +242,11 @@ class FaithfulnessResult(FrameResult):
 # --------------------------------------------------------------------------------------------
 
 
-def _ablation_sources(model, data: TaskDataset, ablation: Any, reference: TaskDataset | None, batch_size: int):
+def _ablation_sources(ctx: scoring.Context, data: TaskDataset, ablation: Any, reference: TaskDataset | None, batch_size: int):
     if isinstance(ablation, TaskDataset):
-        return collect_z(model, ablation, mean=False, batch_size=batch_size)
+        return scoring._collect_z(ctx, ablation, mean=False, batch_size=batch_size)
     if ablation == "mean":
-        return collect_z(model, reference if reference is not None else data, mean=True, batch_size=batch_size)
+        return scoring._collect_z(ctx, reference if reference is not None else data, mean=True, batch_size=batch_size)
     return None
 
 
@@ -309,7 +308,6 @@ def faithfulness(
                            ablation="mean", reference=train)
         res.cpr(), res.cmd()
     """
-    model = models.as_model(model)
     if not isinstance(data, TaskDataset):
         raise TypeError(f"data must be a TaskDataset; got {type(data).__name__}")
     if not isinstance(rankings, Mapping) or not rankings:
@@ -325,14 +323,13 @@ def faithfulness(
     seed = checks.whole_int("seed", seed)
     batch_size = checks.positive_int("batch_size", batch_size)
     rows_per_pass = checks.positive_int("rows_per_pass", rows_per_pass)
-    autocast = models.resolve_autocast(model, autocast)
-    L, H = models.n_layers(model), models.n_heads(model)
+    ctx = scoring.context(model, data, reference, ablation if isinstance(ablation, TaskDataset) else None,
+                          autocast=autocast)  # the model, every data set and the precision, once
+    model = ctx.model
+    L, H = ctx.n_layers, ctx.n_heads
     N = L * H
     grid = _grid(n_heads, N)
     scores = {name: head_scores(r, L, H) for name, r in rankings.items() if r is not None}
-    for d in (data, reference, ablation if isinstance(ablation, TaskDataset) else None):
-        if d is not None:
-            d.check_model(model)
 
     gen = torch.Generator().manual_seed(seed)
     orders: dict[str, list[Tensor]] = {}
@@ -347,10 +344,10 @@ def faithfulness(
                 g = torch.zeros(N)
                 g[order[:k]] = 1.0
                 configs.append(g.reshape(L, H))
-    sources = _ablation_sources(model, data, ablation, reference, batch_size)
-    answers = data.row_meta.get("answers") if metric == "logit_diff" else None
-    out = score_configs(model, data, torch.stack(configs), sources, answers=answers, batch_size=batch_size,
-                        rows_per_pass=rows_per_pass, progress=progress, desc="faithfulness", autocast=autocast)
+    sources = _ablation_sources(ctx, data, ablation, reference, batch_size)
+    answers = scoring._check_answers(data, "auto") if metric == "logit_diff" else None
+    out = scoring._score_configs(ctx, data, torch.stack(configs), sources, answers=answers, batch_size=batch_size,
+                                 rows_per_pass=rows_per_pass, progress=progress, desc="faithfulness")
     m = metric_values(out, metric).double().mean(dim=1)  # [configs]
     m_all, m_none = float(m[0]), float(m[1])
     span = m_all - m_none
@@ -374,7 +371,7 @@ def faithfulness(
             "grid": grid, "n_random": n_random, "seed": seed, "methods": list(rankings),
             "random_methods": [n for n, r in rankings.items() if r is None],
             "data_fingerprint": data.fingerprint(), "versions": library_versions(),
-            **models.precision_meta(model, autocast)}
+            **ctx.precision_meta}
     return FaithfulnessResult(frame, {"all": m_all, "none": m_none}, meta,
                               {name: s.float() for name, s in scores.items()})
 

@@ -105,7 +105,26 @@ def gate_hooks(
     gates are all exactly 1 and need no gradient get no hook (``skip_identity``), which changes
     nothing in the result and saves work in sweeps.
     """
-    gates = as_config_gates(gates, models.n_layers(model), models.n_heads(model))
+    return layer_hooks(as_config_gates(gates, models.n_layers(model), models.n_heads(model)), sources, positions,
+                       skip_identity=skip_identity)
+
+
+def layer_hooks(
+    configs: Float[Tensor, "configs layer head"],
+    sources: Mapping[int, Tensor] | None = None,
+    positions: Bool[Tensor, "rows pos"] | None = None,
+    *,
+    skip_identity: bool = True,
+) -> list[Hook]:
+    """:func:`gate_hooks` for gates already shaped ``[n_configs, n_layers, n_heads]``, checking
+    nothing (the scoring engine's form: its caller checked the shape once, see
+    :class:`chg_lens.scoring.Context`).
+
+    Example::
+
+        hooks = layer_hooks(torch.ones(1, n_layers, n_heads))   # [] : all-open gates need no hook
+    """
+    gates = configs
     hooks: list[Hook] = []
     for layer in range(gates.shape[1]):
         g = gates[:, layer]

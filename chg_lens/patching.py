@@ -29,13 +29,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import checks, models
+from . import checks, models, scoring
 from . import gates as gates_mod
 from .deprecation import keyword_only, renamed
 from .data import TaskDataset
 from .pairs import (METRICS, RULES, HeadEffectResult, check_pair, effect_frame, label_mediating,  # noqa: F401
                     metric_values, position_mask, resolve_metric)
-from .scoring import all_heads, check_heads, collect_z, score_configs
+from .scoring import all_heads, check_heads, collect_z, score_configs  # noqa: F401 (patching.score_configs)
 from .results import library_versions
 from .tasks.symbolic import SYMBOLIC_KINDS, symbolic_pairs  # noqa: F401  (moved to tasks/symbolic.py)
 
@@ -103,29 +103,26 @@ def patch_heads(
         clean, corrupted = chg_lens.tasks.ioi_pairs(model, n_prompts=32)
         res = patch_heads(model, clean, corrupted, positions="all")
     """
-    model = models.as_model(model)
     check_pair(clean, corrupted)
+    ctx = scoring.context(model, corrupted, clean, autocast=autocast)  # every check of model and data, once
+    model = ctx.model
     checks.finite_float("n_std", n_std, min=0)
     checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
     metric = resolve_metric(metric, clean)
-    answers = clean.row_meta.get("answers")
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
     check_heads(model, heads)
     if not heads:
         raise ValueError("no heads to patch")
-    corrupted.check_model(model)
-    clean.check_model(model)
     pos = position_mask(corrupted, positions)
+    answers = scoring._check_answers(clean, "auto") if metric == "logit_diff" else None
 
-    src = clean_z(model, clean, batch_size)
+    src = scoring._collect_z(ctx, clean, mean=False, batch_size=batch_size)
     ones = gates_mod.ones(model)
     configs = torch.cat([ones[None], gates_mod.single_head_configs(model, heads, 0.0)])
-    autocast = models.resolve_autocast(model, autocast)
-    kw = dict(answers=answers if metric == "logit_diff" else None, batch_size=batch_size,
-              rows_per_pass=rows_per_pass, autocast=autocast)
-    patched = score_configs(model, corrupted, configs, src, pos, prefix_reuse=prefix_reuse, progress=progress,
-                            desc="patching", **kw)
-    clean_run = score_configs(model, clean, ones, **kw)
+    kw = dict(answers=answers, batch_size=batch_size, rows_per_pass=rows_per_pass)
+    patched = scoring._score_configs(ctx, corrupted, configs, src, pos, prefix_reuse=prefix_reuse,
+                                     progress=progress, desc="patching", **kw)
+    clean_run = scoring._score_configs(ctx, clean, ones[None], **kw)
     values = metric_values(patched, metric)
     ie = values[1:] - values[0:1]  # [heads, rows]
     n = ie.shape[1]
@@ -137,7 +134,7 @@ def patch_heads(
             "n_rows": n, "n_layers": models.n_layers(model), "n_heads": models.n_heads(model),
             "metric": metric, "positions": positions if isinstance(positions, (str, list)) else "mask",
             "mediating_rule": mediating, "n_std": n_std, "alpha": alpha, "versions": library_versions(),
-            **models.precision_meta(model, autocast)}
+            **ctx.precision_meta}
     return PatchResult(frame, ie, baseline, meta)
 
 

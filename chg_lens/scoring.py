@@ -8,6 +8,14 @@ holds that pass (:func:`row_logprobs`), the batched pass over many configuration
 head lists and their checks, the position that predicts a row's first target, and the one ``z``
 collector (:func:`collect_z`: mean ``z`` for mean ablation, per-row ``z`` for patching).
 
+Checks at the edge, trust inside: each public function checks its inputs once and builds a
+:class:`Context` (:func:`context`: the model as :func:`chg_lens.models.as_model` gives it, its shape
+and device, every data set checked against it, the precision resolved once); the engine functions
+(:func:`row_logprobs_unchecked`, ``_score_configs``, ``_collect_z``, ``_gate_gradients``) take that
+context and re-check nothing. The analyses (patching, ablation, attribution, faithfulness) build
+one context per call and call the engine; fits pass theirs to :func:`row_logprobs_unchecked` on
+every update.
+
 Example::
 
     out = row_logprobs(model, data.tokens, data.loss_mask, gates=configs)   # configs [K, L, H]
@@ -17,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +42,74 @@ from .data import TaskDataset, first_target_position
 from .models import Hook
 
 Heads = Sequence[tuple[int, int]]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The torch dtype of each precision :func:`chg_lens.models.resolve_autocast` can choose."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a public entry point has checked, once, for the engine functions that trust it.
+
+    ``model`` is the checked TransformerLens model, ``n_layers`` / ``n_heads`` / ``d_vocab`` its
+    shape, ``device`` where its inputs go, ``autocast`` the resolved precision (``"bf16"``,
+    ``"fp16"`` or None, from :func:`chg_lens.models.resolve_autocast`). Build it with
+    :func:`context`.
+
+    Example::
+
+        ctx = context(model, train, validation, autocast="auto")   # the checks, once
+        row_logprobs_unchecked(ctx, train.tokens[:8], train.loss_mask[:8], gates)   # per update
+    """
+
+    model: Any
+    n_layers: int
+    n_heads: int
+    d_vocab: int
+    device: torch.device
+    autocast: str | None
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The autocast region of a pass (what :func:`chg_lens.models.autocast` enters for
+        ``self.autocast``, without resolving it again)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AUTOCAST_DTYPES[self.autocast])
+
+    def cast_weights(self) -> contextlib.AbstractContextManager:
+        """:func:`chg_lens.models.cast_weights_once` for this precision (nothing under None)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return models.cast_weights_once(self.model, self.autocast)
+
+    @functools.cached_property
+    def precision_meta(self) -> dict[str, Any]:
+        """What results record: ``{"autocast", "precision"}`` (:func:`chg_lens.models.precision_meta`)."""
+        return {"autocast": self.autocast, "precision": models.describe_precision(self.model, self.autocast)}
+
+
+def context(model, *data: TaskDataset | None, autocast: str | None = "off") -> Context:
+    """Check ``model`` (a model object or a name, :func:`chg_lens.models.as_model`) and each data
+    set against it (None skipped), resolve ``autocast`` once, and return the :class:`Context` the
+    engine functions trust. Every error is raised here, before any work.
+
+    Example::
+
+        ctx = context("smollm2-135m-instruct", clean, corrupted, autocast="off")
+        ctx.n_layers, ctx.n_heads, ctx.autocast      # (30, 9, None)
+    """
+    model = models.as_model(model)
+    for d in data:
+        if d is not None:
+            if not isinstance(d, TaskDataset):
+                raise TypeError(f"data must be a TaskDataset; got {type(d).__name__}")
+            d.check_model(model)
+    return _context(model, autocast)
+
+
+def _context(model, autocast: str | None) -> Context:
+    """A context for a model already checked (no ``as_model``, no data): shape, device, precision."""
+    return Context(model, models.n_layers(model), models.n_heads(model), int(model.cfg.d_vocab),
+                   models.device(model), models.resolve_autocast(model, autocast))
 
 
 @dataclass
@@ -99,25 +177,62 @@ def row_logprobs(
     ``i`` runs under ``gates[i]``, the rows are not repeated), and the result is ``[1, rows]``; per-row
     ``sources`` and ``positions`` are taken row by row. This is the pass of :func:`gate_gradients`.
     """
-    autocast = models.resolve_autocast(model, autocast)
+    ctx = _context(model, autocast)  # the precision resolved once; the model is used as given
+    if per_row and (gates is None or gates.ndim != 3 or gates.shape[0] != tokens.shape[0]):
+        raise ValueError(f"per_row needs gates [rows={tokens.shape[0]}, n_layers, n_heads]; got "
+                         f"{None if gates is None else tuple(gates.shape)}")
+    if gates is not None:
+        gates = gates_mod.as_config_gates(gates, ctx.n_layers, ctx.n_heads)
+    if answers is not None:
+        answers = torch.as_tensor(answers).long()
+        if answers.ndim != 2 or answers.shape[0] != tokens.shape[0]:
+            raise ValueError(f"answers must be [rows, n_answers] with {tokens.shape[0]} rows; got {tuple(answers.shape)}")
+    if start_at_layer is not None and resid is None:
+        raise ValueError("start_at_layer needs resid, the residual entering that block")
+    return row_logprobs_unchecked(ctx, tokens, loss_mask, gates, sources, positions, extra_hooks, answers,
+                                  start_at_layer, resid, per_row)
+
+
+def row_logprobs_unchecked(
+    ctx: Context,
+    tokens: Int[Tensor, "rows pos"],
+    loss_mask: Bool[Tensor, "rows pos"],
+    gates: Float[Tensor, "*configs layer head"] | None = None,
+    sources: Mapping[int, Tensor] | None = None,
+    positions: Bool[Tensor, "rows pos"] | None = None,
+    extra_hooks: Sequence[Hook] = (),
+    answers: Int[Tensor, "rows answers"] | None = None,
+    start_at_layer: int | None = None,
+    resid: Float[Tensor, "rows pos d_model"] | None = None,
+    per_row: bool = False,
+) -> RowScores:
+    """:func:`row_logprobs` on a checked :class:`Context`, checking nothing: the pass a fit runs
+    on every update, and the engine under every measurement. The caller guarantees what
+    :func:`row_logprobs` checks: ``gates`` ``[n_layers, n_heads]`` or ``[configs, n_layers,
+    n_heads]`` of the context's model (``[rows, ...]`` with ``per_row``), ``answers``
+    ``[rows, n_answers]``, ``resid`` with ``start_at_layer``. The precision is ``ctx.autocast``.
+
+    Example::
+
+        ctx = context(model, data, autocast="auto")          # once, before the loop
+        out = row_logprobs_unchecked(ctx, data.tokens[rows], data.loss_mask[rows], gates)
+        out.nll.backward()
+    """
     width = int(loss_mask.any(dim=0).nonzero().max()) + 1
     tokens, loss_mask = tokens[:, :width], loss_mask[:, :width]
-    dev = models.device(model)
+    dev = ctx.device
     tokens = tokens.to(dev)
     loss_mask = loss_mask.to(dev)
     if positions is not None:
         positions = positions[:, :width].to(dev)
     hooks: list[Hook] = []
     n_cfg = 1
-    if per_row and (gates is None or gates.ndim != 3 or gates.shape[0] != tokens.shape[0]):
-        raise ValueError(f"per_row needs gates [rows={tokens.shape[0]}, n_layers, n_heads]; got "
-                         f"{None if gates is None else tuple(gates.shape)}")
     if gates is not None:
-        cfg_gates = gates_mod.as_config_gates(gates, models.n_layers(model), models.n_heads(model))
+        cfg_gates = gates if gates.ndim == 3 else gates.unsqueeze(0)
         n_cfg = 1 if per_row else cfg_gates.shape[0]
         if sources is not None:
             sources = {l: s[..., :width, :, :] if s.ndim >= 3 else s for l, s in sources.items()}
-        hooks = gates_mod.gate_hooks(model, cfg_gates.to(dev), sources, positions)
+        hooks = gates_mod.layer_hooks(cfg_gates.to(dev), sources, positions)
     hooks.extend(extra_hooks)
 
     n_rows = tokens.shape[0]
@@ -127,18 +242,14 @@ def row_logprobs(
     select = [(rows, pred_pos)]
     if answers is not None:
         answers = torch.as_tensor(answers, device=dev).long()
-        if answers.ndim != 2 or answers.shape[0] != n_rows:
-            raise ValueError(f"answers must be [rows, n_answers] with {n_rows} rows; got {tuple(answers.shape)}")
         select.append((torch.arange(n_rows, device=dev), first_target_position(loss_mask)))
     start = None
     if start_at_layer is not None:
-        if resid is None:
-            raise ValueError("start_at_layer needs resid, the residual entering that block")
         start = resid[:, :width].to(dev)
         start = start.repeat(n_cfg, 1, 1) if n_cfg > 1 else start
     # Target and answer logits come from the one output path (models.logits_at -> models.unembed).
-    with models.autocast(model, autocast):
-        out = models.logits_at(model, None if start is not None else batch, select, hooks,
+    with ctx.precision():
+        out = models.logits_at(ctx.model, None if start is not None else batch, select, hooks,
                                start_at_layer=start_at_layer if start is not None else None, resid=start, lead=n_cfg)
     logits = out[0].float()  # [K, N, d_vocab]
     answer_logits = None
@@ -182,11 +293,10 @@ def evaluate(
         scores = evaluate(model, val, torch.stack([g_plus, g_minus]))
         scores.logprob_sum.mean(1), scores.correct.float().mean(1)
     """
-    if gates is not None:
-        model = models.as_model(model)
-        checks.gate_tensor("gates", gates, (models.n_layers(model), models.n_heads(model)), trailing=True)
-    return score_configs(model, data, gates, answers=None, prefix_reuse=False, batch_size=batch_size,
-                         rows_per_pass=rows_per_pass, progress=progress, desc=desc, autocast=autocast)
+    ctx = context(model, data, autocast=autocast)
+    cfg, base, _, _ = _check_configs(ctx, data, gates, None, None, "gates")
+    return _score_configs(ctx, data, cfg, base=base, prefix_reuse=False, batch_size=batch_size,
+                          rows_per_pass=rows_per_pass, progress=progress, desc=desc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,28 +351,68 @@ docs/models.md; under autocast the weights are cast once for the whole call,
         scores = score_configs(model, data, gates.single_head_configs(model))
         scores.logprob_sum.mean(1)     # [n_heads_total]
     """
-    model = models.as_model(model)
-    data.check_model(model)
-    L, H = models.n_layers(model), models.n_heads(model)
-    if configs is not None:
-        checks.gate_tensor("configs", configs, (L, H), trailing=True)
-    cfg = None if configs is None else gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
-    autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
-    base = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
+    ctx = context(model, data, autocast=autocast)  # a bad autocast value fails here, before any work
+    cfg, base, ans, positions = _check_configs(ctx, data, configs, base, answers, "configs", positions)
+    return _score_configs(ctx, data, cfg, sources, positions, base=base, answers=ans, prefix_reuse=prefix_reuse,
+                          batch_size=batch_size, rows_per_pass=rows_per_pass, progress=progress, desc=desc)
+
+
+def _check_answers(data: TaskDataset, answers: Any) -> Int[Tensor, "rows answers"] | None:
+    """``answers`` (``"auto"``: ``data.row_meta["answers"]``) as ``[rows, n_answers]`` ids, or None."""
     if isinstance(answers, str) and answers == "auto":
         answers = data.row_meta.get("answers")
     ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)
     if ans is not None and (ans.ndim != 2 or ans.shape[0] != len(data)):
         raise ValueError(f"answers must be [rows, n_answers] with {len(data)} rows; got {tuple(ans.shape)}")
+    return ans
+
+
+def _check_positions(data: TaskDataset, positions: Tensor | None) -> Tensor | None:
     if positions is not None and tuple(positions.shape) != tuple(data.tokens.shape):
         raise ValueError(f"positions must be a bool mask shaped like the tokens {tuple(data.tokens.shape)}")
+    return positions
+
+
+def _check_configs(ctx: Context, data: TaskDataset, configs: Any, base: Any, answers: Any, name: str,
+                   positions: Tensor | None = None):
+    """The edge checks of :func:`score_configs`: ``(configs [K, L, H] float CPU or None, base [L, H],
+    answers or None, positions)``."""
+    L, H = ctx.n_layers, ctx.n_heads
+    cfg = None
+    if configs is not None:
+        checks.gate_tensor(name, configs, (L, H), trailing=True)
+        cfg = gates_mod.as_config_gates(configs, L, H).detach().float().cpu()
+    base = torch.ones(L, H) if base is None else checks.gate_tensor("base", base, (L, H)).detach().float().cpu()
+    return cfg, base, _check_answers(data, answers), _check_positions(data, positions)
+
+
+def _score_configs(
+    ctx: Context,
+    data: TaskDataset,
+    cfg: Float[Tensor, "configs layer head"] | None,
+    sources: Mapping[int, Tensor] | None = None,
+    positions: Bool[Tensor, "rows pos"] | None = None,
+    *,
+    base: Float[Tensor, "layer head"] | None = None,
+    answers: Int[Tensor, "rows answers"] | None = None,
+    prefix_reuse: bool = True,
+    batch_size: int = 32,
+    rows_per_pass: int = 256,
+    progress: bool = False,
+    desc: str = "configs",
+) -> RowScores:
+    """The engine of :func:`score_configs` on a checked :class:`Context`: ``cfg`` ``[K, L, H]`` float
+    on the CPU (or None), ``base`` ``[L, H]`` (None: all ones), ``answers`` ``[rows, n_answers]`` ids
+    or None, ``positions`` shaped like ``data.tokens``; nothing is checked again."""
+    model, dev, L = ctx.model, ctx.device, ctx.n_layers
+    base = torch.ones(L, ctx.n_heads) if base is None else base
+    ans = answers
     K, N = (1 if cfg is None else cfg.shape[0]), len(data)
     start = first_changed_layer(cfg, base) if prefix_reuse and cfg is not None else torch.zeros(K, dtype=torch.long)
     start = start.clamp(max=L - 1)  # a config equal to base still needs the last block to run
     groups = {int(k): (start == k).nonzero().flatten() for k in start.unique()}
     rows_per = max(1, min(batch_size, N))
     cfg_per = max(1, rows_per_pass // rows_per)
-    dev = models.device(model)
 
     lp = torch.zeros(K, N)
     ok = torch.zeros(K, N, dtype=torch.bool)
@@ -270,7 +420,7 @@ docs/models.md; under autocast the weights are cast once for the whole call,
     chunks = [torch.arange(r, min(r + rows_per, N)) for r in range(0, N, rows_per)]
     steps = sum(len(range(0, len(g), cfg_per)) for g in groups.values()) * len(chunks)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    with models.cast_weights_once(model, autocast):  # the weights cast once for the whole call
+    with torch.no_grad(), ctx.cast_weights():  # the weights cast once for the whole call
         for idx in chunks:
             tokens, mask = data.tokens[idx], data.loss_mask[idx]
             width = int(mask.any(dim=0).nonzero().max()) + 1
@@ -279,16 +429,16 @@ docs/models.md; under autocast the weights are cast once for the whole call,
             reuse = [k for k in groups if k > 0]
             resid = {}
             if reuse:
-                base_hooks = gates_mod.gate_hooks(model, base.to(dev), src, None if pos is None else pos.to(dev))
-                with models.autocast(model, autocast):
+                base_hooks = gates_mod.layer_hooks(base[None].to(dev), src, None if pos is None else pos.to(dev))
+                with ctx.precision():
                     resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
             for k, members in groups.items():
                 for c in range(0, len(members), cfg_per):
                     which = members[c : c + cfg_per]
-                    out = row_logprobs(
-                        model, tokens, mask, None if cfg is None else cfg[which].to(dev), src, pos,
+                    out = row_logprobs_unchecked(
+                        ctx, tokens, mask, None if cfg is None else cfg[which].to(dev), src, pos,
                         answers=None if ans is None else ans[idx],
-                        start_at_layer=k if k > 0 else None, resid=resid.get(k), autocast=autocast,
+                        start_at_layer=k if k > 0 else None, resid=resid.get(k),
                     )
                     lp[which[:, None], idx[None, :]] = out.logprob_sum.float().cpu()
                     ok[which[:, None], idx[None, :]] = out.correct.cpu()
@@ -340,34 +490,42 @@ def gate_gradients(
         out = gate_gradients(model, data, lambda s: s.logprob_sum)          # zero-ablation gradients
         atp = -out.grads.mean(0)       # [n_layers, n_heads]: linear estimate of each head's ablation
     """
-    model = models.as_model(model)
-    data.check_model(model)
+    ctx = context(model, data, autocast=autocast)
     if not callable(metric):
         raise TypeError(f"metric must be a function of RowScores; got {type(metric).__name__}")
     batch_size = checks.positive_int("batch_size", batch_size)
-    autocast = models.resolve_autocast(model, autocast)
-    L, H = models.n_layers(model), models.n_heads(model)
-    if isinstance(answers, str) and answers == "auto":
-        answers = data.row_meta.get("answers")
-    ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)
-    if ans is not None and (ans.ndim != 2 or ans.shape[0] != len(data)):
-        raise ValueError(f"answers must be [rows, n_answers] with {len(data)} rows; got {tuple(ans.shape)}")
-    if positions is not None and tuple(positions.shape) != tuple(data.tokens.shape):
-        raise ValueError(f"positions must be a bool mask shaped like the tokens {tuple(data.tokens.shape)}")
-    dev = models.device(model)
+    return _gate_gradients(ctx, data, metric, sources, _check_positions(data, positions),
+                           answers=_check_answers(data, answers), batch_size=batch_size, progress=progress, desc=desc)
+
+
+def _gate_gradients(
+    ctx: Context,
+    data: TaskDataset,
+    metric: Callable[[RowScores], Float[Tensor, "1 rows"]],
+    sources: Mapping[int, Tensor] | None = None,
+    positions: Bool[Tensor, "rows pos"] | None = None,
+    *,
+    answers: Int[Tensor, "rows answers"] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "gradients",
+) -> GateGradients:
+    """The engine of :func:`gate_gradients` on a checked :class:`Context` (``answers`` as ids or
+    None, ``positions`` shaped like ``data.tokens``); only the metric's output is checked, per batch."""
+    L, H, dev, ans = ctx.n_layers, ctx.n_heads, ctx.device, answers
     N = len(data)
     values, grads = torch.zeros(N), torch.zeros(N, L, H)
     lp, ok = torch.zeros(1, N), torch.zeros(1, N, dtype=torch.bool)
     al = None if ans is None else torch.zeros(1, N, ans.shape[1])
     chunks = [torch.arange(r, min(r + batch_size, N)) for r in range(0, N, batch_size)]
-    with models.frozen(model), torch.enable_grad():
+    with models.frozen(ctx.model), torch.enable_grad():
         for idx in tqdm(chunks, desc=desc, disable=not progress, leave=False):
             tokens, mask = data.tokens[idx], data.loss_mask[idx]
             width = int(mask.any(dim=0).nonzero().max()) + 1
             g = torch.ones(len(idx), L, H, device=dev, requires_grad=True)
-            out = row_logprobs(model, tokens, mask, g, rows_of(sources, idx, width),
-                               None if positions is None else positions[idx, :width],
-                               answers=None if ans is None else ans[idx], autocast=autocast, per_row=True)
+            out = row_logprobs_unchecked(ctx, tokens, mask, g, rows_of(sources, idx, width),
+                                         None if positions is None else positions[idx, :width],
+                                         answers=None if ans is None else ans[idx], per_row=True)
             value = metric(out).reshape(-1)
             if value.shape[0] != len(idx):
                 raise ValueError(f"metric must give one value per row ({len(idx)}); got {tuple(value.shape)}")
@@ -461,9 +619,13 @@ def collect_z(model, data: TaskDataset, *, mean: bool, batch_size: int = 32) -> 
         means = collect_z(model, train, mean=True)
         score_configs(model, val, configs, sources=means)      # mean ablation
     """
-    model = models.as_model(model)
-    data.check_model(model)
-    dev = models.device(model)
+    return _collect_z(context(model, data), data, mean=mean, batch_size=batch_size)
+
+
+@torch.no_grad()
+def _collect_z(ctx: Context, data: TaskDataset, *, mean: bool, batch_size: int = 32) -> dict[int, Tensor]:
+    """The engine of :func:`collect_z` on a checked :class:`Context` (``data`` checked against it)."""
+    model, dev = ctx.model, ctx.device
     total: dict[int, Tensor] = {}
     rows: dict[int, list[Tensor]] = {}
     count = 0

@@ -149,8 +149,9 @@ def test_bad_input_fails_before_any_pass(llama_model, monkeypatch):
     def no_pass(*args, **kwargs):
         raise AssertionError("a pass ran before the input was checked")
 
-    monkeypatch.setattr(attribution, "gate_gradients", no_pass)
-    monkeypatch.setattr(attribution, "collect_z", no_pass)
+    monkeypatch.setattr(scoring, "_gate_gradients", no_pass)  # the engine the checked call runs on
+    monkeypatch.setattr(scoring, "_collect_z", no_pass)
+    monkeypatch.setattr(scoring, "_score_configs", no_pass)
     short = corrupted.subset([0, 1])
     cases = [
         (dict(corrupted=short), ValueError, "rows"),

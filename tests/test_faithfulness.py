@@ -7,7 +7,7 @@ import torch
 
 import chg_lens
 from chg_lens import faithfulness as faith_mod
-from chg_lens import models, patching
+from chg_lens import models, patching, scoring
 from chg_lens.faithfulness import default_grid, faithfulness, head_order, head_scores
 
 import parity_models
@@ -172,8 +172,8 @@ def test_bad_rankings_fail_before_any_pass(llama_model, monkeypatch):
     def no_pass(*args, **kwargs):
         raise AssertionError("a pass ran before the input was checked")
 
-    monkeypatch.setattr(faith_mod, "score_configs", no_pass)
-    monkeypatch.setattr(faith_mod, "collect_z", no_pass)
+    monkeypatch.setattr(scoring, "_score_configs", no_pass)  # the engine the checked call runs on
+    monkeypatch.setattr(scoring, "_collect_z", no_pass)
     ok = torch.zeros(2, 4)
     cases = [
         ({"a": torch.zeros(2, 5)}, {}, ValueError, r"\[2, 5\] heads but the model has \[2, 4\]"),
