@@ -32,8 +32,9 @@ from .deprecation import keyword_only
 from .fitting import (Checkpointer, DataLoss, SettleRule, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
-                      snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
+                      library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
+                      unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
 
@@ -338,8 +339,9 @@ class CHGResult(Result):
     def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike) -> "CHGResult":
         require(tensors, [f"logits/{s}" for s in STAGES] + [f"snapshots/{s}" for s in STAGES]
                 + [f"snapshot_steps/{s}" for s in STAGES], path, "CHG result")
-        if "config" not in meta or "meta" not in meta:
-            raise ValueError(f"{path}/meta.json lacks 'config' or 'meta': not a complete CHG result")
+        require_fields(meta, ["config", "meta"], path, cls.noun)
+        check_config(meta["config"], CHGConfig, path)
+        check_fit_tensors(tensors, STAGES, meta, path)
         logits, traces, snapshots, snapshot_steps = unpack_stages(tensors)
         val = meta.get("validation")
         return cls(

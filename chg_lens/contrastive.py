@@ -38,8 +38,9 @@ from .deprecation import keyword_only
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
-                      snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
+                      library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
+                      unpack_stages)
 from .stats import t_interval, wilson_interval
 
 STAGE = "contrast"
@@ -253,6 +254,9 @@ class ContrastiveResult(Result):
                      path: str | os.PathLike) -> "ContrastiveResult":
         require(tensors, [f"logits/{STAGE}", f"snapshots/{STAGE}", f"snapshot_steps/{STAGE}"], path,
                 "contrastive CHG result")
+        require_fields(meta, ["config", "meta"], path, cls.noun)
+        check_config(meta["config"], ContrastiveConfig, path)
+        check_fit_tensors(tensors, (STAGE,), meta, path)
         logits, traces, snapshots, steps = unpack_stages(tensors)
         ev = meta.get("evaluation")
         return cls(logits=logits[STAGE], traces=traces[STAGE], snapshots=snapshots[STAGE],

@@ -37,7 +37,7 @@ from . import gates as gates_mod
 from .deprecation import keyword_only, renamed
 from .data import TaskDataset, first_target_position
 from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
-from .results import FrameResult, frame_from_json, library_versions, require
+from .results import FrameResult, check_tensor, library_versions, require
 
 METRICS = ("logprob", "prob", "logit_diff")
 RULES = ("std", "significance")
@@ -125,9 +125,12 @@ class PatchResult(FrameResult):
     @classmethod
     def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike) -> "PatchResult":
         require(tensors, ["per_prompt"], path, "patching result")
-        frame = frame_from_json(meta["frame"])
+        frame, baseline, inner = cls._checked_fields(tensors, meta, path)
+        check_tensor(tensors, "per_prompt", (len(frame), None), path)
+        if "mediating" not in frame.columns:
+            raise ValueError(f"{path}: the table has no 'mediating' column: not a complete patching result")
         frame["mediating"] = frame["mediating"].astype(bool)
-        return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])
+        return cls(frame, tensors["per_prompt"], baseline, inner)
 
 
 def _metric(scores: RowScores, metric: str) -> Float[Tensor, "configs rows"]:

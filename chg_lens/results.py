@@ -26,9 +26,10 @@ import os
 import platform
 import secrets
 import shutil
+import stat
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -51,8 +52,13 @@ KINDS: dict[str, str] = {
 """``kind`` in meta.json -> the result class (``module:Class``, imported when loaded)."""
 
 
-FORMAT = 2
-"""meta.json format: 2 adds ``digests`` (sha256 of every file of the bundle) and ``identity``."""
+FORMAT = 3
+"""meta.json format: 2 adds ``digests`` (sha256 of every file of the bundle) and ``identity``; 3 adds
+``meta_digest`` (sha256 of meta.json's own content, so a hand edit of meta.json is detected)."""
+META_DIGEST = "meta_digest"
+"""The field of meta.json that holds the sha256 of the rest of it (see :func:`meta_digest`)."""
+MAX_HEADS = 10**6
+"""More heads (layers x heads) than any model has: a loaded result claiming more is damaged."""
 KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "evaluation.csv", "overlap.csv",
                "summary.txt", "head_rankings.csv", "report.html", "report_summary.txt")
 """Files that chg_lens writes beside a result; replacing a result never carries them over."""
@@ -109,12 +115,22 @@ def write_bundle_files(folder: Path, tensors: Mapping[str, Tensor], meta: dict[s
         write(folder / name)
         digests[name] = _sha256(folder / name)
     stored = {**_jsonable(meta), "format": FORMAT, "digests": digests, "files": sorted(digests)}
+    stored.pop(META_DIGEST, None)
+    stored[META_DIGEST] = meta_digest(stored)
     text = json.dumps(stored, indent=2, sort_keys=True, allow_nan=True)
     with open(folder / META, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     return stored
+
+
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """The sha256 of ``meta`` without its ``meta_digest`` field, as canonical JSON (sorted keys, no
+    spaces): what :func:`write_bundle_files` stores and :func:`load_bundle` checks."""
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True, separators=(",", ":"))
+                          .encode("utf-8")).hexdigest()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -283,11 +299,23 @@ def describe(meta: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
+def require_regular_file(path: str | os.PathLike) -> None:
+    """A ValueError unless ``path`` is a plain file (a FIFO, device or folder in a result's place
+    would block or break the read); FileNotFoundError when there is nothing there."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        what = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a plain file")
+        raise ValueError(f"{path} is {what}, not a regular file: the result is damaged; restore it or write it again")
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta.json`` of a result folder as a dict; a ValueError naming the file when it is cut
     off, not UTF-8 or not a JSON object."""
     file = Path(path) / META
     try:
+        require_regular_file(file)
         meta = json.loads(file.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is not a chg_lens result folder (no {META})") from None
@@ -305,9 +333,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and metadata of a result folder written by :func:`save_bundle`.
 
-    With ``verify`` (default), the tensors file must match the sha256 stored in ``meta.json``; a
-    changed, damaged or mismatched file is a ValueError naming it (results written before digests
-    existed load unchecked)."""
+    With ``verify`` (default), the tensors file must match the sha256 stored in ``meta.json`` and
+    ``meta.json`` its own ``meta_digest``; a changed, damaged or mismatched file is a ValueError
+    naming it (results written before digests existed load unchecked). Both files must be regular
+    files (a named pipe in their place is refused, never read)."""
     path = Path(path)
     if not path.is_dir():
         stale = [p for p in _stale_siblings(path.absolute()) if ".old-" in p.name and (p / META).exists()]
@@ -317,8 +346,12 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str,
     if not (path / TENSORS).exists() or not (path / META).exists():
         raise FileNotFoundError(f"{path} is not a chg_lens result folder (needs {TENSORS} and {META})")
     meta = read_meta(path)
+    if verify and META_DIGEST in meta and meta[META_DIGEST] != meta_digest(meta):
+        raise ValueError(f"{path / META} was changed after it was written (its content does not match its "
+                         f"{META_DIGEST}): restore it or write the result again")
+    require_regular_file(path / TENSORS)
     raw = (path / TENSORS).read_bytes()
-    want = (meta.get("digests") or {}).get(TENSORS)
+    want = (meta.get("digests") or {}).get(TENSORS) if isinstance(meta.get("digests"), dict) else None
     if verify and want is not None and hashlib.sha256(raw).hexdigest() != want:
         raise ValueError(f"{path / TENSORS} does not match the digest in its {META}: the file was changed or "
                          "damaged after it was written, or belongs to another save; restore it or write it again")
@@ -336,6 +369,102 @@ def require(tensors: Mapping[str, Tensor], names: list[str], path: str | os.Path
     if missing:
         raise ValueError(f"{path} is not a complete {what}: tensor(s) {', '.join(missing[:4])} are missing from "
                          f"{TENSORS}; write the result again")
+
+
+def require_fields(meta: Mapping[str, Any], names: Sequence[str], path: str | os.PathLike, what: str) -> None:
+    """Raise a ValueError naming the first field of ``meta.json`` a loaded result lacks."""
+    missing = [n for n in names if n not in meta]
+    if missing:
+        raise ValueError(f"{Path(path) / META} lacks {', '.join(map(repr, missing))} ({what} needs them): the "
+                         "folder is damaged or holds another kind of result; write the result again")
+
+
+def _damaged(path: str | os.PathLike, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}; the folder is damaged or mixed from two results: write it again")
+
+
+def loaded_shape(meta: Mapping[str, Any], path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(n_layers, n_heads)`` of a loaded result's inner ``meta``, checked (positive whole numbers,
+    at most :data:`MAX_HEADS` heads in all); None when the result does not record them."""
+    if "n_layers" not in meta and "n_heads" not in meta:
+        return None
+    try:
+        L = checks.positive_int("n_layers", meta.get("n_layers"))
+        H = checks.positive_int("n_heads", meta.get("n_heads"))
+    except ValueError as err:
+        raise _damaged(path, f"meta.json's {err}") from None
+    if L * H > MAX_HEADS:
+        raise _damaged(path, f"meta.json claims {L} layers x {H} heads, more than any model has")
+    return L, H
+
+
+def check_tensor(tensors: Mapping[str, Tensor], name: str, shape: Sequence[int | None], path: str | os.PathLike,
+                 *, finite: bool = False, unit: bool = False) -> None:
+    """The loaded tensor ``name`` must have ``len(shape)`` dimensions, each equal to the entry of
+    ``shape`` (None: any size); with ``finite`` it must hold finite numbers, with ``unit`` numbers
+    in [0, 1]. A ValueError naming the tensor otherwise."""
+    t = tensors[name]
+    got = tuple(t.shape)
+    if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+        want = ", ".join("*" if w is None else str(w) for w in shape)
+        raise _damaged(path, f"tensor {name} is shaped {list(got)}, not [{want}] as the result's meta.json says")
+    if (finite or unit) and t.numel():
+        if not (t.is_floating_point() and bool(torch.isfinite(t).all())):
+            raise _damaged(path, f"tensor {name} holds non-finite values (inf or NaN)" if t.is_floating_point()
+                           else f"tensor {name} has dtype {t.dtype}, not a float dtype")
+        if unit and (float(t.min()) < 0 or float(t.max()) > 1):
+            raise _damaged(path, f"tensor {name} holds values outside [0, 1]")
+
+
+def check_frame_heads(frame, shape: tuple[int, int] | None, path: str | os.PathLike) -> None:
+    """The ``layer`` / ``head`` columns of a loaded table must be whole numbers inside ``shape``."""
+    for col, n in zip(("layer", "head"), shape or (None, None)):
+        if col not in frame.columns or not len(frame):
+            continue
+        values = frame[col]
+        try:
+            whole = bool((values.astype("float64") % 1 == 0).all())
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise _damaged(path, f"the table's {col!r} column holds values that are not whole numbers")
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or (n is not None and hi >= n):
+            raise _damaged(path, f"the table's {col!r} column runs from {lo} to {hi}, outside 0..{n - 1 if n else ''} "
+                           f"of the model's {n} {col}s")
+
+
+def check_fit_tensors(tensors: Mapping[str, Tensor], stages: Sequence[str], meta: Mapping[str, Any],
+                      path: str | os.PathLike) -> None:
+    """The per-stage tensors of a loaded fit (see :func:`pack_stages`) agree with its meta.json: gate
+    logits ``[n_seeds, n_layers, n_heads]`` of finite numbers, snapshots ``[snaps, n_seeds, n_layers,
+    n_heads]`` in [0, 1] with one step each, traces ``[updates, n_seeds]``; ``n_seeds`` from the
+    config, the shape from the inner meta (when recorded)."""
+    if not isinstance(meta.get("meta"), dict):
+        raise _damaged(path, "meta.json's 'meta' must be a JSON object")
+    L, H = loaded_shape(meta["meta"], path) or (None, None)
+    S = meta["config"].get("n_seeds")
+    for stage in stages:
+        check_tensor(tensors, f"logits/{stage}", (S, L, H), path, finite=True)
+        S, L, H = tensors[f"logits/{stage}"].shape  # a result of an older release without n_seeds/n_layers
+        check_tensor(tensors, f"snapshots/{stage}", (None, S, L, H), path, unit=True)
+        check_tensor(tensors, f"snapshot_steps/{stage}", (tensors[f"snapshots/{stage}"].shape[0],), path)
+        for name in [k for k in tensors if k.startswith(f"trace/{stage}/")]:
+            check_tensor(tensors, name, (None, S), path)
+
+
+def check_config(config: Any, config_class, path: str | os.PathLike) -> None:
+    """A loaded ``config`` must be a JSON object whose known options pass ``config_class.check()``
+    (e.g. :class:`~chg_lens.chg.CHGConfig`); unknown keys of other releases are ignored."""
+    import dataclasses
+
+    if not isinstance(config, dict):
+        raise _damaged(path, f"meta.json's config is {type(config).__name__}, not an object")
+    names = {f.name for f in dataclasses.fields(config_class)}
+    try:
+        config_class(**{k: v for k, v in config.items() if k in names}).check()
+    except (ValueError, TypeError) as err:
+        raise _damaged(path, f"meta.json's config: {err}") from None
 
 
 Bundle = tuple[dict[str, Tensor], dict[str, Any], dict[str, FileWriter]]
@@ -416,8 +545,9 @@ class Result(abc.ABC):
     def read(cls, path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """:func:`load_bundle`, and a ``ValueError`` unless the folder holds a result of ``cls.kind``."""
         tensors, meta = load_bundle(path)
-        if meta.get("kind") != cls.kind:
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not {cls.noun}")
+        kind = kind_of(meta, path)
+        if kind != cls.kind:
+            raise ValueError(f"{path} holds a '{kind}' result, not {cls.noun}")
         return tensors, meta
 
 
@@ -449,7 +579,29 @@ class FrameResult(Result):
 
     @classmethod
     def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike):
-        return cls(frame=frame_from_json(meta["frame"]), baseline=meta["baseline"], meta=meta["meta"])
+        frame, baseline, inner = cls._checked_fields(tensors, meta, path)
+        return cls(frame=frame, baseline=baseline, meta=inner)
+
+    @classmethod
+    def _checked_fields(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike):
+        """``(frame, baseline, meta)`` of a loaded bundle, checked: the fields are there, the table's
+        heads lie inside the model's shape, and each stored ``[n_layers, n_heads]`` tensor has that shape."""
+        require_fields(meta, ["frame", "baseline", "meta"], path, cls.noun)
+        if not isinstance(meta["meta"], dict) or not isinstance(meta["baseline"], dict):
+            raise _damaged(path, "meta.json's 'meta' and 'baseline' must be JSON objects")
+        try:
+            frame = frame_from_json(meta["frame"])
+        except (KeyError, TypeError, ValueError, AssertionError) as err:
+            raise _damaged(path, f"meta.json's frame is not a table ({type(err).__name__}: {err})") from None
+        shape = loaded_shape(meta["meta"], path)
+        check_frame_heads(frame, shape, path)
+        for name in cls.HEAD_TENSORS:
+            if name in tensors:
+                check_tensor(tensors, name, shape or (None, None), path)
+        return frame, meta["baseline"], meta["meta"]
+
+    HEAD_TENSORS: tuple[str, ...] = ("delta_logprob", "effects")
+    """Stored tensors shaped ``[n_layers, n_heads]``, checked against ``meta`` when loaded."""
 
 
 def head_tensor(frame, column: str, n_layers: int, n_heads: int) -> Tensor:
@@ -476,10 +628,19 @@ def result_class(kind: str):
     """The class that saves results of ``kind`` (see :data:`KINDS`)."""
     import importlib
 
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"unknown result kind {kind!r}; known kinds: {', '.join(KINDS)}")
     module, name = KINDS[kind].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def kind_of(meta: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """The ``kind`` of a loaded ``meta.json``: one of :data:`KINDS`, else a ValueError naming the folder."""
+    kind = meta.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"{Path(path) / META}: kind {kind!r} is not a chg_lens result kind ({', '.join(KINDS)}); "
+                         "the file is damaged or not a chg_lens result")
+    return kind
 
 
 def load(path: str | os.PathLike):
@@ -487,8 +648,8 @@ def load(path: str | os.PathLike):
 
         result = chg_lens.load("runs/chg")      # CHGResult, ContrastiveResult, AblationResult or PatchResult
     """
-    _, meta = load_bundle(path)
-    return result_class(meta.get("kind")).load(path)
+    tensors, meta = load_bundle(path)
+    return result_class(kind_of(meta, path))._from_bundle(tensors, meta, path)
 
 
 def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[Path], Any]):

@@ -1,0 +1,192 @@
+"""The held-out faults of issue 28 (item 3), one regression test each (item 5): every case now ends in
+a clear one-line error before any long work, or in the right result, and nothing already on disk is
+lost. Tiny models built in the test; each test names the fault it guards in its docstring."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import chg_lens
+from chg_lens import ablation, results
+from chg_lens.chg import CHGResult, fit_chg
+
+from conftest import WORDS, tiny_llama_hf, word_tokenizer
+
+KW = dict(n_seeds=2, updates=4, reg_updates=4, batch_size=4, progress=False)
+
+
+def tiny_data(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return chg_lens.TaskDataset.from_tokens(torch.randint(4, 30, (n, 6), generator=g), torch.arange(6).expand(n, 6) >= 4)
+
+
+@pytest.fixture(scope="module")
+def fit(tiny_model):
+    return fit_chg(tiny_model, tiny_data(), **KW)
+
+
+@pytest.fixture(scope="module")
+def sweep_result(tiny_model):
+    return ablation.head_sweep(tiny_model, tiny_data(6))
+
+
+def rewrite(folder: Path, edit=lambda meta: None, tensors: dict | None = None, digests: bool = True) -> None:
+    """Edit a saved result's meta.json (and optionally replace its tensors) and recompute every
+    digest, as a deliberate edit would leave it, or (``digests=False``) drop them all, as in a
+    folder of an older release: what the load checks must catch beyond the digests."""
+    meta = json.loads((folder / results.META).read_text())
+    edit(meta)
+    if tensors is not None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / results.TENSORS))
+        meta["digests"][results.TENSORS] = results._sha256(folder / results.TENSORS)
+    meta[results.META_DIGEST] = results.meta_digest(meta)
+    if not digests:
+        for k in ("digests", "files", "format", results.META_DIGEST):
+            meta.pop(k)
+    (folder / results.META).write_text(json.dumps(meta))
+
+
+def one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+# ============================================================================ loading results
+def test_a_hand_edited_meta_json_is_detected(fit, sweep_result, tmp_path):
+    """Fault: an edited value in an ablation result's meta.json (a delta 9.5 instead of -0.0067) went
+    undetected: the digests did not cover meta.json. Now meta.json carries the sha256 of its own
+    content, and a load of an edited copy is one ValueError; the untouched copy loads exactly."""
+    path = sweep_result.save(tmp_path / "abl")
+    pd.testing.assert_frame_equal(ablation.AblationResult.load(path).frame, sweep_result.frame)
+    meta = json.loads((path / results.META).read_text())
+    col = meta["frame"]["columns"].index("delta_logprob")
+    meta["frame"]["data"][0][col] = 9.5
+    (path / results.META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"meta.json was changed after it was written") as err:
+        ablation.AblationResult.load(path)
+    one_line(err)
+    chg = fit.save(tmp_path / "chg")
+    text = (chg / results.META).read_text()
+    (chg / results.META).write_text(text.replace('"lam": 0.1', '"lam": 0.2'))
+    with pytest.raises(ValueError, match="meta.json was changed after it was written"):
+        chg_lens.load(chg)
+
+
+def test_loaded_configs_are_checked(fit, tmp_path):
+    """Fault: a CHG meta.json with n_seeds=-3, updates=-5 loaded and summary() printed "-5 + 3
+    updates". Loaded configs now pass CHGConfig.check (and ContrastiveConfig.check)."""
+    path = fit.save(tmp_path / "chg")
+
+    def bad(meta):
+        meta["config"].update(n_seeds=-3, updates=-5)
+
+    rewrite(path, bad)
+    with pytest.raises(ValueError, match=r"config: n_seeds must be at least 1; got -3") as err:
+        CHGResult.load(path)
+    one_line(err)
+
+
+def test_contrastive_configs_are_checked_on_load(tiny_model, tmp_path):
+    d = tiny_data(8)
+    result = chg_lens.fit_contrastive(tiny_model, d, d, updates=2, batch_size=4, progress=False)
+    path = result.save(tmp_path / "contrast")
+    rewrite(path, lambda meta: meta["config"].update(max_diff=-1.0))
+    with pytest.raises(ValueError, match="config: max_diff must be > 0"):
+        chg_lens.load(path)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_gate_logits_are_refused_on_load(fit, tmp_path, value):
+    """Fault: logits/g_minus set to +inf (digest recomputed) loaded and gave every head
+    "facilitating"; only NaN was refused (later, in scores()). Every non-finite logit is now refused
+    when the result loads."""
+    path = fit.save(tmp_path / "chg")
+    tensors, _ = results.load_bundle(path)
+    tensors["logits/g_minus"] = torch.full_like(tensors["logits/g_minus"], value)
+    rewrite(path, tensors=tensors)
+    with pytest.raises(ValueError, match="tensor logits/g_minus holds non-finite values"):
+        CHGResult.load(path)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("kind_dict", r"kind \{'a': 1\} is not a chg_lens result kind"),
+    ("layers_huge", "claims 1000000 layers x 4 heads, more than any model has"),
+    ("layers_negative", "n_layers must be at least 1; got -1"),
+    ("layers_fewer", r"the table's 'layer' column runs from 0 to 1, outside 0..0"),
+    ("tensor_shape", r"tensor delta_logprob is shaped \[1, 4\], not \[2, 4\]"),
+])
+def test_ablation_kinds_and_shapes_are_checked_on_load(sweep_result, tmp_path, case, match):
+    """Faults: meta.json "kind": {"a": 1} -> TypeError unhashable type; an ablation meta with n_layers
+    10^6 (a 4 TB allocation in tensor()), -1, or fewer than the table's layers -> RuntimeError or
+    IndexError; tensors of the wrong shape -> broadcasting errors later. Each is now one ValueError
+    when the result loads (by chg_lens.load and by the class)."""
+    path = sweep_result.save(tmp_path / case)
+    tensors, _ = results.load_bundle(path)
+    edits = {"kind_dict": lambda m: m.update(kind={"a": 1}),
+             "layers_huge": lambda m: m["meta"].update(n_layers=10**6),
+             "layers_negative": lambda m: m["meta"].update(n_layers=-1),
+             "layers_fewer": lambda m: m["meta"].update(n_layers=1)}
+    if case == "tensor_shape":
+        rewrite(path, tensors={"delta_logprob": tensors["delta_logprob"][:1]})
+    else:
+        rewrite(path, edits[case])
+    for load in (chg_lens.load, ablation.AblationResult.load):
+        with pytest.raises(ValueError, match=match) as err:
+            load(path).tensor()
+        one_line(err)
+
+
+@pytest.mark.parametrize("digests", [True, False])
+def test_chg_tensors_of_the_wrong_shape_are_refused_on_load(fit, tmp_path, digests):
+    """Fault: CHG tensors of the wrong shape (digest recomputed, or an older folder without digests)
+    gave a broadcasting RuntimeError in scores(). The shapes are checked against the config's
+    n_seeds and the meta's n_layers / n_heads when the result loads."""
+    path = fit.save(tmp_path / "chg")
+    tensors, _ = results.load_bundle(path)
+    tensors["logits/g_plus"] = tensors["logits/g_plus"][:, :1]
+    rewrite(path, tensors=tensors, digests=digests)
+    with pytest.raises(ValueError, match=r"tensor logits/g_plus is shaped \[2, 1, 4\], not \[2, 2, 4\]"):
+        CHGResult.load(path)
+
+
+def test_a_chg_folder_relabelled_as_ablation_is_a_clear_error(fit, tmp_path):
+    """Fault: a CHG folder with "kind": "ablation" loaded by AblationResult.load -> KeyError: 'frame'."""
+    path = fit.save(tmp_path / "chg")
+    rewrite(path, lambda m: m.update(kind="ablation"))
+    with pytest.raises(ValueError, match=r"lacks 'frame', 'baseline' \(an ablation result needs them\)"):
+        ablation.AblationResult.load(path)
+
+
+@pytest.mark.parametrize("name", [results.TENSORS, results.META])
+def test_a_fifo_in_place_of_a_result_file_is_refused_not_read(fit, tmp_path, name):
+    """Fault: tensors.safetensors replaced by a FIFO blocked chg_lens.load forever. Files are
+    checked to be regular files before they are read."""
+    path = fit.save(tmp_path / "chg")
+    (path / name).unlink()
+    os.mkfifo(path / name)
+    outcome = {}
+
+    def load():
+        try:
+            chg_lens.load(path)
+        except Exception as err:  # noqa: BLE001 - the outcome is asserted below
+            outcome["err"] = err
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # unblock the reader so the test process can end
+        with open(path / name, "wb"):
+            pass
+        pytest.fail("chg_lens.load blocked on a FIFO")
+    assert isinstance(outcome.get("err"), ValueError)
+    assert "is a named pipe (FIFO), not a regular file" in str(outcome["err"])
