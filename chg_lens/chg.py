@@ -325,8 +325,10 @@ class CHGResult(Result):
 
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
-        """What makes two CHG results the same fit: options, data and model."""
-        return {"config": self.config, "data": self.meta.get("data_fingerprint"), "model": self.meta.get("model")}
+        """What makes two CHG results the same fit: options, data, model and its weights
+        (:func:`chg_lens.models.weights_fingerprint`)."""
+        return {"config": self.config, "data": self.meta.get("data_fingerprint"), "model": self.meta.get("model"),
+                "weights": self.meta.get("weights")}
 
     def _bundle(self) -> Bundle:
         scores = self.scores()
@@ -478,9 +480,11 @@ def fit_chg(
         for name, sign in (("g_plus", plus), ("g_minus", minus)):
             specs.append(StageSpec(Stage(name, reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
                                    lambda done: done["g0"].logits, reg(sign), window=wr, settle=rule(wr)))
+    weights = models.weights_fingerprint(model)  # before any cast: the model's own weights
     ckpt = None
     if checkpoint_dir is not None:
-        key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+        key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H],
+               "weights": weights}
         if autocast is not None:
             key["autocast"] = str(autocast)
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
@@ -492,7 +496,7 @@ def fit_chg(
     stages = _split_joint(done, S) if joint else done
     meta = {
         "model": models.model_name(model), "task": task or data.name, "n_layers": L, "n_heads": H,
-        "n_train": len(data), "data_fingerprint": data.fingerprint(), "versions": library_versions(),
+        "n_train": len(data), "data_fingerprint": data.fingerprint(), "weights": weights, "versions": library_versions(),
         "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
         **models.precision_meta(model, autocast), "configs_per_pass": configs_per_pass,
         "updates_taken": {k: v.updates for k, v in stages.items()},

@@ -234,8 +234,8 @@ class ContrastiveResult(Result):
 
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
-        """What makes two contrastive results the same fit: options, data and model."""
-        return {"config": self.config, "model": self.meta.get("model"),
+        """What makes two contrastive results the same fit: options, data, model and its weights."""
+        return {"config": self.config, "model": self.meta.get("model"), "weights": self.meta.get("weights"),
                 "retain": self.meta.get("retain_fingerprint"), "forget": self.meta.get("forget_fingerprint")}
 
     def _bundle(self) -> Bundle:
@@ -393,10 +393,11 @@ def fit_contrastive(
 
     spec = StageSpec(Stage(STAGE, updates, lr, lr_end), lambda done: uniform_gate_logits((S, L, H), seed), regularizer,
                      window=diag.window_length(updates))
+    weights = models.weights_fingerprint(model)  # before any cast: the model's own weights
     ckpt = None
     if checkpoint_dir is not None:
         key = {"kind": "contrastive", "config": asdict(cfg), "retain": retain.fingerprint(),
-               "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+               "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H], "weights": weights}
         if autocast is not None:
             key["autocast"] = autocast
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
@@ -408,7 +409,7 @@ def fit_contrastive(
         "model": models.model_name(model), "retain": retain.name, "forget": forget.name,
         "retain_format": _format_of(retain), "forget_format": _format_of(forget),
         "n_layers": L, "n_heads": H, "n_train": len(retain), "logprob": "sum over target tokens",
-        "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(),
+        "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(), "weights": weights,
         "versions": library_versions(), "tl_major": models.TL_MAJOR, "seconds": r.seconds,
         "configs_per_pass": configs_per_pass, **models.precision_meta(model, autocast),
     }

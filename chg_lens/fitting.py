@@ -145,6 +145,7 @@ class Checkpointer:
         """The newest consistent checkpoint state ``(tensors, meta)``, or None when there is none."""
         candidates = self.generations()
         if not candidates and (self.path / "meta.json").exists():
+            self._refuse_a_result()
             candidates = [self.path]  # a checkpoint written before generations existed
         problems = []
         for gen in candidates:
@@ -154,10 +155,7 @@ class Checkpointer:
                 problems.append(str(err))
                 continue
             if meta.get("digest") != self._digest:
-                raise ValueError(
-                    f"the checkpoint in {self.path} was written by a fit with other settings or data; "
-                    "use another checkpoint folder, or delete it to start over"
-                )
+                raise ValueError(self._mismatch(meta.get("key")))
             if problems:
                 warnings.warn(f"checkpoint {self.path}: skipped {len(problems)} damaged generation(s) "
                               f"({problems[0]}); resuming from {gen.name}", stacklevel=2)
@@ -166,6 +164,35 @@ class Checkpointer:
             raise ValueError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}; delete the folder "
                              "to start the fit over")
         return None
+
+    def _refuse_a_result(self) -> None:
+        """A folder holding a saved result (meta.json with a ``kind``) is not a checkpoint."""
+        from .results import read_meta
+
+        try:
+            kind = read_meta(self.path).get("kind")
+        except ValueError:
+            return  # damaged: load() reports it
+        if kind is not None:
+            raise ValueError(f"checkpoint_dir {self.path} holds a saved {kind!r} result, not a "
+                             f"checkpoint: load it with chg_lens.load({str(self.path)!r}), or pass a new or empty "
+                             "checkpoint folder (e.g. its checkpoint/ subfolder)")
+
+    def _mismatch(self, stored: dict | None) -> str:
+        """Why the checkpoint's key is not this fit's: the keys that differ, named."""
+        from .results import identity_differences
+
+        where = f"the checkpoint in {self.path}"
+        todo = "use another checkpoint folder (or --out), or delete it to start the fit over"
+        if not isinstance(stored, dict):
+            return f"{where} was written by another fit or an older release (it records no key); {todo}"
+        diff = identity_differences(stored, self.key)
+        diff += [f"{k} (none there)" for k in sorted(set(self.key) - set(stored))]
+        diff += [f"{k} (not set now)" for k in sorted(set(stored) - set(self.key))]
+        why = ""
+        if any(d.startswith("weights") for d in diff):
+            why = ": the model's weights are not those the checkpoint was fitted on (the model folder changed?)"
+        return f"{where} was written by a fit with other settings (it differs in {', '.join(diff) or 'its key'}){why}; {todo}"
 
     def save(self, tensors: dict[str, Tensor], meta: dict) -> None:
         from .results import write_bundle_files

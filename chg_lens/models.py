@@ -131,6 +131,46 @@ def model_name(model) -> str:
     return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
 
 
+FINGERPRINT_SAMPLE = 4096
+"""Elements of each parameter that :func:`weights_fingerprint` reads (evenly spaced, first and last included)."""
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model) -> str:
+    """A short sha256 (16 hex digits) of the model's weights, cheap enough for any model: every
+    parameter's name, shape and dtype and :data:`FINGERPRINT_SAMPLE` of its values, evenly spaced.
+    A fit's checkpoint key and result identity hold it, so a checkpoint never resumes on other
+    weights loaded from the same folder. Computed once per model object (again after an in-place
+    change of a parameter); the same on every device, and specific to this TransformerLens line
+    (the two lines name and lay out the weights differently).
+
+    Example::
+
+        models.weights_fingerprint(model)   # e.g. '3f9a1c0d2b7e4a51'
+    """
+    import hashlib
+
+    params = list(model.named_parameters())
+    stamp = tuple((name, p.data_ptr(), p._version, str(p.dtype)) for name, p in params)
+    known = _FINGERPRINTS.get(model)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    h = hashlib.sha256()
+    for name, p in params:
+        t = p.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        flat = t.reshape(-1)
+        n = flat.numel()
+        idx = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLE), dtype=torch.float64).round().long()
+        sample = flat[idx.to(flat.device)].cpu().contiguous()
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    fingerprint = h.hexdigest()[:16]
+    _FINGERPRINTS[model] = (stamp, fingerprint)
+    return fingerprint
+
+
 def z_hook_name(layer: int) -> str:
     """``blocks.{layer}.attn.hook_z``, named by TransformerLens's own helper."""
     return get_act_name("z", layer)

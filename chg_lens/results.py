@@ -6,7 +6,8 @@ contrastive CHG, ablation, patching) is written through :func:`save_bundle` and 
 result's ``kind``; :func:`load` returns the right class for it, and :func:`cached` fits a result
 or loads the one already saved. A save is atomic as a whole (a new hidden folder, then one rename
 or an atomic exchange), locked against a second writer, and records the sha256 of every file in
-``meta.json``; a load checks the tensors against it. :func:`check_target` refuses a folder that
+``meta.json`` and of ``meta.json``'s own content; a load checks both, and checks what it read (kind,
+config, tensor shapes, finite gate logits) before it builds the result. :func:`check_target` refuses a folder that
 holds another kind of result or a different fit before any work starts::
 
     result = chg_lens.results.load("runs/chg")          # a CHGResult (or ContrastiveResult, ...)

@@ -190,3 +190,109 @@ def test_a_fifo_in_place_of_a_result_file_is_refused_not_read(fit, tmp_path, nam
         pytest.fail("chg_lens.load blocked on a FIFO")
     assert isinstance(outcome.get("err"), ValueError)
     assert "is a named pipe (FIFO), not a regular file" in str(outcome["err"])
+
+
+# ============================================================================ a fit's identity covers the weights
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def save_hf(folder: Path, seed: int) -> None:
+    tiny_llama_hf(len(WORDS), seed=seed).save_pretrained(folder)
+    word_tokenizer(WORDS).save_pretrained(folder)
+
+
+def test_a_killed_fit_never_resumes_on_other_weights_in_the_same_model_folder(tmp_path, monkeypatch):
+    """Fault: kill a fit, put other weights in the same model folder, rerun with the same --out: the old
+    checkpoint resumed silently (its key held the folder path, not the weights). The checkpoint key
+    and the result identity now hold models.weights_fingerprint; the rerun is one clear error naming
+    the weights, the checkpoint is kept, and with the first weights back the fit resumes exactly."""
+    from chg_lens import fitting, models
+
+    folder, ck = tmp_path / "model", tmp_path / "ck"
+    save_hf(folder, seed=0)
+    first = chg_lens.load_model(str(folder))
+    real, calls = fitting.batch_rows, {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Killed
+        return real(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(fitting, "batch_rows", dying)
+        with pytest.raises(Killed):
+            fit_chg(first, tiny_data(), checkpoint_dir=ck, checkpoint_every=2, **KW)
+    kept = sorted(p.name for p in ck.iterdir())
+    save_hf(folder, seed=1)  # other weights, same folder, same name
+    other = chg_lens.load_model(str(folder))
+    assert models.model_name(other) == models.model_name(first)
+    assert models.weights_fingerprint(other) != models.weights_fingerprint(first)
+    with pytest.raises(ValueError, match=r"differs in weights \('[0-9a-f]{16}' there, '[0-9a-f]{16}' now\).*"
+                                         r"weights are not those the checkpoint was fitted on") as err:
+        fit_chg(other, tiny_data(), checkpoint_dir=ck, checkpoint_every=2, **KW)
+    one_line(err)
+    assert sorted(p.name for p in ck.iterdir()) == kept  # nothing on disk was lost
+    resumed = fit_chg(first, tiny_data(), checkpoint_dir=ck, checkpoint_every=2, **KW)
+    whole = fit_chg(first, tiny_data(), **KW)
+    for k in whole.logits:
+        assert torch.equal(resumed.logits[k], whole.logits[k])
+    assert resumed.meta["weights"] == models.weights_fingerprint(first)
+    out = resumed.save(tmp_path / "out")
+    again = fit_chg(other, tiny_data(), **KW)
+    with pytest.raises(ValueError, match="different chg result .*differs in weights"):
+        again.save(out)
+
+
+def test_the_weights_fingerprint_is_cheap_stable_and_follows_in_place_edits(tiny_model):
+    from chg_lens import models
+
+    a = models.weights_fingerprint(tiny_model)
+    assert a == models.weights_fingerprint(tiny_model) and len(a) == 16
+    p = next(tiny_model.parameters())
+    saved = p.detach().clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    try:
+        assert models.weights_fingerprint(tiny_model) != a
+    finally:
+        with torch.no_grad():
+            p.copy_(saved)
+    assert models.weights_fingerprint(tiny_model) == a
+
+
+def test_a_contrastive_checkpoint_key_covers_the_weights(tmp_path, monkeypatch):
+    from chg_lens import fitting
+
+    folder, ck = tmp_path / "model", tmp_path / "ck"
+    save_hf(folder, seed=0)
+    d = tiny_data(8)
+    kw = dict(updates=4, batch_size=4, progress=False, checkpoint_dir=ck, checkpoint_every=2)
+    real, calls = fitting.batch_rows, {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        return real(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(fitting, "batch_rows", dying)
+        with pytest.raises(Killed):
+            chg_lens.fit_contrastive(chg_lens.load_model(str(folder)), d, d, **kw)
+    save_hf(folder, seed=1)
+    with pytest.raises(ValueError, match="differs in weights"):
+        chg_lens.fit_contrastive(chg_lens.load_model(str(folder)), d, d, **kw)
+
+
+def test_a_saved_result_as_checkpoint_dir_says_what_it_is(fit, tiny_model, tmp_path):
+    """Fault: fit_chg(checkpoint_dir=<a saved result of the same fit>) said the checkpoint "was
+    written by a fit with other settings or data" (false). It now says the folder holds a saved
+    result, not a checkpoint, and leaves it as it was."""
+    path = fit.save(tmp_path / "chg")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(ValueError, match=r"checkpoint_dir .*chg holds a saved 'chg' result, not a checkpoint") as err:
+        fit_chg(tiny_model, tiny_data(), checkpoint_dir=path, **KW)
+    one_line(err)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
