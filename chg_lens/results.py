@@ -11,7 +11,7 @@ config, tensor shapes, finite gate logits) before it builds the result. :func:`c
 holds another kind of result or a different fit before any work starts::
 
     result = chg_lens.results.load("runs/chg")          # a CHGResult (or ContrastiveResult, ...)
-    result = cached("runs/fits/ioi", {"updates": 100}, lambda folder: fit_chg(model, train, updates=100))
+    result = cached("runs/fits/ioi", {"updates": 100}, lambda folder: fit_chg(model, train, updates=100), kind="chg")
 """
 
 from __future__ import annotations
@@ -653,23 +653,38 @@ def load(path: str | os.PathLike):
     return result_class(kind_of(meta, path))._from_bundle(tensors, meta, path)
 
 
-def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[Path], Any]):
+def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[Path], Any], *,
+           kind: "str | type | None" = None):
     """Fit or load: the result saved in ``folder`` if there is one, else ``fn(folder)`` saved there.
 
     ``key`` (JSON-able settings) is stored in the result's ``meta``; a saved result whose stored
     key differs is a ``ValueError`` naming the settings that differ, so a folder never silently
-    serves a fit made with other settings. ``fn`` may keep a checkpoint under ``folder`` (e.g.
-    ``folder / "checkpoint"``) so an interrupted fit resumes::
+    serves a fit made with other settings (nor, when ``key`` is given, a result that ``cached`` did
+    not write, which has no stored key to compare). ``kind`` (a kind name such as ``"chg"``, or a
+    result class such as ``CHGResult``) is the kind ``fn`` makes: a folder holding another kind of
+    result is a ``ValueError`` before ``fn`` runs, and ``fn`` returning another kind is a
+    ``TypeError``. ``fn`` may keep a checkpoint under ``folder`` (e.g. ``folder / "checkpoint"``) so
+    an interrupted fit resumes::
 
         result = cached(out / "fits" / "ioi", {"updates": 100, "lam": 0.1},
-                        lambda folder: fit_chg(model, train, updates=100, checkpoint_dir=folder / "checkpoint"))
+                        lambda folder: fit_chg(model, train, updates=100, checkpoint_dir=folder / "checkpoint"),
+                        kind="chg")
     """
     folder = Path(folder)
+    want_kind = kind if kind is None or isinstance(kind, str) else getattr(kind, "kind", None)
+    if kind is not None:
+        result_class(want_kind)  # a known kind name, or a ValueError listing them
     want = None if key is None else json.loads(json.dumps(_jsonable(key), sort_keys=True))
     if (folder / META).exists():
         result = load(folder)
+        if want_kind is not None and result.kind != want_kind:
+            raise ValueError(f"{folder} holds a {result.kind!r} result ({describe({'meta': result.meta})}), not the "
+                             f"{want_kind!r} result this call makes: use another folder, or delete that one to refit")
         stored = result.meta.get(CACHE_KEY)
-        if want is not None and stored is not None:
+        if want is not None and stored is None:
+            raise ValueError(f"{folder} holds a {result.kind!r} result that results.cached did not write (it stores "
+                             "no settings to compare): use another folder, or pass key=None to use it as it is")
+        if want is not None:
             differs = [k for k in {**stored, **want} if stored.get(k) != want.get(k)]
             if differs:
                 raise ValueError(f"{folder} holds a fit with other settings ({', '.join(differs)}); "
@@ -677,6 +692,9 @@ def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[
         return result
     folder.mkdir(parents=True, exist_ok=True)
     result = fn(folder)
+    if want_kind is not None and getattr(result, "kind", None) != want_kind:
+        raise TypeError(f"cached(..., kind={want_kind!r}): fn returned {type(result).__name__}, not a {want_kind!r} "
+                        "result; nothing was saved")
     if want is not None:
         result.meta[CACHE_KEY] = want
     result.save(folder)

@@ -410,7 +410,8 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
         resumed = _checkpoint_step(ckpt)
         _event(folder, "start", job_id=job_id, resumed_from=resumed)
         try:
-            result = cached(folder / "result", None, lambda _: _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {}))
+            result = cached(folder / "result", None, lambda _: _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {}),
+                            kind="chg")
             seconds = time.time() - t0
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],

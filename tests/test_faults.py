@@ -296,3 +296,28 @@ def test_a_saved_result_as_checkpoint_dir_says_what_it_is(fit, tiny_model, tmp_p
         fit_chg(tiny_model, tiny_data(), checkpoint_dir=path, **KW)
     one_line(err)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+
+
+# ============================================================================ results.cached
+def test_cached_refuses_a_folder_holding_another_kind_before_fitting(fit, sweep_result, tmp_path):
+    """Fault: results.cached(<a folder holding an ablation result>, {...}, fn) returned the ablation
+    result. With kind= (a name or a class) another kind is refused before fn runs; with a key, a
+    result cached did not write (no stored key) is refused too; old calls on folders cached wrote
+    keep working."""
+    folder = sweep_result.save(tmp_path / "abl")
+    never = lambda f: pytest.fail("fn ran")
+    for kind in ("chg", CHGResult):
+        with pytest.raises(ValueError, match=r"holds a 'ablation' result .*, not the 'chg' result this call makes"):
+            results.cached(folder, None, never, kind=kind)
+    with pytest.raises(ValueError, match="holds a 'ablation' result that results.cached did not write"):
+        results.cached(folder, {"updates": 4}, never)
+    assert type(results.cached(folder, None, never)) is ablation.AblationResult  # key None: used as it is
+    with pytest.raises(ValueError, match="unknown result kind 'chgg'"):
+        results.cached(tmp_path / "new", None, never, kind="chgg")
+    with pytest.raises(TypeError, match="fn returned AblationResult, not a 'chg' result; nothing was saved"):
+        results.cached(tmp_path / "wrong", None, lambda f: sweep_result, kind="chg")
+    assert not (tmp_path / "wrong" / results.META).exists()
+    calls = []
+    first = results.cached(tmp_path / "fit", {"updates": 4}, lambda f: calls.append(f) or fit, kind="chg")
+    again = results.cached(tmp_path / "fit", {"updates": 4}, never, kind=CHGResult)
+    assert len(calls) == 1 and torch.equal(again.logits["g0"], first.logits["g0"])
