@@ -525,7 +525,7 @@ def load_pairs_file(model: Any, path: str | os.PathLike, name: str | None = None
     from .tasks.common import load_located_records, text_columns
 
     located = load_located_records(path)
-    pairs = text_columns(located, ("prompt", "target"), str(path))
+    pairs = text_columns(located, ("prompt", "target"), str(path), can_drop=False)
     records = [r for _, r in located]
     data = TaskDataset.from_prompts(model, [p for p, _ in pairs], [t for _, t in pairs], name=name or Path(path).stem)
     if "pair_id" in records[0]:

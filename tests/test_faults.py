@@ -321,3 +321,56 @@ def test_cached_refuses_a_folder_holding_another_kind_before_fitting(fit, sweep_
     first = results.cached(tmp_path / "fit", {"updates": 4}, lambda f: calls.append(f) or fit, kind="chg")
     again = results.cached(tmp_path / "fit", {"updates": 4}, never, kind=CHGResult)
     assert len(calls) == 1 and torch.equal(again.logits["g0"], first.logits["g0"])
+
+
+# ============================================================================ data files
+@pytest.fixture(scope="module")
+def word_tok():
+    return word_tokenizer(WORDS)
+
+
+ROWS = [{"input": f"w{i} w{i + 1}", "output": f"w{i + 2}"} for i in range(20)]
+
+
+def test_a_csv_with_a_utf8_byte_order_mark_reads_like_one_without(word_tok, tmp_path):
+    """Fault: a custom CSV with a UTF-8 byte-order mark (an Excel export) was "missing column(s)
+    ['input']; it has ['output', '\\ufeffinput']". The readers drop a leading BOM."""
+    from chg_lens.tasks.custom import from_file
+
+    text = "input,output\n" + "".join(f"{r['input']},{r['output']}\n" for r in ROWS[:10])
+    (tmp_path / "plain.csv").write_text(text, encoding="utf-8")
+    (tmp_path / "excel.csv").write_text(text, encoding="utf-8-sig")
+    assert (tmp_path / "excel.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    for a, b in zip(from_file(word_tok, str(tmp_path / "plain.csv")), from_file(word_tok, str(tmp_path / "excel.csv"))):
+        assert torch.equal(a.tokens, b.tokens) and a.prompts == b.prompts
+    (tmp_path / "excel.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:10]), encoding="utf-8-sig")
+    assert len(from_file(word_tok, str(tmp_path / "excel.jsonl")).train) == 8
+
+
+def test_a_json_list_of_numbers_names_the_file_and_record(word_tok, tmp_path):
+    """Fault: a custom task file holding a JSON list of ints: "argument of type 'int' is not
+    iterable" (no file, no cause)."""
+    from chg_lens.tasks.custom import from_file
+
+    (tmp_path / "ints.json").write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match=r"ints.json, record 1: expected a JSON object with named fields .*got int 1"):
+        from_file(word_tok, str(tmp_path / "ints.json"))
+
+
+@pytest.mark.parametrize("constant, match", [("NaN", "record 6, column 'output': missing value"),
+                                             ("Infinity", r"record 6, column 'output': non-finite \(inf\) value")])
+def test_bare_nan_or_infinity_in_function_vector_data_is_refused(word_tok, tmp_path, constant, match):
+    """Fault: a function-vector data file with bare NaN / Infinity values built prompts "A: nan",
+    "Q: inf" (rc 0) while the custom task refused the same file. Both read it through the same
+    text_columns check now, and say which record."""
+    from chg_lens.tasks.custom import from_file
+    from chg_lens.tasks.function_vectors import function_vector
+
+    folder = tmp_path / "fv"
+    folder.mkdir()
+    (folder / "antonym.json").write_text(json.dumps(ROWS).replace('"w7"', constant, 1))
+    with pytest.raises(ValueError, match=match) as err:
+        function_vector(word_tok, data_dir=folder, n_prompts=8, n_shots=1)
+    assert "drop_empty" not in one_line(err)  # fv has no such option: the message does not offer it
+    with pytest.raises(ValueError, match=match):
+        from_file(word_tok, str(folder / "antonym.json"))
