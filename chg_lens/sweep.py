@@ -285,7 +285,7 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
             bad = [k for k in t.options if k not in params]
             task_problem[t.label] = (f"task '{t.label}' does not take option(s) {bad}; it takes {params}" if bad else None)
             if not bad:
-                checks.call_options(fn, t.options, f"task '{t.label}'")  # the check `chg-lens fit` makes
+                task_registry.check_options(t.task, **t.options)  # the check `chg-lens fit` makes
         except ValueError as err:
             task_problem[t.label] = str(err)
     for cell in cfg.cells():

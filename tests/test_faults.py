@@ -374,3 +374,75 @@ def test_bare_nan_or_infinity_in_function_vector_data_is_refused(word_tok, tmp_p
     assert "drop_empty" not in one_line(err)  # fv has no such option: the message does not offer it
     with pytest.raises(ValueError, match=match):
         from_file(word_tok, str(folder / "antonym.json"))
+
+
+# ============================================================================ options checked before the model loads
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr(chg_lens, "load_model", refuse)
+    monkeypatch.setattr(chg_lens.models, "load_model", refuse)
+
+
+def run_cli(args, capsys):
+    from chg_lens.cli import main
+
+    code = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    return code, cap.err
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_hf(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fv_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fv")
+    (folder / "antonym.json").write_text(json.dumps(ROWS))
+    return folder
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan"])
+def test_contrast_val_fraction_is_checked_for_registered_tasks(tmp_path, capsys, no_model_load, fv_dir, value):
+    """Fault: chg-lens contrast --retain fv --forget fv --val-fraction 0 | -0.5 | 1.5 | nan ran and
+    reported converged: the value was ignored for registered tasks (checked only for files). It is
+    checked before the model loads, and passed to the tasks."""
+    code, err = run_cli(["contrast", "--retain", "fv", "--forget", "fv", "--data-dir", fv_dir, "--val-fraction", value,
+                         "--out", tmp_path / "c"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("--val-fraction must be in (0, 1)" in err) or ("--val-fraction must be a finite number" in err), err
+
+
+def test_contrast_val_fraction_reaches_the_registered_task(tmp_path, capsys, model_folder, fv_dir):
+    args = ["contrast", "--model", model_folder, "--retain", "fv", "--forget", "fv", "--data-dir", fv_dir,
+            "--task-option", "n_shots=1", "--retain-option", "fmt=instruction", "--n-prompts", 8, "--updates", 2,
+            "--batch-size", 4, "--no-progress"]
+    code, err = run_cli(args + ["--val-fraction", "0.5", "--out", tmp_path / "half"], capsys)
+    assert code == 0, err
+    ev = pd.read_csv(tmp_path / "half" / "evaluation.csv")
+    assert set(ev["n"]) == {4}  # 8 rows, half held out
+    code, err = run_cli(args + ["--out", tmp_path / "default"], capsys)
+    assert code == 0 and set(pd.read_csv(tmp_path / "default" / "evaluation.csv")["n"]) == {2}  # fv's own 0.2
+
+
+def test_a_sweep_with_one_prompt_fails_its_pre_submission_check(model_folder, tmp_path):
+    """Fault: a sweep with n_prompts: 1 passed the pre-submission check and failed inside the job.
+    tasks.check_options (the sweep's check and chg-lens fit's) refuses n_prompts < 2 and a
+    val_fraction outside (0, 1)."""
+    from chg_lens import sweep
+
+    cfg = sweep.load_config({"out": str(tmp_path / "s"), "models": [str(model_folder)],
+                             "tasks": [{"name": "one", "task": "ioi", "options": {"n_prompts": 1}},
+                                       {"name": "all", "task": "ioi", "options": {"val_fraction": 1.0}}],
+                             "seeds": [0], "executor": {"kind": "debug"}})
+    with pytest.raises(ValueError) as err:
+        sweep.check_config(cfg)
+    assert "option n_prompts must be at least 2; got 1" in str(err.value)
+    assert "option val_fraction must be in (0, 1)" in str(err.value)
+    assert not (tmp_path / "s").exists()
