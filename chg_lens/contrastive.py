@@ -82,25 +82,27 @@ def _targets(data: TaskDataset) -> list[tuple[int, ...]]:
     return [tuple(row[m].tolist()) for row, m in zip(data.tokens, data.loss_mask)]
 
 
-def check_matched(retain: TaskDataset, forget: TaskDataset) -> None:
+def check_matched(retain: TaskDataset, forget: TaskDataset, *, names: tuple[str, str] = ("retain", "forget")) -> None:
     """Raise ``ValueError`` unless row ``i`` of ``retain`` and ``forget`` can be the same problem.
 
     Sizes must be equal. When both carry ``row_meta["pair_id"]`` the ids must agree row by row.
     Otherwise, when both hold the same target sequences, they must come in the same order (the
     same targets in another order means the rows were shuffled apart). Data sets whose targets
-    differ by design (a contrast of outputs) are accepted on size alone.
+    differ by design (a contrast of outputs) are accepted on size alone. ``names`` are the two data
+    sets' names in the messages (e.g. ``("validation retain", "validation forget")``).
 
     Example::
 
         check_matched(f["instruction"], f["icl"])
     """
-    for name, d in (("retain", retain), ("forget", forget)):
+    a_name, b_name = names
+    for name, d in ((a_name, retain), (b_name, forget)):
         if not isinstance(d, TaskDataset):
             raise TypeError(f"{name} must be a TaskDataset; got {type(d).__name__} "
                             "(a registered task returns (train, validation): pass one of them)")
     if len(retain) != len(forget):
         raise ValueError(
-            f"retain has {len(retain)} rows but forget has {len(forget)}: contrastive CHG needs matched rows "
+            f"{a_name} has {len(retain)} rows but {b_name} has {len(forget)}: contrastive CHG needs matched rows "
             "(row i of both = the same problem in two formulations); build both from the same problems, e.g. "
             "chg_lens.tasks.function_vectors.fv_formats, and split them with the same seed")
     a, b = retain.row_meta.get("pair_id"), forget.row_meta.get("pair_id")
@@ -108,17 +110,40 @@ def check_matched(retain: TaskDataset, forget: TaskDataset) -> None:
         bad = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
         if bad:
             i = bad[0]
-            raise ValueError(f"{len(bad)} of {len(a)} rows are not paired: row_meta['pair_id'] differs (first: row {i}, "
-                             f"{a[i]!r} vs {b[i]!r}); order both data sets so row i is the same problem")
+            raise ValueError(f"{len(bad)} of {len(a)} rows of {a_name} and {b_name} are not paired: row_meta['pair_id'] "
+                             f"differs (first: row {i}, {a[i]!r} vs {b[i]!r}); order both data sets so row i is the "
+                             "same problem")
         return
     ta, tb = _targets(retain), _targets(forget)
     if ta != tb and sorted(ta) == sorted(tb):
         bad = sum(x != y for x, y in zip(ta, tb))
         first = next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y)
         raise ValueError(
-            f"retain and forget hold the same targets but {bad} of {len(ta)} rows are not in the same order "
+            f"{a_name} and {b_name} hold the same targets but {bad} of {len(ta)} rows are not in the same order "
             f"(first: row {first}): the rows are not paired; order both data sets so row i is the same problem, "
             "or give both a row_meta['pair_id']")
+
+
+def check_validation(validation: Any, name: str = "validation") -> tuple[TaskDataset, TaskDataset]:
+    """``validation`` as a matched pair ``(retain_eval, forget_eval)``, else a TypeError (not a pair
+    of data sets, or the ``(train, validation)`` split of one data set) or a ValueError from
+    :func:`check_matched` that names the validation sets.
+
+    Example::
+
+        check_validation((f["instruction"].split(0.2, 0).validation, f["icl"].split(0.2, 0).validation))
+    """
+    from .data import TaskSplits
+
+    if isinstance(validation, TaskSplits):
+        raise TypeError(f"{name} must be (retain_eval, forget_eval), the held-out rows of both formulations matched "
+                        "row by row; got the (train, validation) split of one data set: split retain and forget with "
+                        "the same seed and pass (retain_split.validation, forget_split.validation)")
+    if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+        got = type(validation).__name__ + (f" of {len(validation)}" if isinstance(validation, (tuple, list)) else "")
+        raise TypeError(f"{name} must be a pair (retain_eval, forget_eval) of TaskDatasets; got {got}")
+    check_matched(*validation, names=(f"{name} retain (first)", f"{name} forget (second)"))
+    return validation[0], validation[1]
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -358,13 +383,10 @@ def fit_contrastive(
     lam, max_diff, clip = float(lam), float(max_diff), float(clip)
     cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, float(lr), float(lr_end), clip, seed,
                             grad_accum, snapshot_every)
-    model = models.as_model(model)
     if check_pairs:
         check_matched(retain, forget)
     elif len(retain) != len(forget):
         raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
-    retain.check_model(model)
-    forget.check_model(model)
     if evaluate_on is not None:
         import warnings
 
@@ -372,9 +394,11 @@ def fit_contrastive(
             raise ValueError("give validation=(retain_eval, forget_eval) only; evaluate_on is its old name")
         warnings.warn("fit_contrastive(evaluate_on=...) is now validation=...", DeprecationWarning, stacklevel=2)
         validation = evaluate_on
-    evaluate_on = validation
+    evaluate_on = None if validation is None else check_validation(validation)
+    model = models.as_model(model)
+    retain.check_model(model)
+    forget.check_model(model)
     if evaluate_on is not None:
-        check_matched(*evaluate_on)
         for d in evaluate_on:
             d.check_model(model)
     L, H, S = models.n_layers(model), models.n_heads(model), n_seeds

@@ -446,3 +446,22 @@ def test_a_sweep_with_one_prompt_fails_its_pre_submission_check(model_folder, tm
     assert "option n_prompts must be at least 2; got 1" in str(err.value)
     assert "option val_fraction must be in (0, 1)" in str(err.value)
     assert not (tmp_path / "s").exists()
+
+
+def test_fit_contrastive_validation_errors_name_the_validation(tiny_model, monkeypatch):
+    """Faults: fit_contrastive(validation=data.split(0.25)) blamed retain/forget; validation=<one
+    TaskDataset> gave "check_matched() argument after * must be an iterable". Both are now a
+    TypeError about validation, before any fitting; unmatched validation sets are named as such."""
+    monkeypatch.setattr(chg_lens.contrastive, "run_stages", lambda *a, **k: pytest.fail("fitting started"))
+    d = tiny_data(8)
+    fit = lambda validation: chg_lens.fit_contrastive(tiny_model, d, d, updates=2, batch_size=4, progress=False,
+                                                      validation=validation)
+    with pytest.raises(TypeError, match=r"validation must be \(retain_eval, forget_eval\).*got the \(train, "
+                                        r"validation\) split of one data set") as err:
+        fit(d.split(0.25))
+    one_line(err)
+    with pytest.raises(TypeError, match="validation must be a pair .retain_eval, forget_eval. of TaskDatasets; got "
+                                        "TaskDataset"):
+        fit(d)
+    with pytest.raises(ValueError, match="validation retain .first. has 8 rows but validation forget .second. has 4"):
+        fit((d, tiny_data(4)))
