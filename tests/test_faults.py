@@ -465,3 +465,102 @@ def test_fit_contrastive_validation_errors_name_the_validation(tiny_model, monke
         fit(d)
     with pytest.raises(ValueError, match="validation retain .first. has 8 rows but validation forget .second. has 4"):
         fit((d, tiny_data(4)))
+
+
+# ============================================================================ explain
+EVIL = ('<script>alert(1)</script> <img src=x onerror=alert(2)> [click](javascript:alert(3)) '
+        '<a href="JavaScript:alert(4)">x</a> | pipe')
+
+
+def test_explain_report_renders_no_html_or_script_links_from_explanations(tmp_path):
+    """Fault: an LLM explanation holding <script>, <img onerror=...> or a javascript: link was copied
+    raw into explain's report.md (Markdown viewers, Jupyter included, render raw HTML) and
+    summary.csv. report.md now shows every free text through explain.report.md_text (HTML escaped,
+    link syntax escaped, javascript: broken); summary.csv keeps the text but a cell a spreadsheet
+    would run as a formula starts with a quote."""
+    import csv
+
+    import markdown
+
+    from chg_lens.explain import build_summary, write_explain_report
+
+    records = [{"layer": 0, "head": 0, "explanation": EVIL, "status": "ok"},
+               {"layer": 0, "head": 1, "explanation": '=HYPERLINK("http://x","y")', "status": "ok"},
+               {"layer": 1, "head": 0, "explanation": "-1 means nothing", "status": "ok"}]
+    scores = pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "simulation_score": [0.5, -0.25, 0.1],
+                           "detection_score": [0.6, 0.5, 0.5], "label": ["<b>x</b>", "+cmd", "none"]})
+    clusters = {"clusters": [{"id": 0, "size": 2, "heads": ["0.0", "0.1"], "exemplar": EVIL}],
+                "labels": {"0.0": 0, "0.1": 0}, "n_noise": 1}
+    summary, _ = build_summary(records, scores, clusters)
+    md, csv_path = write_explain_report(summary, tmp_path, clusters, title="<i>t</i>",
+                                        settings={"model": "<svg onload=alert(5)>"})
+    page = markdown.markdown(md.read_text(), extensions=["tables"]).lower()
+    for bad in ("<script", "<img", "<a href", "<svg", "<i>", "<b>", "javascript:", "onerror=alert(2)>"):
+        assert bad not in page, bad
+    assert "alert(1)" in page and "&lt;script&gt;" in page  # the text is shown, as text
+    assert page.count("<tr>") == 1 + 3  # the pipe did not split a table row
+    rows = list(csv.DictReader(csv_path.open()))
+    assert rows[0]["explanation"] == EVIL  # the data are kept as written
+    assert rows[1]["explanation"].startswith("'=HYPERLINK") and rows[2]["explanation"] == "'-1 means nothing"
+    assert rows[1]["label"] == "'+cmd" and rows[1]["simulation_score"] == "-0.25"  # numbers untouched
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    words = [WORDS[4 + int(i)] for i in torch.randint(0, 28, (800,), generator=g)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(" ".join(words))
+    return path
+
+
+def explain_config(corpus, **kw):
+    from chg_lens.explain import ExplainConfig
+
+    return ExplainConfig(**{**dict(sources=str(corpus), n_windows=8, window_len=12, topk=5, max_heads=None,
+                                   heads="0.0,0.1,1.0,1.1", min_cluster_size=2, batch_size=8, probe_sequences=2,
+                                   probe_length=4), **kw})
+
+
+def test_explain_refuses_a_chg_result_of_another_model(tiny_model, fit, corpus, tmp_path, monkeypatch):
+    """Fault: explain --chg-result with a fit of another model (a 3-layer fit on a 2-layer model, or
+    another model of the same shape) joined roles by (layer, head) without a word. The fit's shape
+    and weights (or, for fits that predate the fingerprint, its model name) must be the explained
+    model's: checked before the recording, and again against a reused recording."""
+    from chg_lens import explain, models
+
+    three = models.load_model(tiny_llama_hf(len(WORDS), n_layers=3), tokenizer=word_tokenizer(WORDS))
+    same_shape = models.load_model(tiny_llama_hf(len(WORDS), seed=1), tokenizer=word_tokenizer(WORDS))
+    for other, match in ((three, r"is a fit of a model with 3 layers x 4 heads .*explained model .* has 2 x 4"),
+                         (same_shape, r"was fitted on other weights \(fingerprint [0-9a-f]{16}")):
+        other_fit = fit_chg(other, tiny_data(), **KW)
+        other_fit.meta["model"] = models.model_name(tiny_model)  # the same name: only shape / weights tell
+        path = other_fit.save(tmp_path / f"chg{models.n_layers(other)}")
+        with monkeypatch.context() as m:
+            m.setattr(explain.pipeline, "record_to_parquet", lambda *a, **k: pytest.fail("recording started"))
+            with pytest.raises(ValueError, match=match) as err:
+                explain.run_explain(tiny_model, tmp_path / "x", explain_config(corpus, chg_result=str(path)),
+                                    progress=False)
+            one_line(err)
+    good = fit.save(tmp_path / "good")
+    out = explain.run_explain(tiny_model, tmp_path / "out", explain_config(corpus, chg_result=str(good)),
+                              progress=False)
+    assert set(out.summary.role) <= {"facilitating", "interfering", "irrelevant"} and len(out.summary) == 4
+    with pytest.raises(ValueError, match="fitted on other weights"):  # a reused recording is checked too
+        explain.run_explain(None, tmp_path / "out", explain_config(corpus, chg_result=str(tmp_path / "chg2")),
+                            skip_cache=True, skip_explain=True, skip_simulate=True, skip_cluster=True, progress=False)
+
+
+def test_explain_takes_a_negative_seed_and_checks_sim_windows_before_loading(tiny_model, corpus, tmp_path, capsys,
+                                                                            no_model_load):
+    """Fault: chg-lens explain --sim-windows -1 and --seed -1 errored after the model loaded and
+    recorded, the second naming no option (other subcommands accept seed -1). --sim-windows is
+    checked before the model loads; a negative seed runs (numpy's generators get it modulo 2**64)."""
+    from chg_lens import explain
+
+    code, err = run_cli(["explain", "--sources", corpus, "--sim-windows", "-1", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "--sim-windows must be at least 1; got -1" in err and err.count("\n") == 1
+    out = explain.run_explain(tiny_model, tmp_path / "neg", explain_config(corpus, seed=-1), progress=False)
+    again = explain.run_explain(tiny_model, tmp_path / "neg2", explain_config(corpus, seed=-1), progress=False)
+    pd.testing.assert_frame_equal(out.summary, again.summary)
+    assert len(out.summary) == 4 and out.steps_run == ["cache", "explain", "simulate", "cluster", "report"]

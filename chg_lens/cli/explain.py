@@ -68,11 +68,9 @@ def run(a: argparse.Namespace) -> int:
                         probe_sequences=a.probe_sequences, probe_length=a.probe_length,
                         stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result,
                         llm_timeout=a.llm_timeout, llm_retries=a.llm_retries, autocast=a.autocast)
-    cfg.check()
+    cfg.check()  # every option, and --chg-result loads as a CHG result, before the model loads
     from .. import checks
 
-    checks.finite_float("--llm-timeout", a.llm_timeout, min=0, min_open=True)
-    checks.whole_int("--llm-retries", a.llm_retries, min=0)
     checks.device(a.device)
     checks.output_dir(a.out, "--out")
     if a.explainer == "openai" and not a.skip_explain and not os.environ.get("OPENAI_API_KEY") and not a.base_url:

@@ -34,7 +34,7 @@ from .events import salient_events, split_windows
 from .explainers import OpenAIExplainer, PatternExplainer
 from .probes import probe_scores, write_probes
 from .record import PROBES_FILE, load_raw, parse_heads, record_to_parquet, select_heads
-from .report import build_summary, write_explain_report
+from .report import build_summary, check_chg_model, write_explain_report
 from .simulate import score_all
 from .sources import check_sources, parse_sources, sample_windows
 
@@ -76,20 +76,45 @@ class ExplainConfig:
     autocast: str | None = "off"       # precision of the recording passes: off (model dtype) | auto | bf16 | fp16
 
     def check(self) -> None:
-        """Clear errors for bad options, before any long work."""
+        """Clear errors for bad options, before any long work (and before a model loads): each
+        option named as the command line spells it; ``chg_result`` must load as a CHG result."""
+        from .. import checks
+
         check_sources(parse_sources(self.sources), self.stackexchange_dir, self.wikitext_dir)
         if self.explainer not in ("pattern", "openai"):
             raise ValueError(f"--explainer must be pattern or openai, not {self.explainer!r}")
-        for name in ("n_windows", "window_len", "topk", "batch_size", "top_sources"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
-        if self.probe_sequences < 0 or (self.probe_sequences and self.probe_length < 3):
-            raise ValueError("probe_sequences must be >= 0 (0: no probes) and probe_length >= 3")
-        if self.min_cluster_size < 2:
-            raise ValueError("min_cluster_size must be at least 2")
-        if self.chg_result is not None and not Path(self.chg_result).is_dir():
-            raise ValueError(f"--chg-result {self.chg_result} is not a CHG result folder")
+        for name, flag in (("n_windows", "--windows"), ("window_len", "--window-len"), ("topk", "--topk"),
+                           ("batch_size", "--batch-size"), ("top_sources", "top_sources"),
+                           ("sim_windows", "--sim-windows"), ("llm_retries", "--llm-retries")):
+            checks.whole_int(flag, getattr(self, name), min=0 if name == "llm_retries" else 1)
+        if self.max_heads is not None:
+            checks.positive_int("--max-heads", self.max_heads)
+        checks.whole_int("--seed", self.seed)
+        checks.whole_int("--probe-sequences", self.probe_sequences, min=0)
+        if self.probe_sequences:
+            checks.whole_int("--probe-length", self.probe_length, min=3)
+        checks.whole_int("--min-cluster-size", self.min_cluster_size, min=2)
+        checks.finite_float("--llm-timeout", self.llm_timeout, min=0, min_open=True)
+        if self.requests_per_minute is not None:
+            checks.finite_float("--requests-per-minute", self.requests_per_minute, min=0, min_open=True)
+        checks.finite_float("holdout_fraction", self.holdout_fraction, min=0, max=1, min_open=True)
+        if self.chg_result is not None:
+            self.chg()
         parse_heads(self.heads)
+
+    def chg(self):
+        """The CHG result of ``chg_result`` (None without one), loaded and verified; a ValueError
+        naming ``--chg-result`` when the folder holds no CHG result or a damaged one."""
+        if self.chg_result is None:
+            return None
+        from ..chg import CHGResult
+
+        if not Path(self.chg_result).is_dir():
+            raise ValueError(f"--chg-result {self.chg_result} is not a CHG result folder")
+        try:
+            return CHGResult.load(self.chg_result)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"--chg-result: {err}") from None
 
 
 @dataclass
@@ -139,6 +164,7 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
     """
     cfg = config or ExplainConfig()
     cfg.check()
+    chg = cfg.chg()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {n: outdir / n for n in (RAW, EXPLANATIONS, SIM_SCORES, CLUSTERS)}
@@ -154,12 +180,15 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
 
     if not skip_cache:
         model = models.as_model(model)
+        model_meta = {"model": models.model_name(model), "n_layers": models.n_layers(model),
+                      "n_heads": models.n_heads(model), "weights": models.weights_fingerprint(model)}
+        if chg is not None:
+            check_chg_model(chg, model_meta, cfg.chg_result)  # before the long recording
         windows = sample_windows(model, cfg.sources, cfg.n_windows, cfg.window_len, cfg.seed,
                                  cfg.stackexchange_dir, cfg.wikitext_dir)
         heads = select_heads(model, parse_heads(cfg.heads), cfg.max_heads, cfg.seed)
         record_to_parquet(model, windows, heads, paths[RAW], cfg.batch_size, cfg.top_sources,
-                          meta={"model": models.model_name(model), "seed": cfg.seed}, progress=progress,
-                          autocast=cfg.autocast)
+                          meta={**model_meta, "seed": cfg.seed}, progress=progress, autocast=cfg.autocast)
         probes_path = outdir / PROBES_FILE
         if cfg.probe_sequences:
             write_probes(probe_scores(model, heads, n_sequences=cfg.probe_sequences, length=cfg.probe_length,
@@ -168,6 +197,8 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
             probes_path.unlink()             # never leave another run's probes beside these windows
         steps.append("cache")
     raw = load_raw(paths[RAW])
+    if chg is not None:
+        check_chg_model(chg, raw.meta, cfg.chg_result, heads=raw.heads)
     train, held_out = split_windows(raw.tokens.shape[0], cfg.holdout_fraction)
 
     if not skip_explain:
@@ -195,7 +226,7 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
         steps.append("cluster")
     clusters = json.loads(paths[CLUSTERS].read_text())
 
-    summary, task = build_summary(records, scores, clusters, cfg.chg_result, probes=raw.probes)
+    summary, task = build_summary(records, scores, clusters, chg, probes=raw.probes)
     explainer_name = records[0].get("explainer", cfg.explainer) if records else cfg.explainer
     settings = {"model": raw.meta.get("model"), "sources": ", ".join(sorted(set(raw.meta.get("sources", [])))),
                 "windows": f"{raw.meta['n_windows']} x {raw.meta['window_len']} tokens "

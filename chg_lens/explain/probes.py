@@ -59,6 +59,12 @@ REFERENCES = {
 META_KEY = b"chg_lens.explain.probes"
 
 
+def numpy_rng(seed: int) -> np.random.Generator:
+    """A numpy generator for any whole ``seed``, negative ones included (as every other chg_lens seed;
+    numpy itself refuses them): seeds 0, 1, ... give numpy's own streams."""
+    return np.random.default_rng(int(seed) % 2**64)
+
+
 def probe_tokens(tokenizer, n_sequences: int = 10, length: int = 50, seed: int = 0
                  ) -> tuple[Int[Tensor, "batch pos"], int]:
     """Repeated random token sequences ``[BOS] x x`` (``[batch, offset + 2 * length]``) and the offset
@@ -69,7 +75,7 @@ def probe_tokens(tokenizer, n_sequences: int = 10, length: int = 50, seed: int =
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     if len(vocab) < 2:
         raise ValueError("the tokenizer has fewer than 2 ordinary tokens: no probe sequences can be drawn")
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     pool = np.asarray(vocab)
     rows = [rng.choice(pool, size=length, replace=len(pool) < length) for _ in range(n_sequences)]
     body = torch.tensor(np.stack(rows), dtype=torch.long)
