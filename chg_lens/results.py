@@ -198,8 +198,9 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[
 
     The bundle is written into a new hidden folder beside ``path``, which then takes ``path``'s
     place in one rename (an atomic exchange when ``path`` exists), so a kill at any point leaves
-    either the old result or the new one, never a mix. ``meta.json`` stores the sha256 of every
-    file, checked by :func:`load_bundle`. Entries of an existing folder that the new bundle does not
+    either the old result or the new one, never a mix. ``path`` may be a symbolic link to a folder:
+    the result is written into that folder and the link is kept. ``meta.json`` stores the sha256 of
+    every file, checked by :func:`load_bundle`. Entries of an existing folder that the new bundle does not
     replace (a ``checkpoint/``, your own notes) are kept. A second process writing the same folder
     at once gets a ValueError. ``meta["kind"]`` and ``identity`` (what makes two results the same
     fit) are checked against a result already there by :func:`check_target`; ``overwrite``
@@ -212,6 +213,8 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[
     path = Path(path).expanduser().absolute()
     kind = meta.get("kind")
     check_target(path, kind, identity, overwrite)
+    if path.is_symlink():  # a link to a folder: write into the folder it points to, keep the link
+        path = path.resolve()
     with folder_lock(path):
         check_target(path, kind, identity, overwrite)
         for stale in _stale_siblings(path):  # left by a writer that was killed; we hold the lock

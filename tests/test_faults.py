@@ -564,3 +564,48 @@ def test_explain_takes_a_negative_seed_and_checks_sim_windows_before_loading(tin
     again = explain.run_explain(tiny_model, tmp_path / "neg2", explain_config(corpus, seed=-1), progress=False)
     pd.testing.assert_frame_equal(out.summary, again.summary)
     assert len(out.summary) == 4 and out.steps_run == ["cache", "explain", "simulate", "cluster", "report"]
+
+
+# ============================================================================ --out a symbolic link
+def custom_fit_args(model_folder, data: Path) -> list:
+    data.write_text("input,output\n" + "".join(f"w{i} w{i + 1},w{i + 2}\n" for i in range(10)))
+    return ["fit", "--model", model_folder, "--task", "custom", "--data-dir", data, "--n-seeds", 1, "--updates", 2,
+            "--reg-updates", 2, "--batch-size", 4, "--checkpoint-every", 1, "--no-progress"]
+
+
+def leftovers(*folders: Path) -> list[str]:
+    return [p.name for f in folders for p in f.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_out_as_a_symlink_writes_into_its_folder_and_keeps_the_link(model_folder, tmp_path, capsys):
+    """Fault: --out a symlink to an empty folder or to a result: the fit ran, then "OSError: Cannot
+    call rmtree on a symbolic link"; the exchange replaced the link itself and left .L.tmp-*. The
+    result is now written into the folder the link points to, the link stays, nothing is left over."""
+    args = custom_fit_args(model_folder, tmp_path / "rows.csv")
+    real, link = tmp_path / "real", tmp_path / "links" / "L"
+    real.mkdir()
+    link.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    code, err = run_cli(args + ["--out", link], capsys)
+    assert code == 0, err
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    first = CHGResult.load(real)
+    assert (real / "scores.csv").exists() and not (real / "checkpoint").exists()
+    assert leftovers(tmp_path, link.parent) == []
+    code, err = run_cli(args + ["--out", link, "--lam", "0.3"], capsys)  # a link to a result: checked as one
+    assert code == 2 and "different chg result" in err
+    code, err = run_cli(args + ["--out", link, "--lam", "0.3", "--overwrite"], capsys)
+    assert code == 0, err
+    assert link.is_symlink() and CHGResult.load(link).config["lam"] == 0.3 != first.config["lam"]
+    assert leftovers(tmp_path, link.parent) == []
+
+
+def test_a_dangling_out_symlink_fails_before_the_model_loads(tmp_path, capsys, no_model_load):
+    """Fault: a dangling --out symlink gave FileExistsError after the model loaded."""
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for args in (["fit"], ["contrast", "--retain", "ioi", "--forget", "ioi"], ["ablate"],
+                 ["explain", "--sources", tmp_path]):
+        code, err = run_cli([*args, "--out", dangling], capsys)
+        assert code == 2 and "is a symbolic link to" in err and "which does not exist" in err, (args, err)
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()

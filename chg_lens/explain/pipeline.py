@@ -162,10 +162,12 @@ def run_explain(model: Any, outdir: str | os.PathLike, config: ExplainConfig | N
     when the recording step runs. ``explainer`` overrides the one ``config`` names (any object
     with ``name``, ``explain(raw, head_index, windows, events)`` and ``predict(record, tokens, token_str)``).
     """
+    from .. import checks
+
     cfg = config or ExplainConfig()
     cfg.check()
     chg = cfg.chg()
-    outdir = Path(outdir)
+    outdir = checks.output_dir(outdir, "outdir")
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {n: outdir / n for n in (RAW, EXPLANATIONS, SIM_SCORES, CLUSTERS)}
     for flag, name in (("--skip-cache", RAW), ("--skip-explain", EXPLANATIONS), ("--skip-simulate", SIM_SCORES),
