@@ -54,7 +54,9 @@ from .results import cached
 
 EXECUTORS = ("local", "slurm", "debug")
 """``local``: one subprocess per job on this machine; ``slurm``: sbatch (job arrays); ``debug``: in this process."""
-STATUSES = ("done", "running", "queued", "failed", "interrupted", "pending")
+STATUSES = ("done", "running", "queued", "failed", "interrupted", "damaged", "pending")
+"""A cell's state in the index; ``damaged``: ``done.json`` is there but the result does not verify
+(a truncated or changed file): the next launch refits it, keeping the damaged copy beside it."""
 _RESERVED_FIT = {"model", "data", "validation", "checkpoint_dir", "task", "progress", "seed", "lam"}
 _SPEC_LOAD_KEYS = ("device", "dtype")
 
@@ -390,6 +392,61 @@ def run_cells(root: str, cells: list[dict], threads: int | None = None) -> list[
     return [run_cell(root, Cell.from_dict(c), loaded) for c in cells]
 
 
+_VERIFIED: dict[tuple, str | None] = {}
+
+
+def result_problem(folder: str | os.PathLike) -> str | None:
+    """Why the result folder of a finished cell cannot be used (missing, truncated, changed: it does
+    not load with its digests checked), or None when it verifies. Cached per version of its files,
+    so polling the index re-reads nothing."""
+    from .results import META, TENSORS, load_bundle
+
+    folder = Path(folder)
+    try:
+        stamp = (str(folder.resolve()),) + tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in
+                                                 (os.stat(folder / n) for n in (TENSORS, META)))
+    except OSError as err:
+        return f"{folder}: {err.strerror or err}"
+    if stamp not in _VERIFIED:
+        try:
+            load_bundle(folder)
+            _VERIFIED[stamp] = None
+        except (OSError, ValueError) as err:
+            _VERIFIED[stamp] = str(err)
+    return _VERIFIED[stamp]
+
+
+def _read_done(folder: Path) -> tuple[dict | None, str | None]:
+    """A cell's ``done.json`` (None when absent) and why the finished cell cannot be used: its
+    ``done.json`` is unreadable or its result does not verify (:func:`result_problem`); None if fine."""
+    if not (folder / DONE).exists():
+        return None, None
+    try:
+        done = json.loads((folder / DONE).read_text())
+        if not isinstance(done, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return None, f"{folder / DONE} cannot be read ({err})"
+    return done, result_problem(folder / "result")
+
+
+def _set_aside(folder: Path, problem: str) -> Path:
+    """Move a damaged result (and its done.json) aside as ``result.damaged-N``, so the cell is refitted
+    and nothing on disk is lost."""
+    n = 1
+    while (folder / f"result.damaged-{n}").exists():
+        n += 1
+    aside = folder / f"result.damaged-{n}"
+    if (folder / "result").exists() or (folder / "result").is_symlink():
+        os.rename(folder / "result", aside)
+    else:
+        aside.mkdir()
+    if (folder / DONE).exists():
+        os.rename(folder / DONE, aside / DONE)
+    _event(folder, "damaged", problem=problem, moved_to=aside.name)
+    return aside
+
+
 def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) -> dict:
     """Run one cell exactly once: lock it, skip it if done, fit (resuming its checkpoint), save the
     result, then write ``done.json`` last."""
@@ -403,7 +460,10 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
         except OSError:
             return {"cell": cell.id, "status": "running elsewhere"}
         if (folder / DONE).exists():
-            return {"cell": cell.id, "status": "already done"}
+            problem = _read_done(folder)[1]
+            if problem is None:
+                return {"cell": cell.id, "status": "already done"}
+            _set_aside(folder, problem)  # then fit it again, below
         job_id = _job_id()
         t0 = time.time()
         ckpt = folder / "checkpoint"
@@ -560,8 +620,9 @@ def _pid_alive(job_id: str) -> bool:
 
 def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True) -> pd.DataFrame:
     """The index: one row per cell with ``status`` (done, running, queued, failed, interrupted,
-    pending), ``attempts``, ``completions``, ``started``, ``finished``, ``seconds``, ``job_id``,
-    ``result_path``, ``error`` and ``converged`` (the finished fit's :attr:`CHGResult.converged`;
+    damaged, pending; a finished cell whose result does not verify is ``damaged``, and refitted by
+    the next launch), ``attempts``, ``completions``, ``started``, ``finished``, ``seconds``,
+    ``job_id``, ``result_path``, ``error`` and ``converged`` (the finished fit's :attr:`CHGResult.converged`;
     None while not done); written to ``OUT/index.parquet`` when ``write``.
 
     Example::
@@ -578,11 +639,19 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
         folder = cell_dir(root, cell)
         events = read_events(folder)
         starts = [e for e in events if e["event"] == "start"]
-        done_file = folder / DONE
-        done = json.loads(done_file.read_text()) if done_file.exists() else None
-        error = json.loads((folder / ERROR).read_text()) if (folder / ERROR).exists() else None
+        done, damaged = _read_done(folder)
+        try:
+            error = json.loads((folder / ERROR).read_text()) if (folder / ERROR).exists() else None
+        except (OSError, ValueError):
+            error = {"error": f"{folder / ERROR} cannot be read"}
         job = jobs.get(cell.id)
-        if done is not None:
+        if damaged is not None and _locked(folder):
+            state, done = "running", None  # a job is setting it aside and fitting it again
+        elif damaged is not None and job is not None and job["job_id"] in active:
+            state, done = "queued", None
+        elif damaged is not None:
+            state, done = "damaged", None
+        elif done is not None:
             state = "done"
         elif _locked(folder):
             state = "running"
@@ -605,7 +674,8 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
             "converged": _cell_converged(done, folder),
             "job_id": (done or {}).get("job_id") or (job or {}).get("job_id"),
             "result_path": str(folder / "result") if done else None,
-            "error": None if done or error is None else error["error"],
+            "error": (f"the result of this finished cell is damaged ({damaged}); the next run refits it"
+                      if damaged is not None else None if done or error is None else error["error"]),
         })
     index = pd.DataFrame(rows)
     if write:
@@ -705,7 +775,7 @@ def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool)
                                                         "cells": [c.to_dict() for c in cfg.cells()]},
                                                        indent=1, default=str))
     index = status(cfg, write=True)
-    todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted"]), "cell"])
+    todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted", "damaged"]), "cell"])
     busy = set(index.loc[index.status.isin(["running", "queued"]), "cell"])  # from an earlier launch
     todo = [c for c in cfg.cells() if c.id in todo_ids]
     if busy and progress:

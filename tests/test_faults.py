@@ -609,3 +609,39 @@ def test_a_dangling_out_symlink_fails_before_the_model_loads(tmp_path, capsys, n
         code, err = run_cli([*args, "--out", dangling], capsys)
         assert code == 2 and "is a symbolic link to" in err and "which does not exist" in err, (args, err)
     assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+# ============================================================================ sweeps
+def test_a_sweep_cell_whose_result_was_truncated_is_refitted_not_reported_done(model_folder, tmp_path):
+    """Fault: after a cell's result file was truncated, `sweep run` reported it done and never refitted
+    it (collect kept failing). A finished cell's result is verified (digests, cached per file
+    version): a damaged one is `damaged` in the index, skipped by collect, and refitted by the next
+    run, the damaged copy kept beside it as result.damaged-1."""
+    from chg_lens import sweep
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("input,output\n" + "".join(f"w{i} w{i + 1},w{i + 2}\n" for i in range(10)))
+    cfg = sweep.load_config({"out": str(tmp_path / "s"), "models": [str(model_folder)],
+                             "tasks": [{"name": "rows", "task": "custom", "options": {"data_dir": str(rows)}}],
+                             "seeds": [0], "fit": {"n_seeds": 1, "updates": 2, "reg_updates": 2, "batch_size": 4},
+                             "executor": {"kind": "debug"}})
+    assert list(sweep.run_sweep(cfg, progress=False).status) == ["done"]
+    folder = sweep.cell_dir(cfg.out, cfg.cells()[0])
+    good = CHGResult.load(folder / "result")
+    tensors = folder / "result" / results.TENSORS
+    tensors.write_bytes(tensors.read_bytes()[:100])  # truncated
+    index = sweep.status(cfg)
+    assert list(index.status) == ["damaged"] and "does not match the digest" in index.error[0]
+    assert len(sweep.collect(cfg)) == 0
+    with pytest.raises(ValueError, match="1 of 1 cells are not done"):
+        sweep.collect(cfg, require_complete=True)
+    index = sweep.run_sweep(cfg, progress=False)
+    assert list(index.status) == ["done"] and index.completions[0] == 2
+    again = CHGResult.load(folder / "result")
+    assert torch.equal(again.logits["g_plus"], good.logits["g_plus"])  # the same fit, refitted
+    aside = folder / "result.damaged-1"
+    assert len((aside / results.TENSORS).read_bytes()) == 100 and (aside / sweep.DONE).exists()  # kept
+    assert [e["event"] for e in sweep.read_events(folder)].count("damaged") == 1
+    assert len(sweep.collect(cfg)) == 2 * 4  # layers x heads of one mask
+    (folder / sweep.DONE).write_text("{cut")  # an unreadable done.json is damaged too, never a traceback
+    assert list(sweep.status(cfg).status) == ["damaged"]
