@@ -898,7 +898,20 @@ def _load_hf(spec: str, dtype, **placement_kwargs):
         hf_model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False,
                                             **({"gguf_file": gguf_file} if gguf_file else {}))
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):  # transformers' advice would run the folder's own code
+            raise ValueError(
+                f"model {spec!r} needs its own Python code (its config.json maps the model to custom modules, "
+                "auto_map): chg_lens never runs code from a model folder or the hub (trust_remote_code stays "
+                "off). Use a model whose architecture transformers implements itself (a model_type such as "
+                "llama, gpt2, gemma3, qwen2, mistral), e.g. its weights converted to one, or "
+                f"'{SMOLLM2_ALIAS}'") from None
+        if Path(folder).expanduser().exists():
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"model {spec!r}: transformers could not load this local model ({type(err).__name__}: "
+                             f"{first}); check its config.json and weights") from err
+        if isinstance(err, ValueError):
+            raise
         raise OSError(
             f"could not load '{spec}': not a local folder or file, and the Hugging Face hub is not "
             f"reachable or has no such model. Offline, use a local path or '{SMOLLM2_ALIAS}'."

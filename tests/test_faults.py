@@ -645,3 +645,29 @@ def test_a_sweep_cell_whose_result_was_truncated_is_refitted_not_reported_done(m
     assert len(sweep.collect(cfg)) == 2 * 4  # layers x heads of one mask
     (folder / sweep.DONE).write_text("{cut")  # an unreadable done.json is damaged too, never a traceback
     assert list(sweep.status(cfg).status) == ["damaged"]
+
+
+# ============================================================================ untrusted model folders
+def test_a_model_folder_with_remote_code_says_what_chg_lens_supports(tmp_path, capsys):
+    """Fault: for a folder with remote code, the transformers message told the user to pass
+    trust_remote_code=True, which chg_lens (rightly) never does. The error now says chg_lens never
+    runs a folder's code and what it supports; the folder's code is not run."""
+    folder = tmp_path / "custom-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "mycustom", "architectures": ["MyForCausalLM"], "vocab_size": 32,
+        "auto_map": {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyForCausalLM"}}))
+    for name in ("configuration_my.py", "modeling_my.py"):
+        (folder / name).write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match=r"needs its own Python code .*chg_lens never runs code from a model folder "
+                                         r".*\(trust_remote_code stays off\).*model_type such as llama") as err:
+        chg_lens.load_model(str(folder))
+    assert "trust_remote_code=True" not in one_line(err)
+    code, err = run_cli(["fit", "--model", folder, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "chg_lens never runs code from a model folder" in err and "=True" not in err
+    assert not (tmp_path / "RAN").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model '.*broken': transformers could not load this local model"):
+        chg_lens.load_model(str(broken))
