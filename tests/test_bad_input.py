@@ -492,7 +492,7 @@ def test_sweep_checks_cells_with_the_fits_own_validation(model_folder, tmp_path)
     assert not (tmp_path / "s").exists()
 
 
-def test_sweep_rerun_waits_for_a_cell_still_running(model_folder, tmp_path):
+def test_sweep_rerun_waits_for_a_cell_still_running(model_folder, whole, tmp_path):
     import fcntl
 
     cfg = sweep.load_config({"out": str(tmp_path / "s"), "models": [str(model_folder)], "tasks": ["ioi"],
@@ -505,6 +505,7 @@ def test_sweep_rerun_waits_for_a_cell_still_running(model_folder, tmp_path):
 
     def finish():
         time.sleep(1.5)
+        whole.save(folder / "result")  # a finished cell: its result, then done.json
         (folder / sweep.DONE).write_text(json.dumps({"finished": "now", "seconds": 1.0, "fit_seconds": 1.0}))
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
