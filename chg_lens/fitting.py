@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 import warnings
@@ -30,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import diagnostics
+from . import diagnostics, store
 from .results import load_bundle
 
 DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
@@ -130,9 +129,7 @@ class Checkpointer:
         self._digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()
 
     def locked(self):
-        from .results import folder_lock
-
-        return folder_lock(self.path, "checkpoint")
+        return store.folder_lock(self.path, "checkpoint")
 
     def generations(self) -> list[Path]:
         """Complete generation folders, newest first."""
@@ -200,11 +197,10 @@ class Checkpointer:
         self.path.mkdir(parents=True, exist_ok=True)
         gens = self.generations()
         n = int(gens[0].name[4:]) + 1 if gens else 1
-        tmp = self.path / f".gen-{n:06d}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        write_bundle_files(tmp, tensors, {**meta, "digest": self._digest, "key": self.key})
-        os.rename(tmp, self.path / f"gen-{n:06d}")  # the one step that makes the generation current
-        for old in [*gens[self.keep - 1:], *self.path.glob(".gen-*.tmp-*")]:
+        # written under a hidden name, then one rename makes the generation current
+        stored = {**meta, "digest": self._digest, "key": self.key}
+        store.publish_folder(self.path / f"gen-{n:06d}", lambda tmp: write_bundle_files(tmp, tensors, stored))
+        for old in [*gens[self.keep - 1:], *store.temporaries(self.path)]:  # older generations, killed writes
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1,43 +1,39 @@
 """Saving and loading results without pickle: tensors in safetensors, everything else in JSON.
 
 A result folder holds ``tensors.safetensors`` and ``meta.json``. Every result type (CHG,
-contrastive CHG, ablation, patching) is written through :func:`save_bundle` and read through
-:func:`load_bundle`, so a reload is exact and needs no code execution. ``meta.json`` names the
-result's ``kind``; :func:`load` returns the right class for it, and :func:`cached` fits a result
-or loads the one already saved. A save is atomic as a whole (a new hidden folder, then one rename
-or an atomic exchange), locked against a second writer, and records the sha256 of every file in
-``meta.json`` and of ``meta.json``'s own content; a load checks both, and checks what it read (kind,
-config, tensor shapes, finite gate logits) before it builds the result. :func:`check_target` refuses a folder that
-holds another kind of result or a different fit before any work starts::
+contrastive CHG, ablation, patching, explain) is written through :func:`save_bundle` and read
+through :func:`load_bundle`, so a reload is exact and needs no code execution. ``meta.json`` names
+the result's ``kind``; :func:`load` returns the right class for it, and :func:`cached` fits a
+result or loads the one already saved. A save is atomic as a whole (a new hidden folder, then one
+rename or an atomic exchange, by :mod:`chg_lens.store`), locked against a second writer, and
+records the sha256 of every file in ``meta.json`` and of ``meta.json``'s own content; a load checks
+both, and checks what it read (kind, config, tensor shapes, finite gate logits) before it builds
+the result. :func:`check_target` refuses a folder that holds another kind of result or a different
+fit before any work starts::
 
     result = chg_lens.results.load("runs/chg")          # a CHGResult (or ContrastiveResult, ...)
-    result = cached("runs/fits/ioi", {"updates": 100}, lambda folder: fit_chg(model, train, updates=100), kind="chg")
+    result = cached("runs/fits/ioi", {"updates": 100}, lambda folder: fit_chg(model, train, updates=100),
+                    kind="chg")
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import fcntl
-import hashlib
 import abc
+import hashlib
 import json
 import math
 import os
 import platform
-import secrets
-import shutil
-import stat
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import checks
+from . import checks, store
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -49,6 +45,7 @@ KINDS: dict[str, str] = {
     "contrastive": "chg_lens.contrastive:ContrastiveResult",
     "ablation": "chg_lens.ablation:AblationResult",
     "patching": "chg_lens.patching:PatchResult",
+    "explain": "chg_lens.explain.pipeline:ExplainResult",
 }
 """``kind`` in meta.json -> the result class (``module:Class``, imported when loaded)."""
 
@@ -68,41 +65,13 @@ FileWriter = Callable[[Path], Any]
 """Writes one file beside the tensors: called with the file's path inside the new bundle folder."""
 
 
-# ----------------------------------------------------------------------------- locks
-@contextlib.contextmanager
-def folder_lock(path: str | os.PathLike, what: str = "result") -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``path`` (a ``.<name>.lock`` file beside it); a second
-    writer gets a ValueError at once instead of racing on shared files."""
-    path = Path(path).expanduser().absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.parent / f".{path.name}.lock"
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ValueError(f"another process ({holder}) is writing the {what} {path} right now (lock {lock}); "
-                             "wait for it to finish, or use another folder") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # ----------------------------------------------------------------------------- writing
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+folder_lock = store.folder_lock
+"""The lock of a result folder (:func:`chg_lens.store.folder_lock`; kept here under its old name)."""
+write_text_atomic = store.write_text
+"""One text file by a temporary name and one rename (:func:`chg_lens.store.write_text`; its old name)."""
+require_regular_file = store.require_regular_file
+_sha256 = store.sha256_file
 
 
 def write_bundle_files(folder: Path, tensors: Mapping[str, Tensor], meta: dict[str, Any],
@@ -111,10 +80,10 @@ def write_bundle_files(folder: Path, tensors: Mapping[str, Tensor], meta: dict[s
     other file under ``digests``) into the existing folder ``folder``; returns the stored meta."""
     clean = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # no shared storage
     save_file(clean, str(folder / TENSORS))
-    digests = {TENSORS: _sha256(folder / TENSORS)}
+    digests = {TENSORS: store.sha256_file(folder / TENSORS)}
     for name, write in (files or {}).items():
         write(folder / name)
-        digests[name] = _sha256(folder / name)
+        digests[name] = store.sha256_file(folder / name)
     stored = {**_jsonable(meta), "format": FORMAT, "digests": digests, "files": sorted(digests)}
     stored.pop(META_DIGEST, None)
     stored[META_DIGEST] = meta_digest(stored)
@@ -129,82 +98,26 @@ def write_bundle_files(folder: Path, tensors: Mapping[str, Tensor], meta: dict[s
 def meta_digest(meta: Mapping[str, Any]) -> str:
     """The sha256 of ``meta`` without its ``meta_digest`` field, as canonical JSON (sorted keys, no
     spaces): what :func:`write_bundle_files` stores and :func:`load_bundle` checks."""
-    body = {k: v for k, v in meta.items() if k != META_DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True, separators=(",", ":"))
-                          .encode("utf-8")).hexdigest()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write one text file by a temporary name and one rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2); False where not supported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) == 0:  # -100 = AT_FDCWD
-        return True
-    return False
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _carry_over(old: Path, new: Path, skip: set[str]) -> None:
-    """Hard-link (or copy) the entries of ``old`` that the new bundle does not replace into ``new``."""
-    for entry in old.iterdir():
-        if entry.name in skip or _is_private(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), new / entry.name)
-        else:
-            _link_or_copy(str(entry), str(new / entry.name))
-
-
-def _is_private(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(".lock") or ".tmp-" in name or ".old-" in name)
-
-
-def _stale_siblings(path: Path) -> list[Path]:
-    return [p for p in path.parent.glob(f".{path.name}.*") if ".tmp-" in p.name or ".old-" in p.name]
+    return store.json_digest({k: v for k, v in meta.items() if k != META_DIGEST})
 
 
 def save_bundle(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], *,
                 files: Mapping[str, FileWriter] | None = None, identity: dict[str, Any] | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, own: Iterable[str] = ()) -> Path:
     """Write ``tensors``, JSON-able ``meta`` and the extra ``files`` as the result folder ``path``,
     atomically as a whole.
 
     The bundle is written into a new hidden folder beside ``path``, which then takes ``path``'s
-    place in one rename (an atomic exchange when ``path`` exists), so a kill at any point leaves
-    either the old result or the new one, never a mix. ``path`` may be a symbolic link to a folder:
-    the result is written into that folder and the link is kept. ``meta.json`` stores the sha256 of
-    every file, checked by :func:`load_bundle`. Entries of an existing folder that the new bundle does not
-    replace (a ``checkpoint/``, your own notes) are kept. A second process writing the same folder
-    at once gets a ValueError. ``meta["kind"]`` and ``identity`` (what makes two results the same
-    fit) are checked against a result already there by :func:`check_target`; ``overwrite``
-    replaces a different one.
+    place in one rename (an atomic exchange when ``path`` exists: :func:`chg_lens.store.replace_folder`),
+    so a kill at any point leaves either the old result or the new one, never a mix. ``path`` may
+    be a symbolic link to a folder: the result is written into that folder and the link is kept.
+    ``meta.json`` stores the sha256 of every file and of its own content, checked by
+    :func:`load_bundle`. Entries of an existing folder that the new bundle does not replace (a
+    ``checkpoint/``, your own notes) are kept. A second process writing the same folder at once gets
+    a ValueError. ``meta["kind"]`` and ``identity`` (what makes two results the same fit) are checked
+    against a result already there by :func:`check_target`; ``overwrite`` replaces a different one.
+    ``own`` names working files a result of this kind keeps beside it (the explain pipeline's step
+    files), which do not count as another's files.
 
     Example::
 
@@ -212,38 +125,25 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[
     """
     path = Path(path).expanduser().absolute()
     kind = meta.get("kind")
-    check_target(path, kind, identity, overwrite)
-    if path.is_symlink():  # a link to a folder: write into the folder it points to, keep the link
-        path = path.resolve()
-    with folder_lock(path):
-        check_target(path, kind, identity, overwrite)
-        for stale in _stale_siblings(path):  # left by a writer that was killed; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            stored = write_bundle_files(tmp, tensors, {**meta, "identity": identity}, files)
-            if path.exists():
-                old_files = set(read_meta(path).get("files", [])) if (path / META).exists() and not overwrite else set()
-                _carry_over(path, tmp, {*stored["files"], META, *KNOWN_FILES, *old_files})
-                if _exchange(tmp, path):
-                    shutil.rmtree(tmp)
-                else:  # no atomic exchange here: two renames, the old copy kept until the new is in place
-                    old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-                    os.rename(path, old)
-                    os.rename(tmp, path)
-                    shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            if tmp.exists() and not (tmp / META).exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return path
+    own = tuple(own)
+    check_target(path, kind, identity, overwrite, own=own)
+
+    def fill(tmp: Path) -> None:
+        write_bundle_files(tmp, tensors, {**meta, "identity": identity}, files)
+
+    def drop(old: Path) -> set[str]:
+        """What the new bundle replaces: meta.json, the files chg_lens writes beside a result, and
+        (unless ``overwrite``) the files the old bundle listed."""
+        listed = set(read_meta(old).get("files", [])) if (old / META).exists() and not overwrite else set()
+        return {META, *KNOWN_FILES, *listed}
+
+    return store.replace_folder(path, fill, drop=drop, what="result",
+                                check=lambda: check_target(path, kind, identity, overwrite, own=own),
+                                complete=lambda tmp: (tmp / META).exists())
 
 
 def check_target(path: str | os.PathLike, kind: str | None, identity: dict[str, Any] | None = None,
-                 overwrite: bool = False, what: str = "the output folder") -> None:
+                 overwrite: bool = False, what: str = "the output folder", own: Iterable[str] = ()) -> None:
     """Raise before any work if a ``kind`` result with ``identity`` may not be written to ``path``:
     a file or a path inside a file, an unwritable place, the current folder, a folder that holds
     another kind of result or a different fit (unless ``overwrite``), or a non-empty folder that
@@ -273,7 +173,8 @@ def check_target(path: str | os.PathLike, kind: str | None, identity: dict[str, 
             raise ValueError(f"{what} {p} already holds a different {kind} result ({describe(old)}; differs in "
                              f"{', '.join(diff)}): pass another folder, or --overwrite (overwrite=True) to replace it")
         return
-    others = sorted(e.name for e in p.iterdir() if e.name != "checkpoint" and not e.name.startswith("."))
+    own = {"checkpoint", *own}
+    others = sorted(e.name for e in p.iterdir() if e.name not in own and not e.name.startswith("."))
     if others and not overwrite:
         shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
         raise ValueError(f"{what} {p} is a folder with other files ({shown}) and no chg_lens result; pass a new "
@@ -303,17 +204,6 @@ def describe(meta: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
-def require_regular_file(path: str | os.PathLike) -> None:
-    """A ValueError unless ``path`` is a plain file (a FIFO, device or folder in a result's place
-    would block or break the read); FileNotFoundError when there is nothing there."""
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        what = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "not a plain file")
-        raise ValueError(f"{path} is {what}, not a regular file: the result is damaged; restore it or write it again")
-
-
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta.json`` of a result folder as a dict; a ValueError naming the file when it is cut
     off, not UTF-8 or not a JSON object."""
@@ -343,7 +233,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str,
     files (a named pipe in their place is refused, never read)."""
     path = Path(path)
     if not path.is_dir():
-        stale = [p for p in _stale_siblings(path.absolute()) if ".old-" in p.name and (p / META).exists()]
+        stale = [p for p in store.leftovers(path.absolute()) if ".old-" in p.name and (p / META).exists()]
         if stale:
             raise FileNotFoundError(f"{path} does not exist: a save was interrupted while replacing it; the previous "
                                     f"result is at {stale[0]} (rename it back to {path.name})")
@@ -501,6 +391,9 @@ class Result(abc.ABC):
     kind: str = ""
     noun: str = "result"
     meta: dict[str, Any]
+    OWN_FILES: tuple[str, ...] = ()
+    """Working files a result of this kind keeps in its folder besides the bundle (e.g. the explain
+    pipeline's step files): carried over by a save, and not "other files" to :func:`check_target`."""
 
     @abc.abstractmethod
     def to_frame(self):
@@ -533,7 +426,7 @@ class Result(abc.ABC):
         """
         tensors, fields, files = self._bundle()
         return save_bundle(path, tensors, {"kind": self.kind, **fields}, files=files, identity=self.identity(),
-                           overwrite=overwrite)
+                           overwrite=overwrite, own=self.OWN_FILES)
 
     @classmethod
     def load(cls, path: str | os.PathLike):
@@ -650,7 +543,8 @@ def kind_of(meta: Mapping[str, Any], path: str | os.PathLike) -> str:
 def load(path: str | os.PathLike):
     """The result saved in the folder ``path``, as the class its ``meta.json`` kind names::
 
-        result = chg_lens.load("runs/chg")      # CHGResult, ContrastiveResult, AblationResult or PatchResult
+        result = chg_lens.load("runs/chg")      # CHGResult, ContrastiveResult, AblationResult, PatchResult
+        result = chg_lens.load("runs/explain")  # ExplainResult: an explain output folder
     """
     tensors, meta = load_bundle(path)
     return result_class(kind_of(meta, path))._from_bundle(tensors, meta, path)

@@ -31,7 +31,6 @@ and error. Example::
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import json
@@ -50,6 +49,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from . import store
 from .results import cached
 
 EXECUTORS = ("local", "slurm", "debug")
@@ -450,14 +450,10 @@ def _set_aside(folder: Path, problem: str) -> Path:
 def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) -> dict:
     """Run one cell exactly once: lock it, skip it if done, fit (resuming its checkpoint), save the
     result, then write ``done.json`` last."""
-    from .results import write_text_atomic
-
     folder = cell_dir(root, cell)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    with store.try_lock(folder / LOCK) as held:
+        if not held:
             return {"cell": cell.id, "status": "running elsewhere"}
         if (folder / DONE).exists():
             problem = _read_done(folder)[1]
@@ -476,14 +472,14 @@ def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) ->
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],
                     "resumed_from": resumed, "converged": result.converged}
-            write_text_atomic(folder / DONE, json.dumps(done, indent=2))  # the marker: written last
+            store.write_json(folder / DONE, done, indent=2)  # the marker: written last
             _event(folder, "completed", job_id=job_id, seconds=seconds)
             (folder / ERROR).unlink(missing_ok=True)
             shutil.rmtree(ckpt, ignore_errors=True)
             return {"cell": cell.id, "status": "done", "seconds": seconds}
         except Exception as err:  # noqa: BLE001 - recorded per cell; the next launch runs it again
-            write_text_atomic(folder / ERROR, json.dumps({"error": f"{type(err).__name__}: {err}", "job_id": job_id,
-                                                    "time": _now(), "traceback": traceback.format_exc()}, indent=2))
+            store.write_json(folder / ERROR, {"error": f"{type(err).__name__}: {err}", "job_id": job_id,
+                                              "time": _now(), "traceback": traceback.format_exc()}, indent=2)
             _event(folder, "failed", job_id=job_id, error=f"{type(err).__name__}: {err}")
             return {"cell": cell.id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
 
@@ -529,11 +525,8 @@ def _job_id() -> str:
 
 
 def _event(folder: Path, event: str, **fields) -> None:
-    line = json.dumps({"event": event, "time": _now(), "host": socket.gethostname(), "pid": os.getpid(), **fields})
-    with open(folder / EVENTS, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    store.append_line(folder / EVENTS, json.dumps({"event": event, "time": _now(), "host": socket.gethostname(),
+                                                   "pid": os.getpid(), **fields}))
 
 
 def _now() -> str:
@@ -560,16 +553,8 @@ def read_events(folder: str | os.PathLike) -> list[dict]:
 
 
 def _locked(folder: Path) -> bool:
-    path = folder / LOCK
-    if not path.exists():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    """Whether a job holds the cell's lock now (it is running the cell)."""
+    return store.is_locked(folder / LOCK)
 
 
 def _jobs(root: Path) -> dict[str, dict]:
@@ -680,9 +665,7 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
     index = pd.DataFrame(rows)
     if write:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".index.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        index.to_parquet(tmp, index=False)
-        os.replace(tmp, root / "index.parquet")
+        store.write_table(index, root / "index.parquet")
     return index
 
 
@@ -740,12 +723,10 @@ def run_sweep(
     kind = executor or cfg.executor_kind
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}; got {kind!r}")
-    from .results import folder_lock
-
     root = cfg.out
     root.mkdir(parents=True, exist_ok=True)
     poll = poll_s or float(cfg.executor.get("poll_s", 2.0))
-    with folder_lock(root / "submit", "sweep submission"):  # two controllers never submit the same cells
+    with store.folder_lock(root / "submit", "sweep submission"):  # two controllers never submit the same cells
         index, busy, todo, jobs, chunks = _submit(cfg, kind, root, progress, wait)
     if not todo:
         if busy and wait:
@@ -768,12 +749,8 @@ def run_sweep(
 def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool):
     """Under the submission lock: the index, the cells busy from an earlier launch, the cells to
     run, and the submitted jobs (with their chunks of cells)."""
-    from .results import write_text_atomic
-
-    write_text_atomic(root / "sweep.json", json.dumps({"name": cfg.name, "source": cfg.source,
-                                                        "n_cells": len(cfg.cells()),
-                                                        "cells": [c.to_dict() for c in cfg.cells()]},
-                                                       indent=1, default=str))
+    store.write_json(root / "sweep.json", {"name": cfg.name, "source": cfg.source, "n_cells": len(cfg.cells()),
+                                            "cells": [c.to_dict() for c in cfg.cells()]}, indent=1, default=str)
     index = status(cfg, write=True)
     todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted", "damaged"]), "cell"])
     busy = set(index.loc[index.status.isin(["running", "queued"]), "cell"])  # from an earlier launch
@@ -789,12 +766,9 @@ def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool)
     threads = cfg.executor.get("threads")
     jobs = ex.map_array(run_cells, [str(root)] * len(chunks), [[c.to_dict() for c in ch] for ch in chunks],
                         [threads] * len(chunks))
-    with open(root / "jobs.jsonl", "a") as f:
-        for job, chunk in zip(jobs, chunks):
-            for c in chunk:
-                f.write(json.dumps({"cell": c.id, "job_id": str(job.job_id), "kind": kind, "submitted": _now()}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    store.append_lines(root / "jobs.jsonl", [json.dumps({"cell": c.id, "job_id": str(job.job_id), "kind": kind,
+                                                         "submitted": _now()})
+                                             for job, chunk in zip(jobs, chunks) for c in chunk])
     return index, busy, todo, jobs, chunks
 
 
@@ -877,9 +851,7 @@ def collect(config: "str | os.PathLike | dict | SweepConfig", require_complete: 
                                      "g_minus", "facilitation", "interference", "irrelevance", "role", "cell"])
     frame = pd.concat(frames, ignore_index=True)
     if write:
-        tmp = cfg.out / f".scores.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, cfg.out / "scores.parquet")
+        store.write_table(frame, cfg.out / "scores.parquet")
     return frame
 
 

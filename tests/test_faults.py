@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import chg_lens
-from chg_lens import ablation, results
+from chg_lens import ablation, results, store
 from chg_lens.chg import CHGResult, fit_chg
 
 from conftest import WORDS, tiny_llama_hf, word_tokenizer
@@ -46,7 +46,7 @@ def rewrite(folder: Path, edit=lambda meta: None, tensors: dict | None = None, d
     edit(meta)
     if tensors is not None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / results.TENSORS))
-        meta["digests"][results.TENSORS] = results._sha256(folder / results.TENSORS)
+        meta["digests"][results.TENSORS] = store.sha256_file(folder / results.TENSORS)
     meta[results.META_DIGEST] = results.meta_digest(meta)
     if not digests:
         for k in ("digests", "files", "format", results.META_DIGEST):

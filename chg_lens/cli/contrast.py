@@ -127,7 +127,7 @@ def run(a: argparse.Namespace) -> int:
     from ..data import TaskDataset
     from ..diagnostics import NotConvergedWarning
     from ..fitting import check_configs_per_pass
-    from ..results import write_text_atomic
+    from ..store import write_text as write_text_atomic
 
     t0 = time.time()
     kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,

@@ -13,7 +13,7 @@ from .cluster import cluster_explanations, embed
 from .events import salient_events, split_windows, token_class
 from .explainers import (LLMError, OpenAIExplainer, PatternExplainer, correlation, label_from_text, label_of,
                          pattern_fits, pattern_sources)
-from .pipeline import ExplainConfig, ExplainOutput, run_explain
+from .pipeline import ExplainConfig, ExplainOutput, ExplainResult, run_explain
 from .probes import PROBES, load_probes, probe_scores, write_probes
 from .record import RawActivity, load_raw, pattern_masks, record_to_parquet, select_heads
 from .report import build_summary, write_explain_report, write_report
@@ -21,7 +21,7 @@ from .simulate import detection_score, probe_agreement, score_all, score_head
 from .sources import Windows, sample_windows
 
 __all__ = [
-    "ExplainConfig", "ExplainOutput", "LLMError", "OpenAIExplainer", "PROBES", "PatternExplainer", "RawActivity",
+    "ExplainConfig", "ExplainOutput", "ExplainResult", "LLMError", "OpenAIExplainer", "PROBES", "PatternExplainer", "RawActivity",
     "Windows", "build_summary", "cluster_explanations", "correlation", "detection_score", "embed",
     "label_from_text", "label_of", "load_probes", "load_raw", "pattern_fits", "pattern_masks", "pattern_sources",
     "probe_agreement", "probe_scores", "record_to_parquet", "run_explain", "salient_events", "sample_windows",

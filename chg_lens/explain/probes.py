@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .. import models
+from .. import models, store
 
 PROBES = ("induction", "duplicate_token", "previous_token", "current_token", "first_token")
 PROBE_TEXT = {"induction": "induction", "duplicate_token": "duplicate-token", "previous_token": "previous-token",
@@ -141,10 +141,7 @@ def write_probes(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(frame.attrs.get("probe", {}), sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return store.write_file(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def load_probes(path: str | os.PathLike) -> pd.DataFrame | None:

@@ -213,14 +213,21 @@ def write_explain_report(summary: pd.DataFrame, outdir: str | os.PathLike, clust
     :func:`chg_lens.report.write_report`. ``report.md`` shows free text through :func:`md_text`;
     ``summary.csv`` keeps it as written, except that a text cell a spreadsheet would run as a
     formula starts with a ``'`` (:func:`csv_safe`)."""
-    from ..results import write_text_atomic
+    from .. import store
 
     outdir = Path(outdir)
-    csv = outdir / "summary.csv"
-    write_text_atomic(csv, csv_safe(summary).to_csv(index=False, float_format="%.6g"))
-    md = outdir / "report.md"
-    write_text_atomic(md, markdown(summary, clusters, task, title, settings or {}))
-    return md, csv
+    texts = report_texts(summary, clusters, task, title, settings)
+    for name, text in texts.items():
+        store.write_text(outdir / name, text)
+    return outdir / "report.md", outdir / "summary.csv"
+
+
+def report_texts(summary: pd.DataFrame, clusters: dict[str, Any] | None = None, task: str | None = None,
+                 title: str = "Head explanations", settings: dict[str, Any] | None = None) -> dict[str, str]:
+    """The texts of ``summary.csv`` and ``report.md`` (what :func:`write_explain_report` writes and an
+    explain result's save writes into its folder), by file name."""
+    return {"summary.csv": csv_safe(summary).to_csv(index=False, float_format="%.6g"),
+            "report.md": markdown(summary, clusters, task, title, settings or {})}
 
 
 def write_report(*args, **kwargs) -> tuple[Path, Path]:
