@@ -176,9 +176,13 @@ def call_options(fn: Callable, options: Mapping[str, Any], what: str, skip: int 
 
 # ----------------------------------------------------------------------------- output folders
 def output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Refuse an output folder that is a file, lies inside a file, or cannot be written; nothing is
-    created. Call before loading a model or fitting."""
+    """Refuse an output folder that is a file, lies inside a file, is a symbolic link to nothing (or
+    to a file), or cannot be written; nothing is created. A link to a folder is fine: results are
+    written into the folder it points to, and the link stays. Call before loading a model or fitting."""
     p = Path(path).expanduser()
+    if p.is_symlink() and not p.exists():
+        raise ValueError(f"{what} {p} is a symbolic link to {os.readlink(p)}, which does not exist; create that "
+                         "folder, or pass a real folder")
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what} {p} is a file, not a folder; pass a folder path")
     probe = p

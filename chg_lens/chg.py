@@ -32,8 +32,9 @@ from .deprecation import keyword_only
 from .fitting import (Checkpointer, DataLoss, SettleRule, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
-                      snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
+                      library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
+                      unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
 
@@ -344,8 +345,10 @@ class CHGResult(Result):
 
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
-        """What makes two CHG results the same fit: options, data and model."""
-        return {"config": self.config, "data": self.meta.get("data_fingerprint"), "model": self.meta.get("model")}
+        """What makes two CHG results the same fit: options, data, model and its weights
+        (:func:`chg_lens.models.weights_fingerprint`)."""
+        return {"config": self.config, "data": self.meta.get("data_fingerprint"), "model": self.meta.get("model"),
+                "weights": self.meta.get("weights")}
 
     def _bundle(self) -> Bundle:
         scores = self.scores()
@@ -358,8 +361,9 @@ class CHGResult(Result):
     def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike) -> "CHGResult":
         require(tensors, [f"logits/{s}" for s in STAGES] + [f"snapshots/{s}" for s in STAGES]
                 + [f"snapshot_steps/{s}" for s in STAGES], path, "CHG result")
-        if "config" not in meta or "meta" not in meta:
-            raise ValueError(f"{path}/meta.json lacks 'config' or 'meta': not a complete CHG result")
+        require_fields(meta, ["config", "meta"], path, cls.noun)
+        check_config(meta["config"], CHGConfig, path)
+        check_fit_tensors(tensors, STAGES, meta, path)
         logits, traces, snapshots, snapshot_steps = unpack_stages(tensors)
         val = meta.get("validation")
         return cls(
@@ -496,9 +500,11 @@ def fit_chg(
         for name, sign in (("g_plus", plus), ("g_minus", minus)):
             specs.append(StageSpec(Stage(name, reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
                                    lambda done: done["g0"].logits, reg(sign), window=wr, settle=rule(wr)))
+    weights = models.weights_fingerprint(model)  # before any cast: the model's own weights
     ckpt = None
     if checkpoint_dir is not None:
-        key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+        key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H],
+               "weights": weights}
         if autocast is not None:
             key["autocast"] = str(autocast)
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
@@ -510,7 +516,7 @@ def fit_chg(
     stages = _split_joint(done, S) if joint else done
     meta = {
         "model": models.model_name(model), "task": task or data.name, "n_layers": L, "n_heads": H,
-        "n_train": len(data), "data_fingerprint": data.fingerprint(), "versions": library_versions(),
+        "n_train": len(data), "data_fingerprint": data.fingerprint(), "weights": weights, "versions": library_versions(),
         "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
         **models.precision_meta(model, autocast), "configs_per_pass": configs_per_pass,
         "updates_taken": {k: v.updates for k, v in stages.items()},

@@ -38,8 +38,9 @@ from .deprecation import keyword_only, renamed
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
 from .scoring import evaluate, row_logprobs
-from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, pack_stages, require,
-                      snapshots_frame, traces_frame, unpack_stages)
+from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
+                      library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
+                      unpack_stages)
 from .stats import t_interval, wilson_interval
 
 STAGE = "contrast"
@@ -81,25 +82,27 @@ def _targets(data: TaskDataset) -> list[tuple[int, ...]]:
     return [tuple(row[m].tolist()) for row, m in zip(data.tokens, data.loss_mask)]
 
 
-def check_matched(retain: TaskDataset, forget: TaskDataset) -> None:
+def check_matched(retain: TaskDataset, forget: TaskDataset, *, names: tuple[str, str] = ("retain", "forget")) -> None:
     """Raise ``ValueError`` unless row ``i`` of ``retain`` and ``forget`` can be the same problem.
 
     Sizes must be equal. When both carry ``row_meta["pair_id"]`` the ids must agree row by row.
     Otherwise, when both hold the same target sequences, they must come in the same order (the
     same targets in another order means the rows were shuffled apart). Data sets whose targets
-    differ by design (a contrast of outputs) are accepted on size alone.
+    differ by design (a contrast of outputs) are accepted on size alone. ``names`` are the two data
+    sets' names in the messages (e.g. ``("validation retain", "validation forget")``).
 
     Example::
 
         check_matched(f["instruction"], f["icl"])
     """
-    for name, d in (("retain", retain), ("forget", forget)):
+    a_name, b_name = names
+    for name, d in ((a_name, retain), (b_name, forget)):
         if not isinstance(d, TaskDataset):
             raise TypeError(f"{name} must be a TaskDataset; got {type(d).__name__} "
                             "(a registered task returns (train, validation): pass one of them)")
     if len(retain) != len(forget):
         raise ValueError(
-            f"retain has {len(retain)} rows but forget has {len(forget)}: contrastive CHG needs matched rows "
+            f"{a_name} has {len(retain)} rows but {b_name} has {len(forget)}: contrastive CHG needs matched rows "
             "(row i of both = the same problem in two formulations); build both from the same problems, e.g. "
             "chg_lens.tasks.function_vectors.fv_formats, and split them with the same seed")
     a, b = retain.row_meta.get("pair_id"), forget.row_meta.get("pair_id")
@@ -107,17 +110,40 @@ def check_matched(retain: TaskDataset, forget: TaskDataset) -> None:
         bad = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
         if bad:
             i = bad[0]
-            raise ValueError(f"{len(bad)} of {len(a)} rows are not paired: row_meta['pair_id'] differs (first: row {i}, "
-                             f"{a[i]!r} vs {b[i]!r}); order both data sets so row i is the same problem")
+            raise ValueError(f"{len(bad)} of {len(a)} rows of {a_name} and {b_name} are not paired: row_meta['pair_id'] "
+                             f"differs (first: row {i}, {a[i]!r} vs {b[i]!r}); order both data sets so row i is the "
+                             "same problem")
         return
     ta, tb = _targets(retain), _targets(forget)
     if ta != tb and sorted(ta) == sorted(tb):
         bad = sum(x != y for x, y in zip(ta, tb))
         first = next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y)
         raise ValueError(
-            f"retain and forget hold the same targets but {bad} of {len(ta)} rows are not in the same order "
+            f"{a_name} and {b_name} hold the same targets but {bad} of {len(ta)} rows are not in the same order "
             f"(first: row {first}): the rows are not paired; order both data sets so row i is the same problem, "
             "or give both a row_meta['pair_id']")
+
+
+def check_validation(validation: Any, name: str = "validation") -> tuple[TaskDataset, TaskDataset]:
+    """``validation`` as a matched pair ``(retain_eval, forget_eval)``, else a TypeError (not a pair
+    of data sets, or the ``(train, validation)`` split of one data set) or a ValueError from
+    :func:`check_matched` that names the validation sets.
+
+    Example::
+
+        check_validation((f["instruction"].split(0.2, 0).validation, f["icl"].split(0.2, 0).validation))
+    """
+    from .data import TaskSplits
+
+    if isinstance(validation, TaskSplits):
+        raise TypeError(f"{name} must be (retain_eval, forget_eval), the held-out rows of both formulations matched "
+                        "row by row; got the (train, validation) split of one data set: split retain and forget with "
+                        "the same seed and pass (retain_split.validation, forget_split.validation)")
+    if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+        got = type(validation).__name__ + (f" of {len(validation)}" if isinstance(validation, (tuple, list)) else "")
+        raise TypeError(f"{name} must be a pair (retain_eval, forget_eval) of TaskDatasets; got {got}")
+    check_matched(*validation, names=(f"{name} retain (first)", f"{name} forget (second)"))
+    return validation[0], validation[1]
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -261,8 +287,8 @@ class ContrastiveResult(Result):
 
     # ------------------------------------------------------------------ io
     def identity(self) -> dict[str, Any]:
-        """What makes two contrastive results the same fit: options, data and model."""
-        return {"config": self.config, "model": self.meta.get("model"),
+        """What makes two contrastive results the same fit: options, data, model and its weights."""
+        return {"config": self.config, "model": self.meta.get("model"), "weights": self.meta.get("weights"),
                 "retain": self.meta.get("retain_fingerprint"), "forget": self.meta.get("forget_fingerprint")}
 
     def _bundle(self) -> Bundle:
@@ -281,6 +307,9 @@ class ContrastiveResult(Result):
                      path: str | os.PathLike) -> "ContrastiveResult":
         require(tensors, [f"logits/{STAGE}", f"snapshots/{STAGE}", f"snapshot_steps/{STAGE}"], path,
                 "contrastive CHG result")
+        require_fields(meta, ["config", "meta"], path, cls.noun)
+        check_config(meta["config"], ContrastiveConfig, path)
+        check_fit_tensors(tensors, (STAGE,), meta, path)
         logits, traces, snapshots, steps = unpack_stages(tensors)
         ev = meta.get("validation", meta.get("evaluation"))  # "evaluation": saved before the rename
         inner = dict(meta["meta"])
@@ -386,15 +415,15 @@ def fit_contrastive(
     lam, max_diff, clip = float(lam), float(max_diff), float(clip)
     cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, float(lr), float(lr_end), clip, seed,
                             grad_accum, snapshot_every)
-    model = models.as_model(model)
     if check_pairs:
         check_matched(retain, forget)
     elif len(retain) != len(forget):
         raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
+    validation = None if validation is None else check_validation(validation)
+    model = models.as_model(model)
     retain.check_model(model)
     forget.check_model(model)
     if validation is not None:
-        check_matched(*validation)
         for d in validation:
             d.check_model(model)
     L, H, S = models.n_layers(model), models.n_heads(model), n_seeds
@@ -413,10 +442,11 @@ def fit_contrastive(
 
     spec = StageSpec(Stage(STAGE, updates, lr, lr_end), lambda done: uniform_gate_logits((S, L, H), seed), regularizer,
                      window=diag.window_length(updates))
+    weights = models.weights_fingerprint(model)  # before any cast: the model's own weights
     ckpt = None
     if checkpoint_dir is not None:
         key = {"kind": "contrastive", "config": asdict(cfg), "retain": retain.fingerprint(),
-               "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H]}
+               "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H], "weights": weights}
         if autocast is not None:
             key["autocast"] = autocast
         ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
@@ -428,7 +458,7 @@ def fit_contrastive(
         "model": models.model_name(model), "retain": retain.name, "forget": forget.name,
         "retain_format": _format_of(retain), "forget_format": _format_of(forget),
         "n_layers": L, "n_heads": H, "n_train": len(retain), "logprob": "sum over target tokens",
-        "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(),
+        "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(), "weights": weights,
         "versions": library_versions(), "tl_major": models.TL_MAJOR, "seconds": r.seconds,
         "configs_per_pass": configs_per_pass, **models.precision_meta(model, autocast),
     }
@@ -546,7 +576,7 @@ def load_pairs_file(model: Any, path: str | os.PathLike, name: str | None = None
     from .tasks.common import load_located_records, text_columns
 
     located = load_located_records(path)
-    pairs = text_columns(located, ("prompt", "target"), str(path))
+    pairs = text_columns(located, ("prompt", "target"), str(path), can_drop=False)
     records = [r for _, r in located]
     data = TaskDataset.from_prompts(model, [p for p, _ in pairs], [t for _, t in pairs], name=name or Path(path).stem)
     if "pair_id" in records[0]:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 import warnings
@@ -30,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import diagnostics, runtime
+from . import diagnostics, runtime, store
 from .results import load_bundle
 
 DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
@@ -130,9 +129,7 @@ class Checkpointer:
         self._digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()
 
     def locked(self):
-        from .results import folder_lock
-
-        return folder_lock(self.path, "checkpoint")
+        return store.folder_lock(self.path, "checkpoint")
 
     def generations(self) -> list[Path]:
         """Complete generation folders, newest first."""
@@ -145,6 +142,7 @@ class Checkpointer:
         """The newest consistent checkpoint state ``(tensors, meta)``, or None when there is none."""
         candidates = self.generations()
         if not candidates and (self.path / "meta.json").exists():
+            self._refuse_a_result()
             candidates = [self.path]  # a checkpoint written before generations existed
         problems = []
         for gen in candidates:
@@ -154,10 +152,7 @@ class Checkpointer:
                 problems.append(str(err))
                 continue
             if meta.get("digest") != self._digest:
-                raise ValueError(
-                    f"the checkpoint in {self.path} was written by a fit with other settings or data; "
-                    "use another checkpoint folder, or delete it to start over"
-                )
+                raise ValueError(self._mismatch(meta.get("key")))
             if problems:
                 warnings.warn(f"checkpoint {self.path}: skipped {len(problems)} damaged generation(s) "
                               f"({problems[0]}); resuming from {gen.name}", stacklevel=2)
@@ -167,17 +162,45 @@ class Checkpointer:
                              "to start the fit over")
         return None
 
+    def _refuse_a_result(self) -> None:
+        """A folder holding a saved result (meta.json with a ``kind``) is not a checkpoint."""
+        from .results import read_meta
+
+        try:
+            kind = read_meta(self.path).get("kind")
+        except ValueError:
+            return  # damaged: load() reports it
+        if kind is not None:
+            raise ValueError(f"checkpoint_dir {self.path} holds a saved {kind!r} result, not a "
+                             f"checkpoint: load it with chg_lens.load({str(self.path)!r}), or pass a new or empty "
+                             "checkpoint folder (e.g. its checkpoint/ subfolder)")
+
+    def _mismatch(self, stored: dict | None) -> str:
+        """Why the checkpoint's key is not this fit's: the keys that differ, named."""
+        from .results import identity_differences
+
+        where = f"the checkpoint in {self.path}"
+        todo = "use another checkpoint folder (or --out), or delete it to start the fit over"
+        if not isinstance(stored, dict):
+            return f"{where} was written by another fit or an older release (it records no key); {todo}"
+        diff = identity_differences(stored, self.key)
+        diff += [f"{k} (none there)" for k in sorted(set(self.key) - set(stored))]
+        diff += [f"{k} (not set now)" for k in sorted(set(stored) - set(self.key))]
+        why = ""
+        if any(d.startswith("weights") for d in diff):
+            why = ": the model's weights are not those the checkpoint was fitted on (the model folder changed?)"
+        return f"{where} was written by a fit with other settings (it differs in {', '.join(diff) or 'its key'}){why}; {todo}"
+
     def save(self, tensors: dict[str, Tensor], meta: dict) -> None:
         from .results import write_bundle_files
 
         self.path.mkdir(parents=True, exist_ok=True)
         gens = self.generations()
         n = int(gens[0].name[4:]) + 1 if gens else 1
-        tmp = self.path / f".gen-{n:06d}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        write_bundle_files(tmp, tensors, {**meta, "digest": self._digest, "key": self.key})
-        os.rename(tmp, self.path / f"gen-{n:06d}")  # the one step that makes the generation current
-        for old in [*gens[self.keep - 1:], *self.path.glob(".gen-*.tmp-*")]:
+        # written under a hidden name, then one rename makes the generation current
+        stored = {**meta, "digest": self._digest, "key": self.key}
+        store.publish_folder(self.path / f"gen-{n:06d}", lambda tmp: write_bundle_files(tmp, tensors, stored))
+        for old in [*gens[self.keep - 1:], *store.temporaries(self.path)]:  # older generations, killed writes
             shutil.rmtree(old, ignore_errors=True)
 
 

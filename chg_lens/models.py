@@ -131,6 +131,46 @@ def model_name(model) -> str:
     return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
 
 
+FINGERPRINT_SAMPLE = 4096
+"""Elements of each parameter that :func:`weights_fingerprint` reads (evenly spaced, first and last included)."""
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model) -> str:
+    """A short sha256 (16 hex digits) of the model's weights, cheap enough for any model: every
+    parameter's name, shape and dtype and :data:`FINGERPRINT_SAMPLE` of its values, evenly spaced.
+    A fit's checkpoint key and result identity hold it, so a checkpoint never resumes on other
+    weights loaded from the same folder. Computed once per model object (again after an in-place
+    change of a parameter); the same on every device, and specific to this TransformerLens line
+    (the two lines name and lay out the weights differently).
+
+    Example::
+
+        models.weights_fingerprint(model)   # e.g. '3f9a1c0d2b7e4a51'
+    """
+    import hashlib
+
+    params = list(model.named_parameters())
+    stamp = tuple((name, p.data_ptr(), p._version, str(p.dtype)) for name, p in params)
+    known = _FINGERPRINTS.get(model)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    h = hashlib.sha256()
+    for name, p in params:
+        t = p.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        flat = t.reshape(-1)
+        n = flat.numel()
+        idx = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLE), dtype=torch.float64).round().long()
+        sample = flat[idx.to(flat.device)].cpu().contiguous()
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    fingerprint = h.hexdigest()[:16]
+    _FINGERPRINTS[model] = (stamp, fingerprint)
+    return fingerprint
+
+
 def z_hook_name(layer: int) -> str:
     """``blocks.{layer}.attn.hook_z``, named by TransformerLens's own helper."""
     return get_act_name("z", layer)
@@ -858,7 +898,20 @@ def _load_hf(spec: str, dtype, **placement_kwargs):
         hf_model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False,
                                             **({"gguf_file": gguf_file} if gguf_file else {}))
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):  # transformers' advice would run the folder's own code
+            raise ValueError(
+                f"model {spec!r} needs its own Python code (its config.json maps the model to custom modules, "
+                "auto_map): chg_lens never runs code from a model folder or the hub (trust_remote_code stays "
+                "off). Use a model whose architecture transformers implements itself (a model_type such as "
+                "llama, gpt2, gemma3, qwen2, mistral), e.g. its weights converted to one, or "
+                f"'{SMOLLM2_ALIAS}'") from None
+        if Path(folder).expanduser().exists():
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"model {spec!r}: transformers could not load this local model ({type(err).__name__}: "
+                             f"{first}); check its config.json and weights") from err
+        if isinstance(err, ValueError):
+            raise
         raise OSError(
             f"could not load '{spec}': not a local folder or file, and the Hugging Face hub is not "
             f"reachable or has no such model. Offline, use a local path or '{SMOLLM2_ALIAS}'."

@@ -33,7 +33,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .data import TaskDataset, first_target_position
-from .results import FrameResult, frame_from_json, require
+from .results import FrameResult, check_tensor, require
 from .scoring import RowScores
 
 METRICS = ("logprob", "prob", "logit_diff")
@@ -231,6 +231,9 @@ class HeadEffectResult(FrameResult):
     @classmethod
     def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike):
         require(tensors, ["per_prompt"], path, cls.noun.split(" ", 1)[-1])
-        frame = frame_from_json(meta["frame"])
+        frame, baseline, inner = cls._checked_fields(tensors, meta, path)
+        check_tensor(tensors, "per_prompt", (len(frame), None), path)
+        if "mediating" not in frame.columns:
+            raise ValueError(f"{path}: the table has no 'mediating' column: not a complete {cls.noun.split(' ', 1)[-1]}")
         frame["mediating"] = frame["mediating"].astype(bool)
-        return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])
+        return cls(frame, tensors["per_prompt"], baseline, inner)

@@ -1,41 +1,39 @@
 """Saving and loading results without pickle: tensors in safetensors, everything else in JSON.
 
 A result folder holds ``tensors.safetensors`` and ``meta.json``. Every result type (CHG,
-contrastive CHG, ablation, patching) is written through :func:`save_bundle` and read through
-:func:`load_bundle`, so a reload is exact and needs no code execution. ``meta.json`` names the
-result's ``kind``; :func:`load` returns the right class for it, and :func:`cached` fits a result
-or loads the one already saved. A save is atomic as a whole (a new hidden folder, then one rename
-or an atomic exchange), locked against a second writer, and records the sha256 of every file in
-``meta.json``; a load checks the tensors against it. :func:`check_target` refuses a folder that
-holds another kind of result or a different fit before any work starts::
+contrastive CHG, ablation, patching, explain) is written through :func:`save_bundle` and read
+through :func:`load_bundle`, so a reload is exact and needs no code execution. ``meta.json`` names
+the result's ``kind``; :func:`load` returns the right class for it, and :func:`cached` fits a
+result or loads the one already saved. A save is atomic as a whole (a new hidden folder, then one
+rename or an atomic exchange, by :mod:`chg_lens.store`), locked against a second writer, and
+records the sha256 of every file in ``meta.json`` and of ``meta.json``'s own content; a load checks
+both, and checks what it read (kind, config, tensor shapes, finite gate logits) before it builds
+the result. :func:`check_target` refuses a folder that holds another kind of result or a different
+fit before any work starts::
 
     result = chg_lens.results.load("runs/chg")          # a CHGResult (or ContrastiveResult, ...)
-    result = cached("runs/fits/ioi", {"updates": 100}, lambda folder: fit_chg(model, train, updates=100))
+    result = cached("runs/fits/ioi", {"updates": 100}, lambda folder: fit_chg(model, train, updates=100),
+                    kind="chg")
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import fcntl
-import hashlib
 import abc
+import hashlib
 import json
 import math
 import os
 import platform
-import secrets
-import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import checks
+from . import checks, store
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -49,12 +47,18 @@ KINDS: dict[str, str] = {
     "patching": "chg_lens.patching:PatchResult",
     "attribution": "chg_lens.attribution:AttributionResult",
     "faithfulness": "chg_lens.faithfulness:FaithfulnessResult",
+    "explain": "chg_lens.explain.pipeline:ExplainResult",
 }
 """``kind`` in meta.json -> the result class (``module:Class``, imported when loaded)."""
 
 
-FORMAT = 2
-"""meta.json format: 2 adds ``digests`` (sha256 of every file of the bundle) and ``identity``."""
+FORMAT = 3
+"""meta.json format: 2 adds ``digests`` (sha256 of every file of the bundle) and ``identity``; 3 adds
+``meta_digest`` (sha256 of meta.json's own content, so a hand edit of meta.json is detected)."""
+META_DIGEST = "meta_digest"
+"""The field of meta.json that holds the sha256 of the rest of it (see :func:`meta_digest`)."""
+MAX_HEADS = 10**6
+"""More heads (layers x heads) than any model has: a loaded result claiming more is damaged."""
 KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "validation.csv", "evaluation.csv", "overlap.csv",
                "summary.txt", "head_rankings.csv", "report.html", "report_summary.txt")
 """Files that chg_lens writes beside a result; replacing a result never carries them over."""
@@ -63,41 +67,13 @@ FileWriter = Callable[[Path], Any]
 """Writes one file beside the tensors: called with the file's path inside the new bundle folder."""
 
 
-# ----------------------------------------------------------------------------- locks
-@contextlib.contextmanager
-def folder_lock(path: str | os.PathLike, what: str = "result") -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``path`` (a ``.<name>.lock`` file beside it); a second
-    writer gets a ValueError at once instead of racing on shared files."""
-    path = Path(path).expanduser().absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.parent / f".{path.name}.lock"
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ValueError(f"another process ({holder}) is writing the {what} {path} right now (lock {lock}); "
-                             "wait for it to finish, or use another folder") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # ----------------------------------------------------------------------------- writing
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+folder_lock = store.folder_lock
+"""The lock of a result folder (:func:`chg_lens.store.folder_lock`; kept here under its old name)."""
+write_text_atomic = store.write_text
+"""One text file by a temporary name and one rename (:func:`chg_lens.store.write_text`; its old name)."""
+require_regular_file = store.require_regular_file
+_sha256 = store.sha256_file
 
 
 def write_bundle_files(folder: Path, tensors: Mapping[str, Tensor], meta: dict[str, Any],
@@ -106,11 +82,13 @@ def write_bundle_files(folder: Path, tensors: Mapping[str, Tensor], meta: dict[s
     other file under ``digests``) into the existing folder ``folder``; returns the stored meta."""
     clean = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # no shared storage
     save_file(clean, str(folder / TENSORS))
-    digests = {TENSORS: _sha256(folder / TENSORS)}
+    digests = {TENSORS: store.sha256_file(folder / TENSORS)}
     for name, write in (files or {}).items():
         write(folder / name)
-        digests[name] = _sha256(folder / name)
+        digests[name] = store.sha256_file(folder / name)
     stored = {**_jsonable(meta), "format": FORMAT, "digests": digests, "files": sorted(digests)}
+    stored.pop(META_DIGEST, None)
+    stored[META_DIGEST] = meta_digest(stored)
     text = json.dumps(stored, indent=2, sort_keys=True, allow_nan=True)
     with open(folder / META, "w", encoding="utf-8") as f:
         f.write(text)
@@ -119,76 +97,29 @@ def write_bundle_files(folder: Path, tensors: Mapping[str, Tensor], meta: dict[s
     return stored
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write one text file by a temporary name and one rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2); False where not supported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) == 0:  # -100 = AT_FDCWD
-        return True
-    return False
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _carry_over(old: Path, new: Path, skip: set[str]) -> None:
-    """Hard-link (or copy) the entries of ``old`` that the new bundle does not replace into ``new``."""
-    for entry in old.iterdir():
-        if entry.name in skip or _is_private(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), new / entry.name)
-        else:
-            _link_or_copy(str(entry), str(new / entry.name))
-
-
-def _is_private(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(".lock") or ".tmp-" in name or ".old-" in name)
-
-
-def _stale_siblings(path: Path) -> list[Path]:
-    return [p for p in path.parent.glob(f".{path.name}.*") if ".tmp-" in p.name or ".old-" in p.name]
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """The sha256 of ``meta`` without its ``meta_digest`` field, as canonical JSON (sorted keys, no
+    spaces): what :func:`write_bundle_files` stores and :func:`load_bundle` checks."""
+    return store.json_digest({k: v for k, v in meta.items() if k != META_DIGEST})
 
 
 def save_bundle(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], *,
                 files: Mapping[str, FileWriter] | None = None, identity: dict[str, Any] | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, own: Iterable[str] = ()) -> Path:
     """Write ``tensors``, JSON-able ``meta`` and the extra ``files`` as the result folder ``path``,
     atomically as a whole.
 
     The bundle is written into a new hidden folder beside ``path``, which then takes ``path``'s
-    place in one rename (an atomic exchange when ``path`` exists), so a kill at any point leaves
-    either the old result or the new one, never a mix. ``meta.json`` stores the sha256 of every
-    file, checked by :func:`load_bundle`. Entries of an existing folder that the new bundle does not
-    replace (a ``checkpoint/``, your own notes) are kept. A second process writing the same folder
-    at once gets a ValueError. ``meta["kind"]`` and ``identity`` (what makes two results the same
-    fit) are checked against a result already there by :func:`check_target`; ``overwrite``
-    replaces a different one.
+    place in one rename (an atomic exchange when ``path`` exists: :func:`chg_lens.store.replace_folder`),
+    so a kill at any point leaves either the old result or the new one, never a mix. ``path`` may
+    be a symbolic link to a folder: the result is written into that folder and the link is kept.
+    ``meta.json`` stores the sha256 of every file and of its own content, checked by
+    :func:`load_bundle`. Entries of an existing folder that the new bundle does not replace (a
+    ``checkpoint/``, your own notes) are kept. A second process writing the same folder at once gets
+    a ValueError. ``meta["kind"]`` and ``identity`` (what makes two results the same fit) are checked
+    against a result already there by :func:`check_target`; ``overwrite`` replaces a different one.
+    ``own`` names working files a result of this kind keeps beside it (the explain pipeline's step
+    files), which do not count as another's files.
 
     Example::
 
@@ -196,36 +127,25 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[
     """
     path = Path(path).expanduser().absolute()
     kind = meta.get("kind")
-    check_target(path, kind, identity, overwrite)
-    with folder_lock(path):
-        check_target(path, kind, identity, overwrite)
-        for stale in _stale_siblings(path):  # left by a writer that was killed; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            stored = write_bundle_files(tmp, tensors, {**meta, "identity": identity}, files)
-            if path.exists():
-                old_files = set(read_meta(path).get("files", [])) if (path / META).exists() and not overwrite else set()
-                _carry_over(path, tmp, {*stored["files"], META, *KNOWN_FILES, *old_files})
-                if _exchange(tmp, path):
-                    shutil.rmtree(tmp)
-                else:  # no atomic exchange here: two renames, the old copy kept until the new is in place
-                    old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-                    os.rename(path, old)
-                    os.rename(tmp, path)
-                    shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            if tmp.exists() and not (tmp / META).exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return path
+    own = tuple(own)
+    check_target(path, kind, identity, overwrite, own=own)
+
+    def fill(tmp: Path) -> None:
+        write_bundle_files(tmp, tensors, {**meta, "identity": identity}, files)
+
+    def drop(old: Path) -> set[str]:
+        """What the new bundle replaces: meta.json, the files chg_lens writes beside a result, and
+        (unless ``overwrite``) the files the old bundle listed."""
+        listed = set(read_meta(old).get("files", [])) if (old / META).exists() and not overwrite else set()
+        return {META, *KNOWN_FILES, *listed}
+
+    return store.replace_folder(path, fill, drop=drop, what="result",
+                                check=lambda: check_target(path, kind, identity, overwrite, own=own),
+                                complete=lambda tmp: (tmp / META).exists())
 
 
 def check_target(path: str | os.PathLike, kind: str | None, identity: dict[str, Any] | None = None,
-                 overwrite: bool = False, what: str = "the output folder") -> None:
+                 overwrite: bool = False, what: str = "the output folder", own: Iterable[str] = ()) -> None:
     """Raise before any work if a ``kind`` result with ``identity`` may not be written to ``path``:
     a file or a path inside a file, an unwritable place, the current folder, a folder that holds
     another kind of result or a different fit (unless ``overwrite``), or a non-empty folder that
@@ -255,7 +175,8 @@ def check_target(path: str | os.PathLike, kind: str | None, identity: dict[str, 
             raise ValueError(f"{what} {p} already holds a different {kind} result ({describe(old)}; differs in "
                              f"{', '.join(diff)}): pass another folder, or --overwrite (overwrite=True) to replace it")
         return
-    others = sorted(e.name for e in p.iterdir() if e.name != "checkpoint" and not e.name.startswith("."))
+    own = {"checkpoint", *own}
+    others = sorted(e.name for e in p.iterdir() if e.name not in own and not e.name.startswith("."))
     if others and not overwrite:
         shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
         raise ValueError(f"{what} {p} is a folder with other files ({shown}) and no chg_lens result; pass a new "
@@ -290,6 +211,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     off, not UTF-8 or not a JSON object."""
     file = Path(path) / META
     try:
+        require_regular_file(file)
         meta = json.loads(file.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is not a chg_lens result folder (no {META})") from None
@@ -307,20 +229,25 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and metadata of a result folder written by :func:`save_bundle`.
 
-    With ``verify`` (default), the tensors file must match the sha256 stored in ``meta.json``; a
-    changed, damaged or mismatched file is a ValueError naming it (results written before digests
-    existed load unchecked)."""
+    With ``verify`` (default), the tensors file must match the sha256 stored in ``meta.json`` and
+    ``meta.json`` its own ``meta_digest``; a changed, damaged or mismatched file is a ValueError
+    naming it (results written before digests existed load unchecked). Both files must be regular
+    files (a named pipe in their place is refused, never read)."""
     path = Path(path)
     if not path.is_dir():
-        stale = [p for p in _stale_siblings(path.absolute()) if ".old-" in p.name and (p / META).exists()]
+        stale = [p for p in store.leftovers(path.absolute()) if ".old-" in p.name and (p / META).exists()]
         if stale:
             raise FileNotFoundError(f"{path} does not exist: a save was interrupted while replacing it; the previous "
                                     f"result is at {stale[0]} (rename it back to {path.name})")
     if not (path / TENSORS).exists() or not (path / META).exists():
         raise FileNotFoundError(f"{path} is not a chg_lens result folder (needs {TENSORS} and {META})")
     meta = read_meta(path)
+    if verify and META_DIGEST in meta and meta[META_DIGEST] != meta_digest(meta):
+        raise ValueError(f"{path / META} was changed after it was written (its content does not match its "
+                         f"{META_DIGEST}): restore it or write the result again")
+    require_regular_file(path / TENSORS)
     raw = (path / TENSORS).read_bytes()
-    want = (meta.get("digests") or {}).get(TENSORS)
+    want = (meta.get("digests") or {}).get(TENSORS) if isinstance(meta.get("digests"), dict) else None
     if verify and want is not None and hashlib.sha256(raw).hexdigest() != want:
         raise ValueError(f"{path / TENSORS} does not match the digest in its {META}: the file was changed or "
                          "damaged after it was written, or belongs to another save; restore it or write it again")
@@ -338,6 +265,102 @@ def require(tensors: Mapping[str, Tensor], names: list[str], path: str | os.Path
     if missing:
         raise ValueError(f"{path} is not a complete {what}: tensor(s) {', '.join(missing[:4])} are missing from "
                          f"{TENSORS}; write the result again")
+
+
+def require_fields(meta: Mapping[str, Any], names: Sequence[str], path: str | os.PathLike, what: str) -> None:
+    """Raise a ValueError naming the first field of ``meta.json`` a loaded result lacks."""
+    missing = [n for n in names if n not in meta]
+    if missing:
+        raise ValueError(f"{Path(path) / META} lacks {', '.join(map(repr, missing))} ({what} needs them): the "
+                         "folder is damaged or holds another kind of result; write the result again")
+
+
+def _damaged(path: str | os.PathLike, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}; the folder is damaged or mixed from two results: write it again")
+
+
+def loaded_shape(meta: Mapping[str, Any], path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(n_layers, n_heads)`` of a loaded result's inner ``meta``, checked (positive whole numbers,
+    at most :data:`MAX_HEADS` heads in all); None when the result does not record them."""
+    if "n_layers" not in meta and "n_heads" not in meta:
+        return None
+    try:
+        L = checks.positive_int("n_layers", meta.get("n_layers"))
+        H = checks.positive_int("n_heads", meta.get("n_heads"))
+    except ValueError as err:
+        raise _damaged(path, f"meta.json's {err}") from None
+    if L * H > MAX_HEADS:
+        raise _damaged(path, f"meta.json claims {L} layers x {H} heads, more than any model has")
+    return L, H
+
+
+def check_tensor(tensors: Mapping[str, Tensor], name: str, shape: Sequence[int | None], path: str | os.PathLike,
+                 *, finite: bool = False, unit: bool = False) -> None:
+    """The loaded tensor ``name`` must have ``len(shape)`` dimensions, each equal to the entry of
+    ``shape`` (None: any size); with ``finite`` it must hold finite numbers, with ``unit`` numbers
+    in [0, 1]. A ValueError naming the tensor otherwise."""
+    t = tensors[name]
+    got = tuple(t.shape)
+    if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+        want = ", ".join("*" if w is None else str(w) for w in shape)
+        raise _damaged(path, f"tensor {name} is shaped {list(got)}, not [{want}] as the result's meta.json says")
+    if (finite or unit) and t.numel():
+        if not (t.is_floating_point() and bool(torch.isfinite(t).all())):
+            raise _damaged(path, f"tensor {name} holds non-finite values (inf or NaN)" if t.is_floating_point()
+                           else f"tensor {name} has dtype {t.dtype}, not a float dtype")
+        if unit and (float(t.min()) < 0 or float(t.max()) > 1):
+            raise _damaged(path, f"tensor {name} holds values outside [0, 1]")
+
+
+def check_frame_heads(frame, shape: tuple[int, int] | None, path: str | os.PathLike) -> None:
+    """The ``layer`` / ``head`` columns of a loaded table must be whole numbers inside ``shape``."""
+    for col, n in zip(("layer", "head"), shape or (None, None)):
+        if col not in frame.columns or not len(frame):
+            continue
+        values = frame[col]
+        try:
+            whole = bool((values.astype("float64") % 1 == 0).all())
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise _damaged(path, f"the table's {col!r} column holds values that are not whole numbers")
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or (n is not None and hi >= n):
+            raise _damaged(path, f"the table's {col!r} column runs from {lo} to {hi}, outside 0..{n - 1 if n else ''} "
+                           f"of the model's {n} {col}s")
+
+
+def check_fit_tensors(tensors: Mapping[str, Tensor], stages: Sequence[str], meta: Mapping[str, Any],
+                      path: str | os.PathLike) -> None:
+    """The per-stage tensors of a loaded fit (see :func:`pack_stages`) agree with its meta.json: gate
+    logits ``[n_seeds, n_layers, n_heads]`` of finite numbers, snapshots ``[snaps, n_seeds, n_layers,
+    n_heads]`` in [0, 1] with one step each, traces ``[updates, n_seeds]``; ``n_seeds`` from the
+    config, the shape from the inner meta (when recorded)."""
+    if not isinstance(meta.get("meta"), dict):
+        raise _damaged(path, "meta.json's 'meta' must be a JSON object")
+    L, H = loaded_shape(meta["meta"], path) or (None, None)
+    S = meta["config"].get("n_seeds")
+    for stage in stages:
+        check_tensor(tensors, f"logits/{stage}", (S, L, H), path, finite=True)
+        S, L, H = tensors[f"logits/{stage}"].shape  # a result of an older release without n_seeds/n_layers
+        check_tensor(tensors, f"snapshots/{stage}", (None, S, L, H), path, unit=True)
+        check_tensor(tensors, f"snapshot_steps/{stage}", (tensors[f"snapshots/{stage}"].shape[0],), path)
+        for name in [k for k in tensors if k.startswith(f"trace/{stage}/")]:
+            check_tensor(tensors, name, (None, S), path)
+
+
+def check_config(config: Any, config_class, path: str | os.PathLike) -> None:
+    """A loaded ``config`` must be a JSON object whose known options pass ``config_class.check()``
+    (e.g. :class:`~chg_lens.chg.CHGConfig`); unknown keys of other releases are ignored."""
+    import dataclasses
+
+    if not isinstance(config, dict):
+        raise _damaged(path, f"meta.json's config is {type(config).__name__}, not an object")
+    names = {f.name for f in dataclasses.fields(config_class)}
+    try:
+        config_class(**{k: v for k, v in config.items() if k in names}).check()
+    except (ValueError, TypeError) as err:
+        raise _damaged(path, f"meta.json's config: {err}") from None
 
 
 Bundle = tuple[dict[str, Tensor], dict[str, Any], dict[str, FileWriter]]
@@ -370,6 +393,9 @@ class Result(abc.ABC):
     kind: str = ""
     noun: str = "result"
     meta: dict[str, Any]
+    OWN_FILES: tuple[str, ...] = ()
+    """Working files a result of this kind keeps in its folder besides the bundle (e.g. the explain
+    pipeline's step files): carried over by a save, and not "other files" to :func:`check_target`."""
 
     @abc.abstractmethod
     def to_frame(self):
@@ -411,7 +437,7 @@ class Result(abc.ABC):
         """
         tensors, fields, files = self._bundle()
         return save_bundle(path, tensors, {"kind": self.kind, **fields}, files=files, identity=self.identity(),
-                           overwrite=overwrite)
+                           overwrite=overwrite, own=self.OWN_FILES)
 
     @classmethod
     def load(cls, path: str | os.PathLike):
@@ -427,8 +453,9 @@ class Result(abc.ABC):
     def read(cls, path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """:func:`load_bundle`, and a ``ValueError`` unless the folder holds a result of ``cls.kind``."""
         tensors, meta = load_bundle(path)
-        if meta.get("kind") != cls.kind:
-            raise ValueError(f"{path} holds a '{meta.get('kind')}' result, not {cls.noun}")
+        kind = kind_of(meta, path)
+        if kind != cls.kind:
+            raise ValueError(f"{path} holds a '{kind}' result, not {cls.noun}")
         return tensors, meta
 
 
@@ -460,7 +487,29 @@ class FrameResult(Result):
 
     @classmethod
     def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike):
-        return cls(frame=frame_from_json(meta["frame"]), baseline=meta["baseline"], meta=meta["meta"])
+        frame, baseline, inner = cls._checked_fields(tensors, meta, path)
+        return cls(frame=frame, baseline=baseline, meta=inner)
+
+    @classmethod
+    def _checked_fields(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike):
+        """``(frame, baseline, meta)`` of a loaded bundle, checked: the fields are there, the table's
+        heads lie inside the model's shape, and each stored ``[n_layers, n_heads]`` tensor has that shape."""
+        require_fields(meta, ["frame", "baseline", "meta"], path, cls.noun)
+        if not isinstance(meta["meta"], dict) or not isinstance(meta["baseline"], dict):
+            raise _damaged(path, "meta.json's 'meta' and 'baseline' must be JSON objects")
+        try:
+            frame = frame_from_json(meta["frame"])
+        except (KeyError, TypeError, ValueError, AssertionError) as err:
+            raise _damaged(path, f"meta.json's frame is not a table ({type(err).__name__}: {err})") from None
+        shape = loaded_shape(meta["meta"], path)
+        check_frame_heads(frame, shape, path)
+        for name in cls.HEAD_TENSORS:
+            if name in tensors:
+                check_tensor(tensors, name, shape or (None, None), path)
+        return frame, meta["baseline"], meta["meta"]
+
+    HEAD_TENSORS: tuple[str, ...] = ("delta_logprob", "effects")
+    """Stored tensors shaped ``[n_layers, n_heads]``, checked against ``meta`` when loaded."""
 
 
 def head_tensor(frame, column: str, n_layers: int, n_heads: int) -> Tensor:
@@ -476,38 +525,63 @@ def result_class(kind: str):
     """The class that saves results of ``kind`` (see :data:`KINDS`)."""
     import importlib
 
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"unknown result kind {kind!r}; known kinds: {', '.join(KINDS)}")
     module, name = KINDS[kind].split(":")
     return getattr(importlib.import_module(module), name)
 
 
+def kind_of(meta: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """The ``kind`` of a loaded ``meta.json``: one of :data:`KINDS`, else a ValueError naming the folder."""
+    kind = meta.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"{Path(path) / META}: kind {kind!r} is not a chg_lens result kind ({', '.join(KINDS)}); "
+                         "the file is damaged or not a chg_lens result")
+    return kind
+
+
 def load(path: str | os.PathLike):
     """The result saved in the folder ``path``, as the class its ``meta.json`` kind names::
 
-        result = chg_lens.load("runs/chg")      # CHGResult, ContrastiveResult, AblationResult or PatchResult
+        result = chg_lens.load("runs/chg")      # CHGResult, ContrastiveResult, AblationResult, PatchResult
+        result = chg_lens.load("runs/explain")  # ExplainResult: an explain output folder
     """
-    _, meta = load_bundle(path)
-    return result_class(meta.get("kind")).load(path)
+    tensors, meta = load_bundle(path)
+    return result_class(kind_of(meta, path))._from_bundle(tensors, meta, path)
 
 
-def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[Path], Any]):
+def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[Path], Any], *,
+           kind: "str | type | None" = None):
     """Fit or load: the result saved in ``folder`` if there is one, else ``fn(folder)`` saved there.
 
     ``key`` (JSON-able settings) is stored in the result's ``meta``; a saved result whose stored
     key differs is a ``ValueError`` naming the settings that differ, so a folder never silently
-    serves a fit made with other settings. ``fn`` may keep a checkpoint under ``folder`` (e.g.
-    ``folder / "checkpoint"``) so an interrupted fit resumes::
+    serves a fit made with other settings (nor, when ``key`` is given, a result that ``cached`` did
+    not write, which has no stored key to compare). ``kind`` (a kind name such as ``"chg"``, or a
+    result class such as ``CHGResult``) is the kind ``fn`` makes: a folder holding another kind of
+    result is a ``ValueError`` before ``fn`` runs, and ``fn`` returning another kind is a
+    ``TypeError``. ``fn`` may keep a checkpoint under ``folder`` (e.g. ``folder / "checkpoint"``) so
+    an interrupted fit resumes::
 
         result = cached(out / "fits" / "ioi", {"updates": 100, "lam": 0.1},
-                        lambda folder: fit_chg(model, train, updates=100, checkpoint_dir=folder / "checkpoint"))
+                        lambda folder: fit_chg(model, train, updates=100, checkpoint_dir=folder / "checkpoint"),
+                        kind="chg")
     """
     folder = Path(folder)
+    want_kind = kind if kind is None or isinstance(kind, str) else getattr(kind, "kind", None)
+    if kind is not None:
+        result_class(want_kind)  # a known kind name, or a ValueError listing them
     want = None if key is None else json.loads(json.dumps(_jsonable(key), sort_keys=True))
     if (folder / META).exists():
         result = load(folder)
+        if want_kind is not None and result.kind != want_kind:
+            raise ValueError(f"{folder} holds a {result.kind!r} result ({describe({'meta': result.meta})}), not the "
+                             f"{want_kind!r} result this call makes: use another folder, or delete that one to refit")
         stored = result.meta.get(CACHE_KEY)
-        if want is not None and stored is not None:
+        if want is not None and stored is None:
+            raise ValueError(f"{folder} holds a {result.kind!r} result that results.cached did not write (it stores "
+                             "no settings to compare): use another folder, or pass key=None to use it as it is")
+        if want is not None:
             differs = [k for k in {**stored, **want} if stored.get(k) != want.get(k)]
             if differs:
                 raise ValueError(f"{folder} holds a fit with other settings ({', '.join(differs)}); "
@@ -515,6 +589,9 @@ def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[
         return result
     folder.mkdir(parents=True, exist_ok=True)
     result = fn(folder)
+    if want_kind is not None and getattr(result, "kind", None) != want_kind:
+        raise TypeError(f"cached(..., kind={want_kind!r}): fn returned {type(result).__name__}, not a {want_kind!r} "
+                        "result; nothing was saved")
     if want is not None:
         result.meta[CACHE_KEY] = want
     result.save(folder)

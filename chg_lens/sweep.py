@@ -31,7 +31,6 @@ and error. Example::
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import json
@@ -50,12 +49,15 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from . import store
 from .deprecation import keyword_only
 from .results import cached
 
 EXECUTORS = ("local", "slurm", "debug")
 """``local``: one subprocess per job on this machine; ``slurm``: sbatch (job arrays); ``debug``: in this process."""
-STATUSES = ("done", "running", "queued", "failed", "interrupted", "pending")
+STATUSES = ("done", "running", "queued", "failed", "interrupted", "damaged", "pending")
+"""A cell's state in the index; ``damaged``: ``done.json`` is there but the result does not verify
+(a truncated or changed file): the next launch refits it, keeping the damaged copy beside it."""
 _RESERVED_FIT = {"model", "data", "validation", "checkpoint_dir", "task", "progress", "seed", "lam"}
 _SPEC_LOAD_KEYS = ("device", "dtype")
 
@@ -286,7 +288,7 @@ def check_config(cfg: SweepConfig, executor: str | None = None) -> None:
             bad = [k for k in t.options if k not in params]
             task_problem[t.label] = (f"task '{t.label}' does not take option(s) {bad}; it takes {params}" if bad else None)
             if not bad:
-                checks.call_options(fn, t.options, f"task '{t.label}'")  # the check `chg-lens fit` makes
+                task_registry.check_options(t.task, **t.options)  # the check `chg-lens fit` makes
         except ValueError as err:
             task_problem[t.label] = str(err)
     for cell in cfg.cells():
@@ -391,39 +393,94 @@ def run_cells(root: str, cells: list[dict], threads: int | None = None) -> list[
     return [run_cell(root, Cell.from_dict(c), loaded) for c in cells]
 
 
+_VERIFIED: dict[tuple, str | None] = {}
+
+
+def result_problem(folder: str | os.PathLike) -> str | None:
+    """Why the result folder of a finished cell cannot be used (missing, truncated, changed: it does
+    not load with its digests checked), or None when it verifies. Cached per version of its files,
+    so polling the index re-reads nothing."""
+    from .results import META, TENSORS, load_bundle
+
+    folder = Path(folder)
+    try:
+        stamp = (str(folder.resolve()),) + tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in
+                                                 (os.stat(folder / n) for n in (TENSORS, META)))
+    except OSError as err:
+        return f"{folder}: {err.strerror or err}"
+    if stamp not in _VERIFIED:
+        try:
+            load_bundle(folder)
+            _VERIFIED[stamp] = None
+        except (OSError, ValueError) as err:
+            _VERIFIED[stamp] = str(err)
+    return _VERIFIED[stamp]
+
+
+def _read_done(folder: Path) -> tuple[dict | None, str | None]:
+    """A cell's ``done.json`` (None when absent) and why the finished cell cannot be used: its
+    ``done.json`` is unreadable or its result does not verify (:func:`result_problem`); None if fine."""
+    if not (folder / DONE).exists():
+        return None, None
+    try:
+        done = json.loads((folder / DONE).read_text())
+        if not isinstance(done, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return None, f"{folder / DONE} cannot be read ({err})"
+    return done, result_problem(folder / "result")
+
+
+def _set_aside(folder: Path, problem: str) -> Path:
+    """Move a damaged result (and its done.json) aside as ``result.damaged-N``, so the cell is refitted
+    and nothing on disk is lost."""
+    n = 1
+    while (folder / f"result.damaged-{n}").exists():
+        n += 1
+    aside = folder / f"result.damaged-{n}"
+    if (folder / "result").exists() or (folder / "result").is_symlink():
+        os.rename(folder / "result", aside)
+    else:
+        aside.mkdir()
+    if (folder / DONE).exists():
+        os.rename(folder / DONE, aside / DONE)
+    _event(folder, "damaged", problem=problem, moved_to=aside.name)
+    return aside
+
+
 def run_cell(root: str | os.PathLike, cell: Cell, loaded: dict | None = None) -> dict:
     """Run one cell exactly once: lock it, skip it if done, fit (resuming its checkpoint), save the
     result, then write ``done.json`` last."""
-    from .results import write_text_atomic
-
     folder = cell_dir(root, cell)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    with store.try_lock(folder / LOCK) as held:
+        if not held:
             return {"cell": cell.id, "status": "running elsewhere"}
         if (folder / DONE).exists():
-            return {"cell": cell.id, "status": "already done"}
+            problem = _read_done(folder)[1]
+            if problem is None:
+                return {"cell": cell.id, "status": "already done"}
+            _set_aside(folder, problem)  # then fit it again, below
         job_id = _job_id()
         t0 = time.time()
         ckpt = folder / "checkpoint"
         resumed = _checkpoint_step(ckpt)
         _event(folder, "start", job_id=job_id, resumed_from=resumed)
         try:
-            result = cached(folder / "result", None, lambda _: _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {}))
+            result = cached(folder / "result", None, lambda _: _fit_cell(cell, folder, ckpt, loaded if loaded is not None else {}),
+                            kind="chg")
             seconds = time.time() - t0
             done = {"cell": cell.id, "job_id": job_id, "finished": _now(), "seconds": seconds,
                     "fit_seconds": result.meta["sweep_seconds"]["fit"], "load_seconds": result.meta["sweep_seconds"]["load"],
                     "resumed_from": resumed, "converged": result.converged}
-            write_text_atomic(folder / DONE, json.dumps(done, indent=2))  # the marker: written last
+            store.write_json(folder / DONE, done, indent=2)  # the marker: written last
             _event(folder, "completed", job_id=job_id, seconds=seconds)
             (folder / ERROR).unlink(missing_ok=True)
             shutil.rmtree(ckpt, ignore_errors=True)
             return {"cell": cell.id, "status": "done", "seconds": seconds}
         except Exception as err:  # noqa: BLE001 - recorded per cell; the next launch runs it again
-            write_text_atomic(folder / ERROR, json.dumps({"error": f"{type(err).__name__}: {err}", "job_id": job_id,
-                                                    "time": _now(), "traceback": traceback.format_exc()}, indent=2))
+            store.write_json(folder / ERROR, {"error": f"{type(err).__name__}: {err}", "job_id": job_id,
+                                              "time": _now(), "traceback": traceback.format_exc()}, indent=2)
             _event(folder, "failed", job_id=job_id, error=f"{type(err).__name__}: {err}")
             return {"cell": cell.id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
 
@@ -469,11 +526,8 @@ def _job_id() -> str:
 
 
 def _event(folder: Path, event: str, **fields) -> None:
-    line = json.dumps({"event": event, "time": _now(), "host": socket.gethostname(), "pid": os.getpid(), **fields})
-    with open(folder / EVENTS, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    store.append_line(folder / EVENTS, json.dumps({"event": event, "time": _now(), "host": socket.gethostname(),
+                                                   "pid": os.getpid(), **fields}))
 
 
 def _now() -> str:
@@ -500,16 +554,8 @@ def read_events(folder: str | os.PathLike) -> list[dict]:
 
 
 def _locked(folder: Path) -> bool:
-    path = folder / LOCK
-    if not path.exists():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    """Whether a job holds the cell's lock now (it is running the cell)."""
+    return store.is_locked(folder / LOCK)
 
 
 def _jobs(root: Path) -> dict[str, dict]:
@@ -560,8 +606,9 @@ def _pid_alive(job_id: str) -> bool:
 
 def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True) -> pd.DataFrame:
     """The index: one row per cell with ``status`` (done, running, queued, failed, interrupted,
-    pending), ``attempts``, ``completions``, ``started``, ``finished``, ``seconds``, ``job_id``,
-    ``result_path``, ``error`` and ``converged`` (the finished fit's :attr:`CHGResult.converged`;
+    damaged, pending; a finished cell whose result does not verify is ``damaged``, and refitted by
+    the next launch), ``attempts``, ``completions``, ``started``, ``finished``, ``seconds``,
+    ``job_id``, ``result_path``, ``error`` and ``converged`` (the finished fit's :attr:`CHGResult.converged`;
     None while not done); written to ``OUT/index.parquet`` when ``write``.
 
     Example::
@@ -578,11 +625,19 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
         folder = cell_dir(root, cell)
         events = read_events(folder)
         starts = [e for e in events if e["event"] == "start"]
-        done_file = folder / DONE
-        done = json.loads(done_file.read_text()) if done_file.exists() else None
-        error = json.loads((folder / ERROR).read_text()) if (folder / ERROR).exists() else None
+        done, damaged = _read_done(folder)
+        try:
+            error = json.loads((folder / ERROR).read_text()) if (folder / ERROR).exists() else None
+        except (OSError, ValueError):
+            error = {"error": f"{folder / ERROR} cannot be read"}
         job = jobs.get(cell.id)
-        if done is not None:
+        if damaged is not None and _locked(folder):
+            state, done = "running", None  # a job is setting it aside and fitting it again
+        elif damaged is not None and job is not None and job["job_id"] in active:
+            state, done = "queued", None
+        elif damaged is not None:
+            state, done = "damaged", None
+        elif done is not None:
             state = "done"
         elif _locked(folder):
             state = "running"
@@ -605,14 +660,13 @@ def status(config: "str | os.PathLike | dict | SweepConfig", write: bool = True)
             "converged": _cell_converged(done, folder),
             "job_id": (done or {}).get("job_id") or (job or {}).get("job_id"),
             "result_path": str(folder / "result") if done else None,
-            "error": None if done or error is None else error["error"],
+            "error": (f"the result of this finished cell is damaged ({damaged}); the next run refits it"
+                      if damaged is not None else None if done or error is None else error["error"]),
         })
     index = pd.DataFrame(rows)
     if write:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".index.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        index.to_parquet(tmp, index=False)
-        os.replace(tmp, root / "index.parquet")
+        store.write_table(index, root / "index.parquet")
     return index
 
 
@@ -672,12 +726,10 @@ def run_sweep(
     kind = executor or cfg.executor_kind
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}; got {kind!r}")
-    from .results import folder_lock
-
     root = cfg.out
     root.mkdir(parents=True, exist_ok=True)
     poll = poll_s or float(cfg.executor.get("poll_s", 2.0))
-    with folder_lock(root / "submit", "sweep submission"):  # two controllers never submit the same cells
+    with store.folder_lock(root / "submit", "sweep submission"):  # two controllers never submit the same cells
         index, busy, todo, jobs, chunks = _submit(cfg, kind, root, progress, wait)
     if not todo:
         if busy and wait:
@@ -700,14 +752,10 @@ def run_sweep(
 def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool):
     """Under the submission lock: the index, the cells busy from an earlier launch, the cells to
     run, and the submitted jobs (with their chunks of cells)."""
-    from .results import write_text_atomic
-
-    write_text_atomic(root / "sweep.json", json.dumps({"name": cfg.name, "source": cfg.source,
-                                                        "n_cells": len(cfg.cells()),
-                                                        "cells": [c.to_dict() for c in cfg.cells()]},
-                                                       indent=1, default=str))
+    store.write_json(root / "sweep.json", {"name": cfg.name, "source": cfg.source, "n_cells": len(cfg.cells()),
+                                            "cells": [c.to_dict() for c in cfg.cells()]}, indent=1, default=str)
     index = status(cfg, write=True)
-    todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted"]), "cell"])
+    todo_ids = set(index.loc[index.status.isin(["pending", "failed", "interrupted", "damaged"]), "cell"])
     busy = set(index.loc[index.status.isin(["running", "queued"]), "cell"])  # from an earlier launch
     todo = [c for c in cfg.cells() if c.id in todo_ids]
     if busy and progress:
@@ -721,12 +769,9 @@ def _submit(cfg: SweepConfig, kind: str, root: Path, progress: bool, wait: bool)
     threads = cfg.executor.get("threads")
     jobs = ex.map_array(run_cells, [str(root)] * len(chunks), [[c.to_dict() for c in ch] for ch in chunks],
                         [threads] * len(chunks))
-    with open(root / "jobs.jsonl", "a") as f:
-        for job, chunk in zip(jobs, chunks):
-            for c in chunk:
-                f.write(json.dumps({"cell": c.id, "job_id": str(job.job_id), "kind": kind, "submitted": _now()}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    store.append_lines(root / "jobs.jsonl", [json.dumps({"cell": c.id, "job_id": str(job.job_id), "kind": kind,
+                                                         "submitted": _now()})
+                                             for job, chunk in zip(jobs, chunks) for c in chunk])
     return index, busy, todo, jobs, chunks
 
 
@@ -810,9 +855,7 @@ def collect(config: "str | os.PathLike | dict | SweepConfig", *, require_complet
                                      "g_minus", "facilitation", "interference", "irrelevance", "role", "cell"])
     frame = pd.concat(frames, ignore_index=True)
     if write:
-        tmp = cfg.out / f".scores.parquet.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, cfg.out / "scores.parquet")
+        store.write_table(frame, cfg.out / "scores.parquet")
     return frame
 
 

@@ -142,7 +142,7 @@ def fit_or_load(out: Path, cfg: Config, model_name: str, task: str, progress: bo
         return result
 
     folder = fit_dir(out, cfg, model_name, task)
-    result = chg_lens.results.cached(folder, fit_key(cfg, task), fit)
+    result = chg_lens.results.cached(folder, fit_key(cfg, task), fit, kind="chg")
     if fitted:  # written beside the saved result (the save refuses a folder that already holds other files)
         (folder / "summary.txt").write_text(result.summary() + "\n")
     return result, (time.time() - t0 if fitted else 0.0)

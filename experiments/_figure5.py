@@ -126,7 +126,7 @@ def icl_vs_instruction(
                            lr=lr, lr_end=lr_end, seed=seed)
                 key["training data"] = [train[keep].fingerprint(), train[drop].fingerprint()]
                 key["evaluation data"] = [ev[keep].fingerprint(), ev[drop].fingerprint()]
-                result = cached(folder, key, fit)
+                result = cached(folder, key, fit, kind="contrastive")
             frames.append(figure5_rows(result, direction, task))
     return pd.concat(frames, ignore_index=True)
 

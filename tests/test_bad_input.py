@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import chg_lens
-from chg_lens import ablation, checks, fitting, results, sweep, taxonomy
+from chg_lens import ablation, checks, fitting, results, store, sweep, taxonomy
 from chg_lens.chg import CHGResult, fit_chg
 from chg_lens.cli import main
 from chg_lens.cli.options import task_options as parse_task_options
@@ -158,7 +158,7 @@ def test_a_result_save_killed_before_its_rename_leaves_the_old_result_whole(whol
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(results, "_exchange", killed)
+        m.setattr(store, "_exchange", killed)
         with pytest.raises(Killed):
             other.save(out)
     back = CHGResult.load(out)  # the old result, tensors and meta together
@@ -180,7 +180,7 @@ def test_without_an_atomic_exchange_a_kill_between_the_two_renames_is_reported(w
         return real(a, b)
 
     with monkeypatch.context() as m:
-        m.setattr(results, "_exchange", lambda a, b: False)
+        m.setattr(store, "_exchange", lambda a, b: False)
         m.setattr(os, "rename", dying)
         with pytest.raises(Killed):
             whole.save(out)
@@ -492,7 +492,7 @@ def test_sweep_checks_cells_with_the_fits_own_validation(model_folder, tmp_path)
     assert not (tmp_path / "s").exists()
 
 
-def test_sweep_rerun_waits_for_a_cell_still_running(model_folder, tmp_path):
+def test_sweep_rerun_waits_for_a_cell_still_running(model_folder, whole, tmp_path):
     import fcntl
 
     cfg = sweep.load_config({"out": str(tmp_path / "s"), "models": [str(model_folder)], "tasks": ["ioi"],
@@ -505,6 +505,7 @@ def test_sweep_rerun_waits_for_a_cell_still_running(model_folder, tmp_path):
 
     def finish():
         time.sleep(1.5)
+        whole.save(folder / "result")  # a finished cell: its result, then done.json
         (folder / sweep.DONE).write_text(json.dumps({"finished": "now", "seconds": 1.0, "fit_seconds": 1.0}))
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()

@@ -371,7 +371,8 @@ def test_report_joins_chg_roles(pattern_run, tmp_path):
     logits["g_minus"][:, 0, 0] = 5.0                                   # head 0.0 facilitating
     res = CHGResult(logits=logits, traces={k: {} for k in logits}, snapshots={k: torch.zeros(0, 2, 2, 4) for k in logits},
                     snapshot_steps={k: torch.zeros(0, dtype=torch.long) for k in logits}, config={"updates": 1, "reg_updates": 1,
-                    "batch_size": 1, "lam": 0.1}, meta={"task": "ioi", "model": "known"}, validation=None)
+                    "batch_size": 1, "lam": 0.1}, meta={"task": "ioi", "model": recorded_model(out.outdir)},
+                    validation=None)  # a fit of the explained model (another model's fit is refused)
     res.save(tmp_path / "chg")
     outdir = copy_outputs(out.outdir, tmp_path / "out", CACHED)
     run = run_explain(None, outdir, small_config(text, chg_result=str(tmp_path / "chg")), skip_cache=True,
@@ -389,6 +390,12 @@ def test_report_joins_chg_roles(pattern_run, tmp_path):
     new = write_explain_report(run.summary, tmp_path, task="ioi", title="t")
     assert [p.read_text() for p in old] == [p.read_text() for p in new]
     assert "layer 0 head 0 is facilitating for ioi" in new[0].read_text()
+
+
+def recorded_model(outdir: Path) -> str:
+    from chg_lens.explain import load_raw
+
+    return load_raw(outdir / "raw_events.parquet").meta["model"]
 
 
 CACHED = ("raw_events.parquet", "explanations.jsonl", "scores.parquet", "clusters.json", "probes.parquet")

@@ -132,16 +132,16 @@ STAGE_TENSORS = lambda stage, traces: ([f"logits/{stage}", f"snapshots/{stage}",
                                        + [f"trace/{stage}/{t}" for t in traces])
 LAYOUT = {  # kind -> (files, meta.json keys, tensor names): the folder layout results have always had
     "chg": ({"tensors.safetensors", "meta.json", "scores.csv"},
-            {"kind", "config", "meta", "validation", "identity", "format", "digests", "files"},
+            {"kind", "config", "meta", "validation", "identity", "format", "digests", "files", "meta_digest"},
             {*STAGE_TENSORS("g0", ["nll", "loss"]), *STAGE_TENSORS("g_plus", ["nll", "reg", "loss"]),
              *STAGE_TENSORS("g_minus", ["nll", "reg", "loss"])}),
     "contrastive": ({"tensors.safetensors", "meta.json", "gates.csv", "validation.csv"},
-                    {"kind", "config", "meta", "validation", "identity", "format", "digests", "files"},
+                    {"kind", "config", "meta", "validation", "identity", "format", "digests", "files", "meta_digest"},
                     set(STAGE_TENSORS("contrast", ["retain_nll", "forget_nll", "forget_term", "reg", "loss"]))),
     "ablation": ({"tensors.safetensors", "meta.json", "frame.parquet", "frame.csv"},
-                 {"kind", "frame", "baseline", "meta", "identity", "format", "digests", "files"}, {"delta_logprob"}),
+                 {"kind", "frame", "baseline", "meta", "identity", "format", "digests", "files", "meta_digest"}, {"delta_logprob"}),
     "patching": ({"tensors.safetensors", "meta.json", "frame.parquet", "frame.csv"},
-                 {"kind", "frame", "baseline", "meta", "identity", "format", "digests", "files"},
+                 {"kind", "frame", "baseline", "meta", "identity", "format", "digests", "files", "meta_digest"},
                  {"per_prompt", "effects"}),
 }
 

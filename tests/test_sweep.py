@@ -209,9 +209,12 @@ def test_a_failing_cell_is_recorded_and_run_again(tmp_path, model_folder):
     bad = dict(cfg, models=[{"name": "tiny", "spec": str(model_folder), "dtype": "float17"}])
     with pytest.raises(ValueError, match="dtype must be one of"):  # caught before anything is submitted
         sweep.run_sweep(bad, progress=False)
-    bad = dict(cfg, tasks=[{"name": "tiny_ioi", "task": "ioi", "options": {"n_prompts": 1}}])  # fails in the job
+    broken = tmp_path / "broken-model"  # passes the pre-submission check (a folder with config.json) ...
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    bad = dict(cfg, models=[{"name": "tiny", "spec": str(broken)}])  # ... and fails in the job
     index = sweep.run_sweep(bad, progress=False)
-    assert list(index.status) == ["failed"] and "n_prompts must be at least 2" in index.error[0]
+    assert list(index.status) == ["failed"] and "broken-model" in index.error[0]
     assert index.attempts[0] == 1 and index.result_path.isna().all()
 
 

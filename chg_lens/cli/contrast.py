@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="task argument for --forget only, e.g. --forget-option fmt=icl")
     p.add_argument("--data-dir", default=None, help="folder with the tasks' data files")
     p.add_argument("--n-prompts", type=int, default=None, help="rows to build per task (task default if unset)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="evaluation share of a file's rows")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="evaluation share of the rows, in (0, 1): of a file's rows (default 0.2), or passed to a "
+                        "registered task as its val_fraction (default: the task's own)")
     p.add_argument("--tasks", default=None, help="--preset only: comma-separated function-vector tasks")
     p.add_argument("--heldout", default=None, help="--preset only: comma-separated held-out tasks")
     p.add_argument("--n-shots", type=int, default=None, help="--preset only: ICL examples per prompt")
@@ -66,12 +68,25 @@ def _side(model, spec: str, opts: dict, a: argparse.Namespace):
     if _is_file(spec):
         data = load_pairs_file(model, spec)
         return data.subset(range(min(a.n_prompts, len(data)))) if a.n_prompts is not None else data
+    return tasks.build(spec, model, **_task_kwargs(spec, opts, a))
+
+
+def _task_kwargs(spec: str, opts: dict, a: argparse.Namespace) -> dict:
+    """The options of a registered task on one side: ``--seed``, ``--n-prompts``, ``--data-dir`` (when
+    it takes one), ``--val-fraction`` (when given) and the side's ``--task-option``s, checked."""
+    from .. import tasks
+
     kwargs = {"seed": a.seed, **opts}
     if a.n_prompts is not None:
         kwargs["n_prompts"] = a.n_prompts
     if a.data_dir is not None and tasks.takes(spec, "data_dir"):
         kwargs["data_dir"] = a.data_dir
-    return tasks.build(spec, model, **kwargs)
+    if a.val_fraction is not None:
+        if not tasks.takes(spec, "val_fraction"):
+            raise ValueError(f"--val-fraction: task '{spec}' splits its rows itself (it takes no val_fraction)")
+        kwargs["val_fraction"] = a.val_fraction
+    tasks.check_options(spec, **kwargs)
+    return kwargs
 
 
 def figure5_command(a: argparse.Namespace) -> str:
@@ -112,7 +127,7 @@ def run(a: argparse.Namespace) -> int:
     from ..data import TaskDataset
     from ..diagnostics import NotConvergedWarning
     from ..fitting import check_configs_per_pass
-    from ..results import write_text_atomic
+    from ..store import write_text as write_text_atomic
 
     t0 = time.time()
     kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
@@ -129,16 +144,24 @@ def run(a: argparse.Namespace) -> int:
                        ("--chg-forget", a.chg_forget)):
         if spec and (_is_file(spec) or flag.startswith("--chg")) and not Path(spec).exists():
             raise FileNotFoundError(f"{flag} {spec}: no such file or folder")
+    if a.val_fraction is not None:
+        v = checks.finite_float("--val-fraction", a.val_fraction)
+        if not 0 < v < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), the share of rows held out for evaluation; got {v:g}")
+    shared = options.task_options(a.task_option)
+    for spec, opts in ((a.retain, a.retain_option), (a.forget, a.forget_option)):
+        if not _is_file(spec):
+            _task_kwargs(spec, {**shared, **options.task_options(opts)}, a)  # unknown task or bad option: now
     out = options.check_run(a, "contrastive")
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
     print(f"precision: {models.describe_precision(model, a.autocast)}")
-    shared = options.task_options(a.task_option)
     sides = []
     for spec, opts in ((a.retain, a.retain_option), (a.forget, a.forget_option)):
         sides.append(_side(model, spec, {**shared, **options.task_options(opts)}, a))
     if isinstance(sides[0], TaskDataset) and isinstance(sides[1], TaskDataset):
         check_matched(*sides)  # whole files first: a split would hide a shuffled pairing
-    (r_train, r_val), (f_train, f_val) = [s.split(a.val_fraction, a.seed) if isinstance(s, TaskDataset) else s
+    val_fraction = 0.2 if a.val_fraction is None else a.val_fraction
+    (r_train, r_val), (f_train, f_val) = [s.split(val_fraction, a.seed) if isinstance(s, TaskDataset) else s
                                           for s in sides]
     check_matched(r_train, f_train)
     check_matched(r_val, f_val)

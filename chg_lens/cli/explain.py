@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="device to run on, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", "--outdir", dest="out", default=options.OUT["explain"],
                    help="output folder (default: %(default)s; --outdir is an alias)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds another result or other files (default: refuse)")
     options.add_autocast(p)
     for step, name in (("cache", "raw_events.parquet"), ("explain", "explanations.jsonl"),
                        ("simulate", "scores.parquet"), ("cluster", "clusters.json")):
@@ -68,24 +70,26 @@ def run(a: argparse.Namespace) -> int:
                         probe_sequences=a.probe_sequences, probe_length=a.probe_length,
                         stackexchange_dir=a.stackexchange_dir, wikitext_dir=a.wikitext_dir, chg_result=a.chg_result,
                         llm_timeout=a.llm_timeout, llm_retries=a.llm_retries, autocast=a.autocast)
-    cfg.check()
+    cfg.check()  # every option, and --chg-result loads as a CHG result, before the model loads
     from .. import checks
 
-    checks.finite_float("--llm-timeout", a.llm_timeout, min=0, min_open=True)
-    checks.whole_int("--llm-retries", a.llm_retries, min=0)
     checks.device(a.device)
-    checks.output_dir(a.out, "--out")
+    from ..explain.pipeline import ExplainResult
+    from ..results import check_target
+
+    check_target(a.out, ExplainResult.kind, None, a.overwrite, what="--out", own=ExplainResult.OWN_FILES)
     if a.explainer == "openai" and not a.skip_explain and not os.environ.get("OPENAI_API_KEY") and not a.base_url:
         raise ValueError("--explainer openai needs OPENAI_API_KEY in the environment (or --base-url of a local "
                          "OpenAI-compatible server that needs no key); nothing was loaded")
     t0 = time.time()
     model = a.model if a.skip_cache else models.load_model(a.model, device=a.device)
     out = run_explain(model, a.out, cfg, skip_cache=a.skip_cache, skip_explain=a.skip_explain,
-                      skip_simulate=a.skip_simulate, skip_cluster=a.skip_cluster, progress=not a.no_progress)
+                      skip_simulate=a.skip_simulate, skip_cluster=a.skip_cluster, progress=not a.no_progress,
+                      overwrite=a.overwrite)
     ok = out.summary[out.summary.status == "ok"]
     print(f"explained {len(ok)} of {len(out.summary)} heads; mean simulation score "
           f"{ok.simulation_score.mean():.3f}, detection {ok.detection_score.mean():.3f}; steps run: "
           f"{', '.join(out.steps_run)} ({time.time() - t0:.0f}s)")
     print(f"wrote {out.outdir}/ (raw_events.parquet, probes.parquet, explanations.jsonl, scores.parquet, clusters.json, "
-          "report.md, summary.csv)")
+          "report.md, summary.csv, meta.json: chg_lens.load opens it)")
     return 0

@@ -43,7 +43,7 @@ def run(a: argparse.Namespace) -> int:
     from .. import models, tasks
     from ..chg import CHGConfig, check_fit_options, fit_chg
     from ..diagnostics import NotConvergedWarning
-    from ..results import write_text_atomic
+    from ..store import write_text as write_text_atomic
 
     # every option and the output folder are checked before the model loads
     fit_options = dict(n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates, batch_size=a.batch_size,

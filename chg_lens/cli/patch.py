@@ -90,7 +90,7 @@ def run(a: argparse.Namespace) -> int:
                   f"L{int(r.layer)}H{int(r['head'])} {r.effect:+.3f}" for _, r in top.iterrows())
               + f"; {int(res.frame.mediating.sum())} mediating -> {path}")
     if a.task == "aba_abb" and len(results) > 1:
-        from ..results import write_text_atomic
+        from ..store import write_text as write_text_atomic
 
         write_text_atomic(out / "head_types.csv", symbolic_frame(results).to_csv(index=False))
     print(f"done in {time.time() - t0:.0f}s")

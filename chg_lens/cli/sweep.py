@@ -60,10 +60,7 @@ def _check_table_path(path: str) -> None:
 
 
 def _write_table(frame, path: Path) -> None:
-    import os
-    import secrets
+    from .. import store
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    frame.to_parquet(tmp, index=False) if path.suffix == ".parquet" else frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    store.write_table(frame, path)

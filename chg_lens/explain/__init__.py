@@ -14,7 +14,7 @@ from .events import salient_events, split_windows, token_class
 from .llm import LLMError, OpenAIExplainer
 from .pattern_explainer import PatternExplainer, label_from_text, label_of
 from .patterns import correlation, pattern_fits, pattern_sources
-from .pipeline import ExplainConfig, ExplainOutput, run_explain
+from .pipeline import ExplainConfig, ExplainOutput, ExplainResult, run_explain
 from .probes import PROBES, load_probes, probe_scores, write_probes
 from .protocol import Explainer
 from .record import RawActivity, load_raw, pattern_masks, record_to_parquet, select_heads
@@ -23,7 +23,7 @@ from .simulate import detection_score, probe_agreement, score_all, score_head
 from .sources import Windows, sample_windows
 
 __all__ = [
-    "ExplainConfig", "ExplainOutput", "Explainer", "LLMError", "OpenAIExplainer", "PROBES", "PatternExplainer",
+    "ExplainConfig", "ExplainOutput", "ExplainResult", "Explainer", "LLMError", "OpenAIExplainer", "PROBES", "PatternExplainer",
     "RawActivity", "Windows", "build_summary", "cluster_explanations", "correlation", "detection_score", "embed",
     "label_from_text", "label_of", "load_probes", "load_raw", "pattern_fits", "pattern_masks", "pattern_sources",
     "probe_agreement", "probe_scores", "record_to_parquet", "run_explain", "salient_events", "sample_windows",

@@ -17,6 +17,7 @@ import string
 import numpy as np
 import pandas as pd
 
+from .probes import numpy_rng
 from .record import RawActivity
 
 TOKEN_CLASSES = ("start", "whitespace", "digit", "punctuation", "capitalized word", "word start",
@@ -89,7 +90,7 @@ def salient_events(raw: RawActivity, head_index: int, windows: np.ndarray, topk:
     top = np.argsort(-flat, kind="stable")[:k]
     low = np.setdiff1d(np.flatnonzero(flat <= np.median(flat)), top)
     n_random = k if n_random is None else n_random
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     rand = rng.choice(low, size=min(n_random, low.size), replace=False) if low.size else np.array([], dtype=int)
     rows = []
     T = act.shape[1]

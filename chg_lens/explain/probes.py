@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .. import models
+from .. import models, store
 
 PROBES = ("induction", "duplicate_token", "previous_token", "current_token", "first_token")
 PROBE_TEXT = {"induction": "induction", "duplicate_token": "duplicate-token", "previous_token": "previous-token",
@@ -59,6 +59,12 @@ REFERENCES = {
 META_KEY = b"chg_lens.explain.probes"
 
 
+def numpy_rng(seed: int) -> np.random.Generator:
+    """A numpy generator for any whole ``seed``, negative ones included (as every other chg_lens seed;
+    numpy itself refuses them): seeds 0, 1, ... give numpy's own streams."""
+    return np.random.default_rng(int(seed) % 2**64)
+
+
 def probe_tokens(tokenizer, n_sequences: int = 10, length: int = 50, seed: int = 0
                  ) -> tuple[Int[Tensor, "batch pos"], int]:
     """Repeated random token sequences ``[BOS] x x`` (``[batch, offset + 2 * length]``) and the offset
@@ -69,7 +75,7 @@ def probe_tokens(tokenizer, n_sequences: int = 10, length: int = 50, seed: int =
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     if len(vocab) < 2:
         raise ValueError("the tokenizer has fewer than 2 ordinary tokens: no probe sequences can be drawn")
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     pool = np.asarray(vocab)
     rows = [rng.choice(pool, size=length, replace=len(pool) < length) for _ in range(n_sequences)]
     body = torch.tensor(np.stack(rows), dtype=torch.long)
@@ -135,10 +141,7 @@ def write_probes(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(frame.attrs.get("probe", {}), sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return store.write_file(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def load_probes(path: str | os.PathLike) -> pd.DataFrame | None:

@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import models
+from .. import models, store
 from ..scoring import parse_heads  # noqa: F401  (re-exported: "L.H" head lists live in the scoring engine)
 from .sources import Windows
 
@@ -212,12 +212,15 @@ def record_to_parquet(
     fields += [(f"src{i}", pa.int32()) for i in range(k)] + [(f"w{i}", pa.float32()) for i in range(k)]
     fields += [(f"m_{p}", pa.float16()) for p in MASS_PATTERNS]
     schema = pa.schema(fields, metadata={META_KEY: json.dumps(info, sort_keys=True).encode()})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     n_heads = len(heads)
     layer_col = np.array([l for l, _ in heads], dtype=np.int16)
     head_col = np.array([h for _, h in heads], dtype=np.int16)
-    with models.frozen(model), models.cast_weights_once(model, autocast), pq.ParquetWriter(tmp, schema) as writer:
+
+    def write(tmp: Path) -> None:  # streamed under a temporary name; store.write_file renames it into place
+        with models.frozen(model), models.cast_weights_once(model, autocast), pq.ParquetWriter(tmp, schema) as writer:
+            record_batches(writer)
+
+    def record_batches(writer) -> None:
         bar = tqdm(range(0, tokens.shape[0], batch_size), desc="record heads", disable=not progress)
         for start in bar:
             batch = tokens[start:start + batch_size]
@@ -242,8 +245,8 @@ def record_to_parquet(
             for i, p in enumerate(MASS_PATTERNS):
                 cols[f"m_{p}"] = mass[..., i].numpy().astype(np.float16).reshape(n)
             writer.write_table(pa.table(cols, schema=schema))
-    os.replace(tmp, path)
-    return path
+
+    return store.write_file(path, write)
 
 
 @dataclass

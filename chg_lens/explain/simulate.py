@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .explainers import LLMError, correlation, label_of
-from .probes import PROBES, probe_lookup
+from .probes import PROBES, numpy_rng, probe_lookup
 from .record import RawActivity
 
 SCORE_COLUMNS = ["layer", "head", "explainer", "status", "simulation_score", "detection_score",
@@ -46,7 +46,7 @@ def detection_score(pred: np.ndarray, real: np.ndarray, topk: int = 50, seed: in
     low = np.setdiff1d(np.flatnonzero(real <= np.median(real)), top)
     if low.size == 0:
         return float("nan")
-    neg = np.random.default_rng(seed).choice(low, size=min(k, low.size), replace=False)
+    neg = numpy_rng(seed).choice(low, size=min(k, low.size), replace=False)
     threshold = np.median(np.concatenate([pred[top], pred[neg]]))
     tpr = float((pred[top] > threshold).mean())
     tnr = float((pred[neg] <= threshold).mean())
@@ -61,7 +61,7 @@ def simulation_windows(raw: RawActivity, head_index: int, held_out: np.ndarray, 
     peak = raw.activity[head_index][held_out].max(axis=1)
     top = held_out[np.argsort(-peak, kind="stable")[: (limit + 1) // 2]]
     rest = np.setdiff1d(held_out, top)
-    pick = np.random.default_rng(seed).choice(rest, size=min(limit - len(top), rest.size), replace=False)
+    pick = numpy_rng(seed).choice(rest, size=min(limit - len(top), rest.size), replace=False)
     return np.sort(np.concatenate([top, pick]))
 
 

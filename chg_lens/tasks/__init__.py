@@ -67,12 +67,20 @@ def build(name: str, model, **options) -> TaskSplits:
 
 
 def check_options(name: str, **options) -> None:
-    """Raise a ``ValueError`` for an option the task ``name`` does not take, or a value whose type
-    differs from the option's default (``seed="abc"``, ``n_shots=1.5``), without building anything;
-    what :func:`build`, ``chg-lens fit`` and a sweep's pre-submission check run."""
+    """Raise a ``ValueError`` for an option the task ``name`` does not take, a value whose type
+    differs from the option's default (``seed="abc"``, ``n_shots=1.5``), ``n_prompts`` below 2 (a task
+    needs a train and a validation row) or ``val_fraction`` outside (0, 1), without building
+    anything; what :func:`build`, ``chg-lens fit`` / ``contrast`` and a sweep's pre-submission check run."""
     from .. import checks
 
     checks.call_options(get_task(name), options, f"task '{name}'")
+    if options.get("n_prompts") is not None:
+        checks.whole_int(f"task '{name}': option n_prompts", options["n_prompts"], min=2)  # train and validation
+    if options.get("val_fraction") is not None:
+        v = checks.finite_float(f"task '{name}': option val_fraction", options["val_fraction"])
+        if not 0 < v < 1:
+            raise ValueError(f"task '{name}': option val_fraction must be in (0, 1), the share of rows held out for "
+                             f"validation; got {v:g}")
 
 
 from .ioi import ioi, ioi_pairs  # noqa: E402  (registers itself)

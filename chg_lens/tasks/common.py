@@ -150,8 +150,9 @@ def _read_records(name: str, mtime_ns: int, size: int) -> tuple[tuple[str, dict[
 
 
 def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with a leading byte-order mark (an Excel export) dropped."""
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not UTF-8 text ({err.reason}); save the file as UTF-8") from None
@@ -173,6 +174,10 @@ def _parse_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"{path}: a JSON object without an 'examples' or 'data' list; give a list of records")
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records")
+        for i, r in enumerate(data):
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}, record {i + 1}: expected a JSON object with named fields (e.g. "
+                                 f'{{"input": ..., "output": ...}}); got {type(r).__name__} {json.dumps(r)[:40]}')
         return [(f"record {i + 1}", r) for i, r in enumerate(data)]
     if suffix in (".jsonl", ".ndjson"):
         out = []
@@ -208,19 +213,22 @@ def _parse_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _missing(value: Any) -> str | None:
-    """Why ``value`` is not usable text: "missing", "empty", or None when it is fine."""
+    """Why ``value`` is not usable text: "missing" (None, NaN: a bare ``NaN`` in a JSON file), "empty",
+    "non-finite (inf)" (a bare ``Infinity``), or None when it is fine."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "missing"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"non-finite ({value})"
     if isinstance(value, str) and not value.strip():
         return "empty"
     return None
 
 
 def text_columns(located: Sequence[tuple[str, dict]], names: Sequence[str], source: str,
-                 drop_empty: bool = False) -> list[tuple[str, ...]]:
+                 drop_empty: bool = False, can_drop: bool = True) -> list[tuple[str, ...]]:
     """The ``names`` columns of every record as strings. A missing (absent, ``null``, NaN) or empty
-    value is a ValueError naming the file, line and column, or, with ``drop_empty``, the row is
-    dropped and a warning says how many were.
+    value is a ValueError naming the file, line and column (and, when ``can_drop``, the
+    ``drop_empty`` option), or, with ``drop_empty``, the row is dropped and a warning says how many were.
 
     Example::
 
@@ -236,8 +244,9 @@ def text_columns(located: Sequence[tuple[str, dict]], names: Sequence[str], sour
                 dropped.append(where)
                 continue
             n, w = bad[0]
-            raise ValueError(f"{source}, {where}, column {n!r}: {w} value; fill it in, remove the row, or drop such "
-                             "rows with drop_empty=True (CLI: --task-option drop_empty=true)")
+            todo = ("fill it in, remove the row, or drop such rows with drop_empty=True (CLI: --task-option "
+                    "drop_empty=true)") if can_drop else "fill it in or remove the record"
+            raise ValueError(f"{source}, {where}, column {n!r}: {w} value; {todo}")
         out.append(tuple(str(rec[n]) for n in names))
     if dropped:
         warnings.warn(f"{source}: dropped {len(dropped)} of {len(located)} row(s) with a missing or empty "

@@ -26,7 +26,8 @@ from typing import Any
 
 from ..data import TaskDataset, TaskSplits, _tokenizer_of
 from . import register
-from .common import columns, example_pool, few_shot_prompt, find_file, load_records, matched_prompt_datasets, prompt_lengths, require_data_dir
+from .common import (example_pool, few_shot_prompt, find_file, load_located_records, matched_prompt_datasets,
+                     prompt_lengths, require_data_dir, text_columns)
 
 INSTRUCTIONS = {
     "antonym": "Given an input word, generate the word with opposite meaning.",
@@ -54,9 +55,7 @@ def load_fv_records(task: str, data_dir: Any) -> list[tuple[str, str]]:
     root = require_data_dir(data_dir, "fv", _WHERE)
     path = find_file(root, [f"{task}.json"], ["", "abstractive", "extractive", "function_vectors/abstractive",
                                                "function_vectors/extractive"], f"fv:{task}")
-    records = load_records(path)
-    columns(records, ("input", "output"), str(path))
-    return [(str(r["input"]), str(r["output"])) for r in records]
+    return text_columns(load_located_records(path), ("input", "output"), str(path), can_drop=False)
 
 
 def _instruction(task: str, instruction: str | None) -> str:
