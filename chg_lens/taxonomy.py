@@ -58,7 +58,7 @@ def frame_roles(frame: pd.DataFrame, prefix: str = "") -> list[str]:
 
     Example: ``per_head["role"] = taxonomy.frame_roles(per_head, prefix="mean_")``.
     """
-    idx = roles({s: torch.as_tensor(frame[prefix + s].to_numpy(dtype="float64")) for s in SCORES})
+    idx = roles({s: torch.tensor(frame[prefix + s].to_numpy(dtype="float64")) for s in SCORES})
     return [ROLES[SCORES[i]] for i in idx.tolist()]
 
 

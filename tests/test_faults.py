@@ -425,10 +425,10 @@ def test_contrast_val_fraction_reaches_the_registered_task(tmp_path, capsys, mod
             "--batch-size", 4, "--no-progress"]
     code, err = run_cli(args + ["--val-fraction", "0.5", "--out", tmp_path / "half"], capsys)
     assert code == 0, err
-    ev = pd.read_csv(tmp_path / "half" / "evaluation.csv")
+    ev = pd.read_csv(tmp_path / "half" / "validation.csv")
     assert set(ev["n"]) == {4}  # 8 rows, half held out
     code, err = run_cli(args + ["--out", tmp_path / "default"], capsys)
-    assert code == 0 and set(pd.read_csv(tmp_path / "default" / "evaluation.csv")["n"]) == {2}  # fv's own 0.2
+    assert code == 0 and set(pd.read_csv(tmp_path / "default" / "validation.csv")["n"]) == {2}  # fv's own 0.2
 
 
 def test_a_sweep_with_one_prompt_fails_its_pre_submission_check(model_folder, tmp_path):

@@ -152,7 +152,7 @@ def test_an_explain_output_folder_is_a_result_chg_lens_load_opens(explained, tin
         assert meta["digests"][name] == store.sha256_file(explained.outdir / name)
     for name in ("raw_events.parquet", "explanations.jsonl", "scores.parquet", "clusters.json", "probes.parquet"):
         assert (explained.outdir / name).exists()  # the step files stay beside it
-    assert results.read_kind(explained.outdir) == "explain"
+    assert results.read_meta(explained.outdir)["kind"] == "explain"
 
 
 def test_a_rerun_replaces_the_explain_result_and_another_folder_is_refused_before_work(
