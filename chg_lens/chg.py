@@ -25,13 +25,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import checks, deprecation, models, taxonomy
+from . import checks, deprecation, models, scoring, taxonomy
 from . import diagnostics as diag
 from .data import TaskDataset
 from .deprecation import keyword_only
 from .fitting import (Checkpointer, DataLoss, SettleRule, Stage, StageResult, StageSpec, check_configs_per_pass,
                       clipped_logit_mean, run_stages, uniform_gate_logits)
-from .scoring import evaluate, row_logprobs
+from .scoring import evaluate
 from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
                       library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
                       unpack_stages)
@@ -375,10 +375,13 @@ class CHGResult(Result):
 
 def nll_loss(model: Any, data: TaskDataset, autocast: str | None = "auto") -> DataLoss:
     """CHG's data loss for the fitting loop: ``(gates, rows) -> (nll [configs], {"nll": nll})``,
-    each configuration's NLL the mean over rows of the mean over their target tokens."""
+    each configuration's NLL the mean over rows of the mean over their target tokens. The model and
+    precision are checked once here; every update then runs the unchecked engine
+    (:func:`chg_lens.scoring.row_logprobs_unchecked`)."""
+    ctx = scoring.context(model, autocast=autocast)
 
     def data_loss(gates: Tensor, rows: Tensor):
-        out = row_logprobs(model, data.tokens[rows], data.loss_mask[rows], gates, autocast=autocast)
+        out = scoring.row_logprobs_unchecked(ctx, data.tokens[rows], data.loss_mask[rows], gates)
         return out.nll, {"nll": out.nll}
 
     return data_loss

@@ -37,7 +37,7 @@ from .data import TaskDataset
 from .deprecation import keyword_only, renamed
 from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
                       uniform_gate_logits)
-from .scoring import evaluate, row_logprobs
+from .scoring import Context, context, evaluate, row_logprobs_unchecked
 from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
                       library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
                       unpack_stages)
@@ -327,7 +327,10 @@ def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, 
     """Summed target log-probs ``[configs, rows]`` of the retain and forget rows ``rows``.
 
     One forward pass over both row sets when their widths are close (padding waste <= 25%, or
-    ``one_pass=True``), else two passes."""
+    ``one_pass=True``), else two passes. ``model`` may be a :class:`chg_lens.scoring.Context` already
+    checked (what the fit passes every update), else it is checked here."""
+    ctx = model if isinstance(model, Context) else context(model, autocast=autocast)
+
     def trim(d: TaskDataset):
         m = d.loss_mask[rows]
         w = int(m.any(dim=0).nonzero().max()) + 1
@@ -338,13 +341,13 @@ def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, 
     if one_pass is None:
         one_pass = 2 * max(wr, wf) <= 1.25 * (wr + wf)
     if not one_pass:
-        return (row_logprobs(model, tr, mr, gates, autocast=autocast).logprob_sum,
-                row_logprobs(model, tf, mf, gates, autocast=autocast).logprob_sum)
+        return (row_logprobs_unchecked(ctx, tr, mr, gates).logprob_sum,
+                row_logprobs_unchecked(ctx, tf, mf, gates).logprob_sum)
     w = max(wr, wf)
     grow = lambda t, fill: torch.nn.functional.pad(t, (0, w - t.shape[1]), value=fill)
     tokens = torch.cat([grow(tr, retain.pad_token_id), grow(tf, forget.pad_token_id)])
     mask = torch.cat([grow(mr, False), grow(mf, False)])
-    lp = row_logprobs(model, tokens, mask, gates, autocast=autocast).logprob_sum
+    lp = row_logprobs_unchecked(ctx, tokens, mask, gates).logprob_sum
     return lp[:, : len(rows)], lp[:, len(rows):]
 
 
@@ -429,8 +432,10 @@ def fit_contrastive(
     L, H, S = models.n_layers(model), models.n_heads(model), n_seeds
     autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
 
+    ctx = context(model, autocast=autocast)  # checked once; every update runs the unchecked engine
+
     def data_loss(gates: Tensor, rows: Tensor):
-        lr_, lf = _pair_scores(model, retain, forget, rows, gates, one_pass, autocast)
+        lr_, lf = _pair_scores(ctx, retain, forget, rows, gates, one_pass)
         forget_term = (lf - lr_.detach()).clamp(min=-max_diff)
         loss = (-lr_ + forget_term).mean(dim=1)
         return loss, {"retain_nll": -lr_.mean(dim=1), "forget_nll": -lf.mean(dim=1),

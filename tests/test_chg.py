@@ -106,18 +106,18 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_model):
 @pytest.mark.parametrize("configs_per_pass", [1, 4])
 def test_configs_per_pass_gives_the_same_fit(tiny_model, configs_per_pass, monkeypatch):
     # 3 seeds: G0 passes of 3 configurations, joint G+/G- passes of 6; groups of 4 are uneven
-    import chg_lens.chg as chg_module
+    from chg_lens import scoring as chg_module  # the fit's loss runs the unchecked engine
 
     data = chg_lens.TaskDataset.from_tokens(torch.randint(4, 30, (12, 7)), torch.arange(7).expand(12, 7) >= 4)
     kw = dict(n_seeds=3, updates=3, reg_updates=3, batch_size=8, grad_accum=2, progress=False)
     whole = fit_chg(tiny_model, data, **kw)
-    real, sizes = chg_module.row_logprobs, []
+    real, sizes = chg_module.row_logprobs_unchecked, []
 
-    def recording(model, tokens, mask, gates, **kwargs):
+    def recording(ctx, tokens, mask, gates, **kwargs):
         sizes.append(gates.shape[0])
-        return real(model, tokens, mask, gates, **kwargs)
+        return real(ctx, tokens, mask, gates, **kwargs)
 
-    monkeypatch.setattr(chg_module, "row_logprobs", recording)
+    monkeypatch.setattr(chg_module, "row_logprobs_unchecked", recording)
     grouped = fit_chg(tiny_model, data, configs_per_pass=configs_per_pass, **kw)
     expected = {1: {1}, 4: {3, 4, 2}}[configs_per_pass]  # G0: 3 (or 1s); G+/G-: 4 + 2 (or 1s)
     assert set(sizes) == expected and grouped.meta["configs_per_pass"] == configs_per_pass
