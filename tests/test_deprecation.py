@@ -176,6 +176,8 @@ def test_contrastive_evaluation_is_validation_and_old_folders_load(known_model, 
     meta["evaluation"] = meta.pop("validation")
     meta["meta"]["n_eval"] = meta["meta"].pop("n_validation")
     meta["meta"]["eval_fingerprints"] = meta["meta"].pop("validation_fingerprints")
+    meta.pop("meta_digest")  # folders of that time had no digest of meta.json itself (format 2)
+    meta["format"] = 2
     (folder / "meta.json").write_text(json.dumps(meta))
     back = ContrastiveResult.load(folder)
     pd.testing.assert_frame_equal(back.validation, res.validation)
