@@ -26,7 +26,7 @@ recovers the task from its random start within 50 updates; G+/G- run 250 updates
 where bf16 pays (an AMD Zen 5) and about 7.5 minutes in float32 (an Intel Xeon VM, where float32 is faster)."""
 SEED = 0
 OUT = {"fit": "runs/chg", "contrast": "runs/contrast", "ablate": "runs/ablate", "patch": "runs/patch",
-       "explain": "runs/explain"}
+       "explain": "runs/explain", "compare": "runs/compare"}
 """Default ``--out`` folder of each subcommand."""
 
 
