@@ -210,7 +210,7 @@ class ComparisonResult(Result):
 
     def _bundle(self) -> Bundle:
         table, agreement = self.table(), self.agreement
-        tensors = {f"scores/{k}": v.detach().float().cpu() for k, v in self.scores.items()}
+        tensors = {f"scores/{k}": v.detach().cpu() for k, v in self.scores.items()}
         fields = {"meta": self.meta, "seconds": self.seconds, "agreement": frame_to_json(agreement)}
 
         def summary_json(p: Path) -> None:
@@ -485,17 +485,19 @@ def compare_methods(
             ranking = res.tensor(f"delta_{'logit_diff' if metric == 'logit_diff' else 'logprob'}").abs()
         else:  # random
             res, ranking = None, None
-        seconds[name] = _fit_seconds(res) if name in reused else time.perf_counter() - t0
+        seconds[name] = (_fit_seconds(res) if name in reused else 0.0 if method == "random"  # drawn with the curves
+                         else time.perf_counter() - t0)
         if res is not None:
             results[name] = res
         rankings[name] = ranking
 
     t0 = time.perf_counter()
-    curves = faithfulness(model, eval_data, rankings, ablation=ablation, reference=ref, n_heads=n_heads,
+    curves = faithfulness(model, eval_data, rankings, ablation=ablation,
+                          reference=ref if isinstance(ablation, str) and ablation == "mean" else None, n_heads=n_heads,
                           metric=metric, n_random=n_random, seed=seed, batch_size=batch_size,
                           rows_per_pass=rows_per_pass, progress=progress, autocast=autocast)
     faithfulness_seconds = time.perf_counter() - t0
-    scores = {n: head_scores(r, L, H).detach().float().cpu() for n, r in rankings.items() if r is not None}
+    scores = {n: head_scores(r, L, H).detach().cpu() for n, r in rankings.items() if r is not None}
     meta = {"model": models.model_name(model), "task": data.name, "methods": names,
             "corruption": None if corrupted is None else corrupted.name, "n_rows": len(data),
             "n_validation": len(eval_data), "in_sample": validation is None, "n_layers": L, "n_heads": H,

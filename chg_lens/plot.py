@@ -510,7 +510,7 @@ def contrastive_bars(frame: Any) -> go.Figure:
 
 # ----------------------------------------------------------------------------- method comparison
 def _faithfulness_parts(curves: Any) -> tuple[pd.DataFrame, pd.Series, pd.Series, str | None]:
-    """``(frame, cpr, cmd, metric)`` of a ComparisonResult, a FaithfulnessResult or a frame."""
+    """``(frame, cpr, cmd, metric name or None)`` of a ComparisonResult, a FaithfulnessResult or a frame."""
     from .faithfulness import FaithfulnessResult
 
     curves = getattr(curves, "faithfulness", curves)  # a ComparisonResult holds its FaithfulnessResult
@@ -518,7 +518,7 @@ def _faithfulness_parts(curves: Any) -> tuple[pd.DataFrame, pd.Series, pd.Series
     if not hasattr(curves, "cpr"):  # a frame: the areas as the faithfulness module defines them
         curves = FaithfulnessResult(frame=frame, baseline={}, meta={})
     cpr, cmd = curves.cpr(), curves.cmd()
-    metric = str(frame["metric"].iloc[0]) if "metric" in frame.columns else None
+    metric = (getattr(curves, "meta", None) or {}).get("metric")  # the name; the frame's column holds its values
     return frame, cpr, cmd, metric
 
 
@@ -528,7 +528,7 @@ def faithfulness_curves(curves: Any) -> go.Figure:
 
     ``curves`` is a :class:`~chg_lens.compare.ComparisonResult`, a
     :class:`~chg_lens.faithfulness.FaithfulnessResult` or a frame with columns ``method, k,
-    fraction, normalized`` (one row per method and k; ``metric`` optional). For each method, the
+    fraction, normalized`` (one row per method and k). For each method, the
     top-k heads of its ranking are kept and the others ablated; ``normalized`` = (m(top-k) -
     m(none kept)) / (m(all kept) - m(none kept)), so the full model is at 1 and the fully ablated
     one at 0 (dotted lines). Hover text names the method, k, the fraction and the value.
