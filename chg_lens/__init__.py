@@ -10,13 +10,16 @@ Example::
     result.save("runs/ioi"); chg_lens.load("runs/ioi")   # the saved kind's class (CHGResult here)
 """
 
-from . import gates, models, results, tasks, taxonomy
+from . import gates, models, pairs, results, tasks, taxonomy
+from .attribution import AttributionResult, attribute_heads
 from .chg import CHGConfig, CHGResult, fit_chg, validate
 from .contrastive import ContrastiveResult, evaluate_contrastive, fit_contrastive
 from .data import TaskDataset, TaskSplits
 from .scoring import RowScores, evaluate, row_logprobs
 from .models import load_model
 from .results import load
+from . import faithfulness  # the module, callable as the function: chg_lens.faithfulness(model, data, rankings)
+from .faithfulness import FaithfulnessResult
 
 __version__ = "0.1.0"
 
@@ -24,4 +27,5 @@ __all__ = [
     "CHGConfig", "CHGResult", "RowScores", "TaskDataset", "TaskSplits", "evaluate", "fit_chg",
     "gates", "load", "load_model", "results", "models", "row_logprobs", "tasks", "taxonomy", "validate",
     "ContrastiveResult", "evaluate_contrastive", "fit_contrastive",
+    "AttributionResult", "attribute_heads", "FaithfulnessResult", "faithfulness", "pairs",
 ]

@@ -59,24 +59,36 @@ def gate_z(
 
     ``source`` broadcasts against one block of rows ``[rows, pos, head_index, d_head]`` (e.g. the
     same prompts' ``z`` from another run, or a mean ``[head_index, d_head]``); ``positions`` limits
-    the gate to chosen token positions of each row (elsewhere ``z`` is left alone). The product is
-    computed in (at least) float32 and returned in ``z``'s dtype.
+    the gate to chosen token positions of each row (elsewhere ``z`` is left alone). A per-row
+    ``source`` or ``positions`` with one row per row of the whole batch (not of one block) is taken
+    row by row, config-major: with one configuration per row (``n_configs == batch``, the gradient
+    path of :func:`chg_lens.scoring.gate_gradients`) row ``i`` mixes in ``source[i]``. The product
+    is computed in (at least) float32 and returned in ``z``'s dtype.
     """
     n_cfg = gates.shape[0]
     batch = z.shape[0]
     if batch % n_cfg:
         raise ValueError(f"batch of {batch} rows is not a multiple of {n_cfg} gate configurations")
+    block = batch // n_cfg
     # The one place where tensors meet an activation: all move to z's device here; gates and the
     # mix are computed in (at least) float32, also under bf16/fp16, and returned in z's dtype.
     work = torch.promote_types(z.dtype, torch.float32)
     g = gates.to(z.device, work)[:, None, None, :, None]
-    zz = z.reshape(n_cfg, batch // n_cfg, *z.shape[1:]).to(work)
+    zz = z.reshape(n_cfg, block, *z.shape[1:]).to(work)
     if source is None and positions is None:
         return (zz * g).reshape(z.shape).to(z.dtype)
-    other = torch.zeros((), dtype=work, device=z.device) if source is None else source.to(z.device, work)
+    if source is None:
+        other = torch.zeros((), dtype=work, device=z.device)
+    elif source.ndim == 4 and block != batch and source.shape[0] == batch:  # one source row per batch row
+        other = source.to(z.device, work).reshape(n_cfg, block, *source.shape[1:])
+    else:
+        other = source.to(z.device, work)
     mixed = zz * g + (1 - g) * other
     if positions is not None:
-        mixed = torch.where(positions.to(z.device)[None, :, :, None, None], mixed, zz)
+        pos = positions.to(z.device)
+        if block != batch and pos.shape[0] == batch:
+            pos = pos.reshape(n_cfg, block, pos.shape[1])
+        mixed = torch.where(pos[..., None, None], mixed, zz)
     return mixed.reshape(z.shape).to(z.dtype)
 
 

@@ -21,73 +21,23 @@ Example::
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from . import checks, models
 from . import gates as gates_mod
 from .deprecation import keyword_only, renamed
-from .data import TaskDataset, first_target_position
-from .scoring import RowScores, all_heads, check_heads, collect_z, score_configs
-from .results import FrameResult, frame_from_json, library_versions, require
-
-METRICS = ("logprob", "prob", "logit_diff")
-RULES = ("std", "significance")
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------
-
-
-def check_pair(clean: TaskDataset, corrupted: TaskDataset) -> None:
-    """Raise ``ValueError`` unless clean and corrupted rows have the same count and token lengths."""
-    if len(clean) != len(corrupted):
-        raise ValueError(f"clean has {len(clean)} rows but corrupted has {len(corrupted)}; pair them row by row")
-    if not bool((clean.lengths == corrupted.lengths).all()):
-        bad = int((clean.lengths != corrupted.lengths).nonzero()[0])
-        raise ValueError(
-            f"row {bad}: clean is {int(clean.lengths[bad])} tokens but corrupted is {int(corrupted.lengths[bad])}; "
-            "patching needs clean and corrupted prompts of equal token length (use single-token substitutions)"
-        )
-    if not torch.equal(clean.loss_mask[:, : corrupted.tokens.shape[1]], corrupted.loss_mask[:, : clean.tokens.shape[1]]):
-        raise ValueError("clean and corrupted rows must have their targets at the same positions")
-
-
-def position_mask(data: TaskDataset, positions: Any = "all") -> Bool[Tensor, "rows pos"] | None:
-    """Where patches act: ``"all"`` (None: every position), ``"last"`` (the position that predicts
-    each row's first target, i.e. the prompt's last token), a list of token indices used for every
-    row (negative = from the last prompt token back), or a bool mask ``[rows, pos]``."""
-    if isinstance(positions, Tensor):
-        if positions.dtype != torch.bool or tuple(positions.shape) != tuple(data.tokens.shape):
-            raise ValueError(f"a positions mask must be bool and shaped like the tokens {tuple(data.tokens.shape)}")
-        return positions
-    if positions is None or positions == "all":
-        return None
-    last = first_target_position(data.loss_mask)
-    mask = torch.zeros_like(data.tokens, dtype=torch.bool)
-    rows = torch.arange(len(data))
-    if positions == "last":
-        mask[rows, last] = True
-        return mask
-    if isinstance(positions, str):
-        raise ValueError(f"positions must be 'all', 'last', a list of token indices or a bool mask; got {positions!r}")
-    for p in positions:
-        p = int(p)
-        col = last + 1 + p if p < 0 else torch.full_like(last, p)
-        if bool(((col < 0) | (col > last)).any()):
-            raise ValueError(f"position {p} falls outside some row's prompt")
-        mask[rows, col] = True
-    return mask
-
+from .data import TaskDataset
+from .pairs import (METRICS, RULES, HeadEffectResult, check_pair, effect_frame, label_mediating,  # noqa: F401
+                    metric_values, position_mask, resolve_metric)
+from .scoring import all_heads, check_heads, collect_z, score_configs
+from .results import library_versions
+from .tasks.symbolic import SYMBOLIC_KINDS, symbolic_pairs  # noqa: F401  (moved to tasks/symbolic.py)
 
 # --------------------------------------------------------------------------------------------
 # Result
@@ -95,66 +45,16 @@ def position_mask(data: TaskDataset, positions: Any = "all") -> Bool[Tensor, "ro
 
 
 @dataclass
-class PatchResult(FrameResult):
+class PatchResult(HeadEffectResult):
     """Per head: ``frame`` (``layer, head, effect`` (AIE), ``se``, ``t``, ``p``, ``mediating``),
-    ``per_prompt`` indirect effects ``[n_heads_patched, rows]``, and the clean/corrupted baselines."""
+    ``per_prompt`` indirect effects ``[n_heads_patched, rows]``, and the clean/corrupted baselines
+    (the fields and methods of :class:`chg_lens.pairs.HeadEffectResult`)."""
 
     kind = "patching"
     noun = "a patching result"
-    frame: pd.DataFrame
-    per_prompt: Float[Tensor, "heads rows"]
-    baseline: dict[str, float]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def tensor(self, column: str = "effect") -> Float[Tensor, "layer head"]:
-        """``column`` as ``[n_layers, n_heads]`` (NaN for heads not patched)."""
-        return super().tensor(column)
-
-    @property
-    def effects(self) -> Float[Tensor, "layer head"]:
-        """The AIE as an ``[n_layers, n_heads]`` tensor."""
-        return self.tensor("effect")
-
-    def mediating_heads(self) -> list[tuple[int, int]]:
-        f = self.frame[self.frame["mediating"]].sort_values("effect", ascending=False)
-        return list(zip(f["layer"].astype(int), f["head"].astype(int)))
-
-    def tensors_to_save(self) -> dict[str, Tensor]:
-        return {"per_prompt": self.per_prompt, "effects": self.effects}
-
-    @classmethod
-    def _from_bundle(cls, tensors: dict[str, Tensor], meta: dict[str, Any], path: str | os.PathLike) -> "PatchResult":
-        require(tensors, ["per_prompt"], path, "patching result")
-        frame = frame_from_json(meta["frame"])
-        frame["mediating"] = frame["mediating"].astype(bool)
-        return cls(frame, tensors["per_prompt"], meta["baseline"], meta["meta"])
 
 
-def _metric(scores: RowScores, metric: str) -> Float[Tensor, "configs rows"]:
-    if metric == "logprob":
-        return scores.logprob_sum
-    if metric == "prob":
-        return scores.logprob_sum.exp()
-    return scores.logit_diff
-
-
-def label_mediating(
-    effect: Tensor, se: Tensor, n: int, rule: str = "std", n_std: float = 3.0, alpha: float = 0.05
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(mediating, t, p) per head. ``"std"``: AIE above the mean over heads plus ``n_std`` standard
-    deviations (Todd et al.); ``"significance"``: one-sided one-sample t-test of the per-prompt
-    effects > 0, Bonferroni-corrected over heads (p < alpha / n_heads)."""
-    from scipy import stats
-
-    if rule not in RULES:
-        raise ValueError(f"mediating rule must be one of {RULES}; got {rule!r}")
-    t = effect / se.clamp_min(1e-12)
-    p = torch.as_tensor(stats.t.sf(t.double().numpy(), df=max(n - 1, 1)), dtype=torch.float64)
-    if rule == "std":
-        mediating = effect > effect.mean() + n_std * effect.std()
-    else:
-        mediating = p < alpha / max(len(effect), 1)
-    return mediating, t, p
+_metric = metric_values  # the name of earlier releases
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,13 +107,8 @@ def patch_heads(
     check_pair(clean, corrupted)
     checks.finite_float("n_std", n_std, min=0)
     checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
+    metric = resolve_metric(metric, clean)
     answers = clean.row_meta.get("answers")
-    if metric == "auto":
-        metric = "logit_diff" if answers is not None else "logprob"
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS} or 'auto'; got {metric!r}")
-    if metric == "logit_diff" and answers is None:
-        raise ValueError("metric 'logit_diff' needs clean.row_meta['answers'] = [[correct_id, wrong_id], ...]")
     heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
     check_heads(model, heads)
     if not heads:
@@ -231,16 +126,11 @@ def patch_heads(
     patched = score_configs(model, corrupted, configs, src, pos, prefix_reuse=prefix_reuse, progress=progress,
                             desc="patching", **kw)
     clean_run = score_configs(model, clean, ones, **kw)
-    values = _metric(patched, metric)
+    values = metric_values(patched, metric)
     ie = values[1:] - values[0:1]  # [heads, rows]
     n = ie.shape[1]
-    effect = ie.mean(dim=1)
-    se = ie.std(dim=1) / math.sqrt(n) if n > 1 else torch.zeros_like(effect)
-    med, t, p = label_mediating(effect, se, n, mediating, n_std, alpha)
-    frame = pd.DataFrame({"layer": [l for l, _ in heads], "head": [h for _, h in heads],
-                          "effect": effect.double().numpy(), "se": se.double().numpy(),
-                          "t": t.double().numpy(), "p": p.numpy(), "mediating": med.numpy().astype(bool)})
-    baseline = {"clean": float(_metric(clean_run, metric).mean()), "corrupted": float(values[0].mean()),
+    frame = effect_frame(heads, ie, mediating, n_std, alpha)
+    baseline = {"clean": float(metric_values(clean_run, metric).mean()), "corrupted": float(values[0].mean()),
                 "clean_accuracy": float(clean_run.correct.float().mean()),
                 "corrupted_accuracy": float(patched.correct[0].float().mean())}
     meta = {"model": models.model_name(model), "task": clean.name, "corruption": corrupted.name,
@@ -289,48 +179,6 @@ def function_vector_patching(
     model = models.as_model(model)
     clean, corrupted = fv_pairs(model, task=task, n_prompts=n_prompts, n_shots=n_shots, seed=seed, data_dir=data_dir)
     return patch_heads(model, clean, corrupted, positions="last", metric=metric, mediating="std", n_std=n_std, **kwargs)
-
-
-SYMBOLIC_KINDS = ("abstraction", "induction", "retrieval")
-
-
-def symbolic_pairs(model, kind: str, n_prompts: int = 64, seed: int = 0, n_examples: int = 4):
-    """Clean/corrupted ABA/ABB pairs for one of Yang et al.'s head types, and where to patch.
-
-    - ``"induction"``: the corrupted prompt has the same words under the other rule (its examples
-      induce the other symbol); patch at the last position; effect on the logit of the clean answer
-      minus the answer the corrupted rule gives (symbolic induction heads carry the induced symbol).
-    - ``"abstraction"``: same pair, patched at the example positions where the rule shows (each
-      example's third word); heads there abstract which symbol a word plays.
-    - ``"retrieval"``: the corrupted prompt keeps the rule and the examples but swaps the query's
-      two words; patched at the last position; heads that retrieve the actual token move the logit
-      toward the clean answer token.
-    Returns ``(clean, corrupted, positions)`` with ``answers`` = [clean answer, corrupted answer].
-    """
-    from .tasks.symbolic import aba_abb_dataset, aba_abb_rows
-
-    if kind not in SYMBOLIC_KINDS:
-        raise ValueError(f"kind must be one of {SYMBOLIC_KINDS}; got {kind!r}")
-    tok = models.tokenizer(model)
-    rows = aba_abb_rows(tok, n_prompts, seed, n_examples)
-    if kind == "retrieval":
-        other = [r.with_query(r.query[1], r.query[0]) for r in rows]
-    else:
-        other = [r.with_rule("ABB" if r.rule == "ABA" else "ABA") for r in rows]
-    clean = aba_abb_dataset(model, rows, name="aba_abb")
-    corrupted = aba_abb_dataset(model, other, name=f"aba_abb_{kind}")
-    # Logit difference: clean answer vs the answer the corrupted prompt implies.
-    clean.row_meta["answers"] = [[a[0], c[0]] for a, c in zip(clean.row_meta["answers"], corrupted.row_meta["answers"])]
-    if kind == "abstraction":
-        mask = torch.zeros_like(corrupted.tokens, dtype=torch.bool)
-        offset = corrupted.lengths - (6 * n_examples + 5)  # 1 with a BOS token, else 0
-        rows = torch.arange(len(corrupted))
-        for k in range(n_examples):
-            mask[rows, offset + 6 * k + 4] = True  # a^b^[x]: the third word of example k
-        positions: Any = mask
-    else:
-        positions = "last"
-    return clean, corrupted, positions
 
 
 def symbolic_patching(
@@ -396,7 +244,7 @@ class Comparison:
                 f"{self.mean_other:.3f} (n={self.n_other}); Welch t({self.dof:.2f}) = {self.t:.2f}, p = {self.p:.3g}")
 
 
-def compare_chg_cma(chg: Any, cma: PatchResult | pd.DataFrame) -> Comparison:
+def compare_chg_cma(chg: Any, cma: HeadEffectResult | pd.DataFrame) -> Comparison:
     """Per head, the maximum facilitation over CHG seeds against the CMA score; Welch t-test
     (``scipy.stats.ttest_ind(equal_var=False)``) of facilitation for mediating vs other heads.
 
@@ -413,7 +261,7 @@ def compare_chg_cma(chg: Any, cma: PatchResult | pd.DataFrame) -> Comparison:
 
     scores = chg.scores() if hasattr(chg, "scores") else chg
     fac = scores.groupby(["layer", "head"], as_index=False)["facilitation"].max()
-    cma_frame = cma.frame if isinstance(cma, PatchResult) else cma
+    cma_frame = cma.frame if isinstance(cma, HeadEffectResult) else cma
     missing = {"layer", "head", "effect", "mediating"} - set(cma_frame.columns)
     if missing:
         raise ValueError(f"the CMA frame lacks columns {sorted(missing)}")

@@ -47,6 +47,8 @@ KINDS: dict[str, str] = {
     "contrastive": "chg_lens.contrastive:ContrastiveResult",
     "ablation": "chg_lens.ablation:AblationResult",
     "patching": "chg_lens.patching:PatchResult",
+    "attribution": "chg_lens.attribution:AttributionResult",
+    "faithfulness": "chg_lens.faithfulness:FaithfulnessResult",
     "comparison": "chg_lens.compare:ComparisonResult",
 }
 """``kind`` in meta.json -> the result class (``module:Class``, imported when loaded)."""

@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -75,6 +75,7 @@ def row_logprobs(
     start_at_layer: int | None = None,
     resid: Float[Tensor, "rows pos d_model"] | None = None,
     autocast: str | None = "off",
+    per_row: bool = False,
 ) -> RowScores:
     """Score ``rows`` under each gate configuration in one forward pass (differentiable in ``gates``).
 
@@ -93,6 +94,10 @@ def row_logprobs(
     same on every machine), ``"auto"`` (bf16 where it pays, see
     :func:`chg_lens.models.resolve_autocast`; what fits use), ``"bf16"`` or ``"fp16"``; gates and
     log-softmax are always float32.
+
+    ``per_row=True``: ``gates`` is ``[rows, n_layers, n_heads]``, one configuration per row (row
+    ``i`` runs under ``gates[i]``, the rows are not repeated), and the result is ``[1, rows]``; per-row
+    ``sources`` and ``positions`` are taken row by row. This is the pass of :func:`gate_gradients`.
     """
     autocast = models.resolve_autocast(model, autocast)
     width = int(loss_mask.any(dim=0).nonzero().max()) + 1
@@ -104,9 +109,12 @@ def row_logprobs(
         positions = positions[:, :width].to(dev)
     hooks: list[Hook] = []
     n_cfg = 1
+    if per_row and (gates is None or gates.ndim != 3 or gates.shape[0] != tokens.shape[0]):
+        raise ValueError(f"per_row needs gates [rows={tokens.shape[0]}, n_layers, n_heads]; got "
+                         f"{None if gates is None else tuple(gates.shape)}")
     if gates is not None:
         cfg_gates = gates_mod.as_config_gates(gates, models.n_layers(model), models.n_heads(model))
-        n_cfg = cfg_gates.shape[0]
+        n_cfg = 1 if per_row else cfg_gates.shape[0]
         if sources is not None:
             sources = {l: s[..., :width, :, :] if s.ndim >= 3 else s for l, s in sources.items()}
         hooks = gates_mod.gate_hooks(model, cfg_gates.to(dev), sources, positions)
@@ -285,6 +293,88 @@ docs/models.md; under autocast the weights are cast once for the whole call,
                     bar.update(1)
     bar.close()
     return RowScores(lp, data.n_targets.clone(), ok, al)
+
+
+@dataclass
+class GateGradients:
+    """Per row: the metric at gates 1 (``values``), ``d metric / d g`` of every head's gate at
+    ``g = 1`` (``grads``), and the ungated :class:`RowScores` (``scores``, ``[1, rows]``)."""
+
+    values: Float[Tensor, "rows"]
+    grads: Float[Tensor, "rows layer head"]
+    scores: RowScores
+
+
+def gate_gradients(
+    model,
+    data: TaskDataset,
+    metric: Callable[[RowScores], Float[Tensor, "1 rows"]],
+    sources: Mapping[int, Tensor] | None = None,
+    positions: Bool[Tensor, "rows pos"] | None = None,
+    *,
+    answers: Any = "auto",
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "gradients",
+    autocast: str | None = "off",
+) -> GateGradients:
+    """The gradient of a per-row metric with respect to every head's gate, at all gates 1: the
+    batched differentiable path of the scoring engine (what attribution patching runs on).
+
+    The gates are the hooks of :mod:`chg_lens.gates` (``z <- g * z + (1 - g) * source``, ``source``
+    from ``sources``, None = zeros; ``positions`` as in :func:`chg_lens.gates.gate_z`), shaped
+    ``[rows, n_layers, n_heads]``: one configuration per row (:func:`row_logprobs` with
+    ``per_row=True``), so one forward and one backward per batch of ``batch_size`` rows give every
+    row's gradient for every head. At ``g = 1`` the forward is the ungated run, and
+    ``d metric / d g = sum over positions and d_head of (z - source) * d metric / d z``.
+    ``metric`` maps :class:`RowScores` (``[1, rows]``) to the per-row values (e.g.
+    ``lambda s: s.logprob_sum``); ``answers`` as in :func:`score_configs`. The weights get no
+    gradient (:func:`chg_lens.models.frozen`). Returns :class:`GateGradients` on the CPU.
+
+    Example::
+
+        out = gate_gradients(model, data, lambda s: s.logprob_sum)          # zero-ablation gradients
+        atp = -out.grads.mean(0)       # [n_layers, n_heads]: linear estimate of each head's ablation
+    """
+    model = models.as_model(model)
+    data.check_model(model)
+    if not callable(metric):
+        raise TypeError(f"metric must be a function of RowScores; got {type(metric).__name__}")
+    batch_size = checks.positive_int("batch_size", batch_size)
+    autocast = models.resolve_autocast(model, autocast)
+    L, H = models.n_layers(model), models.n_heads(model)
+    if isinstance(answers, str) and answers == "auto":
+        answers = data.row_meta.get("answers")
+    ans = None if answers is None else torch.as_tensor(answers, dtype=torch.long)
+    if ans is not None and (ans.ndim != 2 or ans.shape[0] != len(data)):
+        raise ValueError(f"answers must be [rows, n_answers] with {len(data)} rows; got {tuple(ans.shape)}")
+    if positions is not None and tuple(positions.shape) != tuple(data.tokens.shape):
+        raise ValueError(f"positions must be a bool mask shaped like the tokens {tuple(data.tokens.shape)}")
+    dev = models.device(model)
+    N = len(data)
+    values, grads = torch.zeros(N), torch.zeros(N, L, H)
+    lp, ok = torch.zeros(1, N), torch.zeros(1, N, dtype=torch.bool)
+    al = None if ans is None else torch.zeros(1, N, ans.shape[1])
+    chunks = [torch.arange(r, min(r + batch_size, N)) for r in range(0, N, batch_size)]
+    with models.frozen(model), torch.enable_grad():
+        for idx in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+            tokens, mask = data.tokens[idx], data.loss_mask[idx]
+            width = int(mask.any(dim=0).nonzero().max()) + 1
+            g = torch.ones(len(idx), L, H, device=dev, requires_grad=True)
+            out = row_logprobs(model, tokens, mask, g, rows_of(sources, idx, width),
+                               None if positions is None else positions[idx, :width],
+                               answers=None if ans is None else ans[idx], autocast=autocast, per_row=True)
+            value = metric(out).reshape(-1)
+            if value.shape[0] != len(idx):
+                raise ValueError(f"metric must give one value per row ({len(idx)}); got {tuple(value.shape)}")
+            (grad,) = torch.autograd.grad(value.sum(), g)
+            values[idx] = value.detach().float().cpu()
+            grads[idx] = grad.float().cpu()
+            lp[:, idx] = out.logprob_sum.detach().float().cpu()
+            ok[:, idx] = out.correct.cpu()
+            if al is not None:
+                al[:, idx] = out.answer_logits.detach().cpu()
+    return GateGradients(values, grads, RowScores(lp, data.n_targets.clone(), ok, al))
 
 
 def rows_of(sources: Mapping[int, Tensor] | None, idx: Tensor, width: int) -> dict[int, Tensor] | None:

@@ -78,7 +78,7 @@ def check_options(name: str, **options) -> None:
 from .ioi import ioi, ioi_pairs  # noqa: E402  (registers itself)
 from .common import few_shot_prompt, load_records  # noqa: E402
 from .function_vectors import function_vector, fv_formats, fv_pairs  # noqa: E402
-from .symbolic import SymbolicRow, aba_abb, aba_abb_dataset, aba_abb_rows  # noqa: E402
+from .symbolic import SYMBOLIC_KINDS, SymbolicRow, aba_abb, aba_abb_dataset, aba_abb_rows, symbolic_pairs  # noqa: E402
 from .commonsense import commonsense_qa  # noqa: E402
 from .bigbench import bigbench_syntax  # noqa: E402
 from .math_cot import math_cot  # noqa: E402
@@ -88,4 +88,5 @@ from .custom import from_file  # noqa: E402
 
 __all__ = ["register", "get_task", "list_tasks", "build", "takes", "TaskInfo", "ioi", "ioi_pairs", "few_shot_prompt", "load_records",
            "function_vector", "fv_formats", "fv_pairs", "SymbolicRow", "aba_abb", "aba_abb_dataset", "aba_abb_rows",
+           "SYMBOLIC_KINDS", "symbolic_pairs",
            "commonsense_qa", "bigbench_syntax", "math_cot", "induction", "language_modeling", "from_file"]

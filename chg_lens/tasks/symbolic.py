@@ -197,3 +197,53 @@ def aba_abb(
     tok = _tokenizer_of(model_or_tokenizer)
     rows = aba_abb_rows(tok, n_prompts, seed, n_examples)
     return aba_abb_dataset(model_or_tokenizer, rows, separator, prepend_bos=prepend_bos).split(val_fraction, seed)
+
+
+SYMBOLIC_KINDS = ("abstraction", "induction", "retrieval")
+"""Yang et al.'s three head types, each screened by one corruption of :func:`symbolic_pairs`."""
+
+
+def symbolic_pairs(model, kind: str, n_prompts: int = 64, seed: int = 0, n_examples: int = 4):
+    """Clean/corrupted ABA/ABB pairs for one of Yang et al.'s head types, and where to patch.
+
+    - ``"induction"``: the corrupted prompt has the same words under the other rule (its examples
+      induce the other symbol); patch at the last position; effect on the logit of the clean answer
+      minus the answer the corrupted rule gives (symbolic induction heads carry the induced symbol).
+    - ``"abstraction"``: same pair, patched at the example positions where the rule shows (each
+      example's third word); heads there abstract which symbol a word plays.
+    - ``"retrieval"``: the corrupted prompt keeps the rule and the examples but swaps the query's
+      two words; patched at the last position; heads that retrieve the actual token move the logit
+      toward the clean answer token.
+
+    Returns ``(clean, corrupted, positions)`` with ``answers`` = [clean answer, corrupted answer]
+    (also importable as ``chg_lens.patching.symbolic_pairs``).
+
+    Example::
+
+        clean, corrupted, pos = symbolic_pairs(model, "induction", n_prompts=32)
+        chg_lens.patching.patch_heads(model, clean, corrupted, positions=pos, metric="logit_diff")
+    """
+    import torch
+
+    if kind not in SYMBOLIC_KINDS:
+        raise ValueError(f"kind must be one of {SYMBOLIC_KINDS}; got {kind!r}")
+    tok = _tokenizer_of(model)
+    rows = aba_abb_rows(tok, n_prompts, seed, n_examples)
+    if kind == "retrieval":
+        other = [r.with_query(r.query[1], r.query[0]) for r in rows]
+    else:
+        other = [r.with_rule("ABB" if r.rule == "ABA" else "ABA") for r in rows]
+    clean = aba_abb_dataset(model, rows, name="aba_abb")
+    corrupted = aba_abb_dataset(model, other, name=f"aba_abb_{kind}")
+    # Logit difference: clean answer vs the answer the corrupted prompt implies.
+    clean.row_meta["answers"] = [[a[0], c[0]] for a, c in zip(clean.row_meta["answers"], corrupted.row_meta["answers"])]
+    if kind == "abstraction":
+        mask = torch.zeros_like(corrupted.tokens, dtype=torch.bool)
+        offset = corrupted.lengths - (6 * n_examples + 5)  # 1 with a BOS token, else 0
+        index = torch.arange(len(corrupted))
+        for k in range(n_examples):
+            mask[index, offset + 6 * k + 4] = True  # a^b^[x]: the third word of example k
+        positions: Any = mask
+    else:
+        positions = "last"
+    return clean, corrupted, positions
