@@ -4,7 +4,6 @@ agreement, the saved folder (exact reload, damaged parts, replacing), the figure
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import warnings
@@ -16,14 +15,13 @@ import torch
 from scipy import stats
 
 import chg_lens
-from chg_lens import ablation, attribution, chg, compare, patching, plot
+from chg_lens import ablation, attribution, chg, compare, faithfulness, patching, plot
 from chg_lens.cli import main
 from chg_lens.compare import ComparisonResult, agreement_frame, compare_methods, split_pairs, top_heads, top_k_overlap
 from chg_lens.diagnostics import NotConvergedWarning
 
 from conftest import A_TOKENS, KNOWN_WORDS, gpt2_tokenizer, known_answer_data, tiny_llama_hf
 
-faithfulness = importlib.import_module("chg_lens.faithfulness")  # the module (chg_lens.faithfulness is the function)
 FIT = dict(n_seeds=2, updates=3, reg_updates=3, batch_size=4)
 
 
