@@ -43,6 +43,9 @@ GATE_COLUMNS = ("g0", "g_plus", "g_minus")
 ABLATION_COLUMNS = ("score", "seed", "step", "layer", "head", "logprob_retained", "logprob_ablated", "delta_logprob")
 CMA_COLUMNS = ("layer", "head", "facilitation", "effect", "mediating")
 CONTRASTIVE_COLUMNS = ("direction", "heldout_task", "format", "gates", "accuracy", "ci_low", "ci_high", "n")
+FAITHFULNESS_COLUMNS = ("method", "k", "fraction", "normalized")
+METHOD_COLORS = {"chg": "#2ca02c", "attribution": "#ff7f0e", "patching": "#d62728", "ablation": "#1f77b4",
+                 "random": "#7f7f7f"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -502,6 +505,59 @@ def contrastive_bars(frame: Any) -> go.Figure:
     fig.update_layout(barmode="group", title="Contrastive CHG: accuracy with and without the gates (95% CI)",
                       template="plotly_white", height=280 * len(dirs) + 120)
     fig.update_yaxes(range=[0, 1.05], tickformat=".0%")
+    return fig
+
+
+# ----------------------------------------------------------------------------- method comparison
+def _faithfulness_parts(curves: Any) -> tuple[pd.DataFrame, pd.Series, pd.Series, str | None]:
+    """``(frame, cpr, cmd, metric name or None)`` of a ComparisonResult, a FaithfulnessResult or a frame."""
+    from .faithfulness import FaithfulnessResult
+
+    curves = getattr(curves, "faithfulness", curves)  # a ComparisonResult holds its FaithfulnessResult
+    frame = _require(_as_frame(curves), FAITHFULNESS_COLUMNS, "faithfulness_curves")
+    if not hasattr(curves, "cpr"):  # a frame: the areas as the faithfulness module defines them
+        curves = FaithfulnessResult(frame=frame, baseline={}, meta={})
+    cpr, cmd = curves.cpr(), curves.cmd()
+    metric = (getattr(curves, "meta", None) or {}).get("metric")  # the name; the frame's column holds its values
+    return frame, cpr, cmd, metric
+
+
+def faithfulness_curves(curves: Any) -> go.Figure:
+    """Faithfulness against the fraction of heads kept, one curve per method, CPR and CMD in each
+    legend entry (the areas under ``f`` and under ``|1 - f|``, :mod:`chg_lens.faithfulness`).
+
+    ``curves`` is a :class:`~chg_lens.compare.ComparisonResult`, a
+    :class:`~chg_lens.faithfulness.FaithfulnessResult` or a frame with columns ``method, k,
+    fraction, normalized`` (one row per method and k). For each method, the
+    top-k heads of its ranking are kept and the others ablated; ``normalized`` = (m(top-k) -
+    m(none kept)) / (m(all kept) - m(none kept)), so the full model is at 1 and the fully ablated
+    one at 0 (dotted lines). Hover text names the method, k, the fraction and the value.
+
+    Example: ``plot.faithfulness_curves(chg_lens.load("runs/compare"))``.
+    """
+    frame, cpr, cmd, metric = _faithfulness_parts(curves)
+    fig = go.Figure()
+    palette = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#aec7e8"]
+    extra = 0
+    for method in dict.fromkeys(frame["method"]):
+        part = frame[frame["method"] == method].sort_values("fraction", kind="stable")
+        color = METHOD_COLORS.get(str(method))
+        if color is None:  # e.g. several CHG fits ("chg_2_seeds", "chg_10_seeds")
+            color, extra = palette[extra % len(palette)], extra + 1
+        text = [f"{method}<br>k = {int(r.k)} heads kept<br>fraction {float(r.fraction):.3f}<br>"
+                f"faithfulness {float(r.normalized):.3f}" for r in part.itertuples()]
+        fig.add_trace(go.Scatter(
+            x=part["fraction"], y=part["normalized"], mode="lines+markers",
+            name=f"{method} (CPR {float(cpr[method]):.3f}, CMD {float(cmd[method]):.3f})",
+            line=dict(color=color, dash="dash" if method == "random" else "solid"),
+            hovertext=text, hoverinfo="text",
+        ))
+    for y in (0.0, 1.0):
+        fig.add_hline(y=y, line=dict(color="black", width=1, dash="dot"))
+    fig.update_layout(title="Faithfulness: keep each method's top heads, ablate the rest"
+                            + (f" ({metric})" if metric else ""),
+                      xaxis_title="fraction of heads kept", yaxis_title="normalized faithfulness",
+                      xaxis_range=[-0.02, 1.02], template="plotly_white", legend=dict(title="method"))
     return fig
 
 

@@ -1,8 +1,10 @@
 """A self-contained HTML report of a CHG results folder (``chg-lens report RESULTS_DIR``).
 
 The folder holds one CHG result (``meta.json`` of kind "chg", as written by ``CHGResult.save`` or
-``chg-lens fit``) or several in sub-folders. Saved ablation results (kind "ablation") below it are
-plotted too, and so are loose CSV/parquet tables whose columns match an ablation sweep
+``chg-lens fit``) or several in sub-folders, or a method comparison (kind "comparison", written by
+``chg-lens compare``: the report then shows its faithfulness figure, its summary table and the
+agreement between methods; its CHG fit, if any, gets the usual sections). Saved ablation results
+(kind "ablation") below it are plotted too, and so are loose CSV/parquet tables whose columns match an ablation sweep
 (:data:`chg_lens.plot.ABLATION_COLUMNS`), a CHG-vs-CMA frame (:data:`~chg_lens.plot.CMA_COLUMNS`)
 or a contrastive accuracy frame (:data:`~chg_lens.plot.CONTRASTIVE_COLUMNS`).
 
@@ -33,6 +35,8 @@ class ResultsFolder:
     """What :func:`find_results` found: CHG results by sub-folder, and extra frames by kind."""
 
     chg: dict[str, CHGResult] = field(default_factory=dict)
+    comparisons: dict[str, Any] = field(default_factory=dict)
+    """Method comparisons (``chg_lens.compare.ComparisonResult``) by sub-folder."""
     extras: dict[str, list[tuple[str, pd.DataFrame]]] = field(default_factory=lambda: {k: [] for k in EXTRA_KINDS})
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, why) of every result or table that could not be read and is not in the report."""
@@ -59,9 +63,10 @@ def result_name(root: Path, folder: Path) -> str:
 def find_results(results_dir: str | os.PathLike) -> ResultsFolder:
     """Every saved result below ``results_dir``, discovered by the ``kind`` in its ``meta.json``:
     CHG results (kind "chg"), and ablation results (kind "ablation") whose frame is an ablation
-    sweep. Loose tables (CSV or parquet, not part of a saved result; a parquet file wins over the CSV
-    of the same name) whose columns match a CHG-vs-CMA or contrastive accuracy frame are plotted
-    too. Raises ``ValueError`` when there is no CHG result."""
+    sweep, and method comparisons (kind "comparison"). Loose tables (CSV or parquet, not part of a
+    saved result; a parquet file wins over the CSV of the same name) whose columns match a CHG-vs-CMA
+    or contrastive accuracy frame are plotted too. Raises ``ValueError`` when there is neither a CHG
+    result nor a comparison."""
     from . import plot
     from .results import load, read_meta
 
@@ -79,16 +84,18 @@ def find_results(results_dir: str | os.PathLike) -> ResultsFolder:
             kind = read_meta(meta.parent).get("kind")
             if kind == "chg":
                 found.chg[name] = CHGResult.load(meta.parent)
+            elif kind == "comparison":
+                found.comparisons[name] = load(meta.parent)
             elif kind == "ablation":
                 frame = load(meta.parent).frame
                 if all(c in frame.columns for c in plot.ABLATION_COLUMNS) and len(frame):
                     found.extras["ablation"].append((name, frame))
         except (ValueError, OSError) as err:  # listed, never silently left out
             found.skipped.append((str(meta.parent), " ".join(str(err).split())))
-    if not found.chg:
+    if not found.chg and not found.comparisons:
         why = "".join(f"; skipped {p}: {w}" for p, w in found.skipped)
         raise ValueError(f"no CHG result below {root}: expected a folder written by `chg-lens fit` or "
-                         f"CHGResult.save (meta.json + tensors.safetensors){why}")
+                         f"CHGResult.save (meta.json + tensors.safetensors), or by `chg-lens compare`{why}")
     columns = {"ablation": plot.ABLATION_COLUMNS, "cma": plot.CMA_COLUMNS, "contrastive": plot.CONTRASTIVE_COLUMNS}
     tables = sorted([*root.rglob("*.csv"), *root.rglob("*.parquet")])
     for path in tables:
@@ -130,7 +137,9 @@ def _summary(found: ResultsFolder, scores: pd.DataFrame) -> str:
     lines = []
     for name, res in found.chg.items():
         lines += [f"[{name}]", res.summary(), ""]
-    if scores.model.nunique() > 1:
+    for name, cmp in found.comparisons.items():
+        lines += [f"[{name}]", cmp.summary(), ""]
+    if len(scores) and scores.model.nunique() > 1:
         c = taxonomy.cross_model_consistency(scores)
         if len(c):
             lines.append(f"cross-model consistency (Pearson r of score CDFs): min {c.pearson.min():.3f}, "
@@ -141,6 +150,12 @@ def _summary(found: ResultsFolder, scores: pd.DataFrame) -> str:
     for path, why in found.skipped:
         lines.append(f"SKIPPED {path}: {why}")
     return "\n".join(lines).strip() + "\n"
+
+
+def _all_scores(found: ResultsFolder, frame_of) -> pd.DataFrame:
+    """The CHG results' frames concatenated (an empty frame when the folder holds only comparisons)."""
+    frames = [frame_of(r) for r in found.chg.values()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "task"])
 
 
 ERROR_HOOK = """<script>
@@ -161,7 +176,7 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
 
     from . import plot
 
-    scores = pd.concat([r.scores() for r in found.chg.values()], ignore_index=True)
+    scores = _all_scores(found, lambda r: r.scores())
     parts: list[str] = []
     n_fig = 0
 
@@ -216,6 +231,20 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
         meta = {"config": res.config, "meta": res.meta}
         parts.append(f"<details><summary>Run metadata</summary><pre>{html.escape(json.dumps(meta, indent=2, default=str))}"
                      "</pre></details>")
+    for name, cmp in found.comparisons.items():
+        label = f"{cmp.meta.get('model')} / {cmp.meta.get('task')}"
+        parts.append(f"<h2 class='comparison'>Method comparison: {html.escape(label)} "
+                     f"<small>({html.escape(name)})</small></h2>")
+        fig(plot.faithfulness_curves(cmp), "Faithfulness of each method's ranking: the top-k heads kept, the others "
+                                           f"{cmp.meta.get('ablation')}-ablated, on {cmp.meta.get('n_validation')} "
+                                           "held-out rows; CPR = area under the curve (higher is better), CMD = area "
+                                           "under |1 - f| (lower is better).")
+        table(cmp.table(), f"Methods: wall time to rank the heads (s), CPR, CMD ({cmp.meta.get('metric')})"
+                           + (" and agreement with activation patching" if "patching" in cmp.methods else ""))
+        if len(cmp.agreement):
+            table(cmp.agreement.rename(columns={"top_k_overlap": f"top{cmp.top_k}_overlap"}),
+                  f"Agreement between methods: Spearman over heads of the head scores, share of the top {cmp.top_k} "
+                  "heads in common")
     makers = {"ablation": (plot.ablation_curves, "Change in target log-probability as heads are ablated in score order (Fig. 2)."),
               "cma": (plot.chg_vs_cma, "CHG facilitation against causal mediation score (Fig. 4)."),
               "contrastive": (plot.contrastive_bars, "Contrastive CHG accuracy, gated vs default (Fig. 5).")}
@@ -236,8 +265,8 @@ def render_html(found: ResultsFolder, title: str = "CHG report") -> str:
 
 
 def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> ReportPaths:
-    """Write ``report.html`` (self-contained, works offline), ``head_rankings.csv`` and
-    ``report_summary.txt`` to ``out`` (default: ``results_dir``); returns their paths, with
+    """Write ``report.html`` (self-contained, works offline), ``head_rankings.csv`` (when the folder
+    holds a CHG result) and ``report_summary.txt`` to ``out`` (default: ``results_dir``); returns their paths, with
     ``.skipped`` listing the results and tables that could not be read (also in the summary).
 
     Example: ``write_report("runs/chg-smollm2-ioi")["html"]``.
@@ -247,12 +276,15 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     out.mkdir(parents=True, exist_ok=True)
     from .plot import gate_frame
 
-    scores = pd.concat([gate_frame(r) for r in found.chg.values()], ignore_index=True)
+    scores = _all_scores(found, gate_frame)
     from .results import write_text_atomic
 
     paths = ReportPaths(html=out / "report.html", rankings=out / "head_rankings.csv", summary=out / "report_summary.txt")
+    if not found.chg:  # only comparisons: no CHG head rankings
+        del paths["rankings"]
     paths.skipped = list(found.skipped)
     write_text_atomic(paths["html"], render_html(found, title=f"CHG report: {Path(results_dir).resolve().name}"))
-    write_text_atomic(paths["rankings"], head_rankings(scores).to_csv(index=False))
+    if found.chg:
+        write_text_atomic(paths["rankings"], head_rankings(scores).to_csv(index=False))
     write_text_atomic(paths["summary"], _summary(found, scores))
     return paths

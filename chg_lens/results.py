@@ -48,6 +48,7 @@ KINDS: dict[str, str] = {
     "attribution": "chg_lens.attribution:AttributionResult",
     "faithfulness": "chg_lens.faithfulness:FaithfulnessResult",
     "explain": "chg_lens.explain.pipeline:ExplainResult",
+    "comparison": "chg_lens.compare:ComparisonResult",
 }
 """``kind`` in meta.json -> the result class (``module:Class``, imported when loaded)."""
 
@@ -60,7 +61,8 @@ META_DIGEST = "meta_digest"
 MAX_HEADS = 10**6
 """More heads (layers x heads) than any model has: a loaded result claiming more is damaged."""
 KNOWN_FILES = ("scores.csv", "gates.csv", "frame.csv", "frame.parquet", "validation.csv", "evaluation.csv", "overlap.csv",
-               "summary.txt", "head_rankings.csv", "report.html", "report_summary.txt")
+               "summary.txt", "head_rankings.csv", "report.html", "report_summary.txt", "comparison.csv",
+               "comparison.json", "agreement.csv", "faithfulness.html")
 """Files that chg_lens writes beside a result; replacing a result never carries them over."""
 
 FileWriter = Callable[[Path], Any]
@@ -142,6 +144,66 @@ def save_bundle(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[
     return store.replace_folder(path, fill, drop=drop, what="result",
                                 check=lambda: check_target(path, kind, identity, overwrite, own=own),
                                 complete=lambda tmp: (tmp / META).exists())
+
+
+PARTS = "parts"
+"""The ``meta.json`` field of a result with parts: sub-folder name -> sha256 of that part's ``meta.json``."""
+
+
+def save_with_parts(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any],
+                    parts: Mapping[str, "Result"], *, files: Mapping[str, FileWriter] | None = None,
+                    identity: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a result that holds other results: each of ``parts`` into its sub-folder ``path/<name>``
+    (each one atomically, by its own :meth:`Result.save`), then this result's own bundle (atomically,
+    :func:`save_bundle`), whose ``meta.json`` is written last and records the sha256 of every part's
+    ``meta.json`` under ``parts`` (checked by :func:`load_parts`). A save killed half way leaves the
+    old result or parts that the old ``meta.json`` does not match: :func:`load_parts` then says so.
+
+    ``path`` is checked once, before any part is written (:func:`check_target` with ``kind``,
+    ``identity`` and ``overwrite``); the parts of a result that may be replaced are replaced. Parts
+    of the previous result that the new one does not have are removed. A second writer of the same
+    folder gets a ValueError at once.
+
+    Example::
+
+        save_with_parts("runs/cmp", {}, {"kind": "comparison"}, {"chg": chg_result, "patching": patch_result})
+    """
+    path = Path(path).expanduser().absolute()
+    bad = [n for n in parts if not n or n != Path(n).name or n.startswith(".") or n in (TENSORS, META)]
+    if bad:
+        raise ValueError(f"part names must be plain sub-folder names; got {bad}")
+    check_target(path, meta.get("kind"), identity, overwrite)
+    with folder_lock(path.parent / f"{path.name}.parts", "parts of the result"):
+        old_parts: set[str] = set()
+        if (path / META).exists():
+            with contextlib.suppress(ValueError, OSError):
+                old_parts = set((read_meta(path).get(PARTS) or {}))
+        digests = {}
+        for name, part in parts.items():
+            part.save(path / name, overwrite=True)  # the whole result may be replaced: so may its parts
+            digests[name] = _sha256(path / name / META)
+        stored = save_bundle(path, tensors, {**meta, PARTS: digests}, files=files, identity=identity, overwrite=True)
+        for name in sorted(old_parts - set(parts)):
+            if (path / name / META).exists():
+                shutil.rmtree(path / name, ignore_errors=True)
+    return stored
+
+
+def load_parts(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, "Result"]:
+    """The parts of a result written by :func:`save_with_parts` (name -> result, by each part's kind),
+    each checked against the sha256 its parent's ``meta.json`` recorded: a part that is missing, was
+    changed, or belongs to another save is a ValueError naming it."""
+    path = Path(path)
+    out = {}
+    for name, want in (meta.get(PARTS) or {}).items():
+        part = path / name
+        if not (part / META).is_file():
+            raise ValueError(f"{path} is not complete: its part {name!r} ({part}) is missing; write the result again")
+        if _sha256(part / META) != want:
+            raise ValueError(f"{part} does not match the digest in {path / META}: the part was changed or belongs to "
+                             "another save (was a save interrupted?); write the result again")
+        out[name] = load(part)
+    return out
 
 
 def check_target(path: str | os.PathLike, kind: str | None, identity: dict[str, Any] | None = None,
@@ -436,8 +498,18 @@ class Result(abc.ABC):
         Example: ``result.save("runs/ioi")``.
         """
         tensors, fields, files = self._bundle()
+        parts = self._parts()
+        if parts:
+            return save_with_parts(path, tensors, {"kind": self.kind, **fields}, parts, files=files,
+                                   identity=self.identity(), overwrite=overwrite)
         return save_bundle(path, tensors, {"kind": self.kind, **fields}, files=files, identity=self.identity(),
                            overwrite=overwrite, own=self.OWN_FILES)
+
+    def _parts(self) -> dict[str, "Result"]:
+        """Results saved in sub-folders of this one (sub-folder name -> result), e.g. each method of a
+        comparison; ``{}`` (the default) for a result that is one bundle. :meth:`save` writes them
+        with :func:`save_with_parts`; ``_from_bundle`` reads them back with :func:`load_parts`."""
+        return {}
 
     @classmethod
     def load(cls, path: str | os.PathLike):

@@ -158,3 +158,44 @@ def test_experiment_scripts_at_smoke_scale_on_smollm2(tmp_path):
     fits = [p for p in (tmp_path / "fits").rglob("meta.json") if "checkpoint" not in p.parts]
     assert len(fits) == 1  # Table 2 reused Figure 1's fit
     assert (tmp_path / "figure1" / "figure1b_trajectories.html").stat().st_size > 100_000  # plotly.js embedded
+
+
+def test_compare_methods_script_on_a_tiny_model(tmp_path, capsys):
+    if not (SHARED_DATA / "tokenizers" / "gpt2").exists():
+        pytest.skip("the shared GPT-2 tokenizer is needed for --tiny")
+    args = ["--tiny", "--seed-counts", "1,2", "--updates", "2", "--reg-updates", "2", "--n-prompts", "12",
+            "--no-progress", "--out", str(tmp_path)]
+    run_script("compare_methods", args)
+    folder = tmp_path / "compare_methods"
+    table = pd.read_csv(folder / "compare_methods.csv")
+    assert list(table.method) == ["chg_1_seeds", "chg_2_seeds", "attribution", "patching", "ablation", "random"]
+    assert set(table.model) == {"tiny-random"} and (table.seconds >= 0).all()
+    cmp = chg_lens.load(folder / "tiny-random")
+    pd.testing.assert_frame_equal(table.drop(columns=["model", "note"]), cmp.table(), check_exact=False, rtol=1e-9)
+    assert cmp.meta["reused"] == ["chg_1_seeds", "chg_2_seeds"] and cmp.meta["n_rows"] == 10
+    assert cmp.results["chg_2_seeds"].n_seeds == 2 and cmp.meta["n_validation"] == 2
+    note = table.set_index("method").note
+    assert note["chg_2_seeds"].startswith("2 seeds, 2 + 2 updates, ") and note["random"] == "mean of 5 orders"
+    md = (folder / "compare_methods.md").read_text()
+    assert md.startswith("| model | method | seconds | cpr | cmd | spearman_vs_patching | top10_vs_patching | note |")
+    assert "| tiny-random | patching |" in md and "Measured on" in md
+    fits = sorted(p.parent for p in (tmp_path / "fits").rglob("meta.json") if "checkpoint" not in p.parts)
+    assert len(fits) == 2
+    # a second run loads the fits and the comparison
+    stamp = (folder / "tiny-random" / "meta.json").stat().st_mtime_ns
+    run_script("compare_methods", args)
+    assert (folder / "tiny-random" / "meta.json").stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "compare_methods.csv"), table)
+
+
+def test_compare_methods_script_writes_the_readme_table(tmp_path):
+    module = experiment_module("compare_methods")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{module.START}\nold\n{module.END}\nrest\n")
+    table = pd.DataFrame({"model": ["m"], "method": ["random"], "seconds": [0.0], "cpr": [0.51234], "cmd": [0.25],
+                          "spearman_vs_patching": [float("nan")], "top10_vs_patching": [float("nan")],
+                          "note": ["mean of 5 orders"]})
+    module.write_readme(module.markdown(table), readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "| m | random | 0.0 | 0.512 | 0.250 |  |  | mean of 5 orders |" in text

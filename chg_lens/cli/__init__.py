@@ -5,7 +5,7 @@
     chg-lens tasks                    # the tasks --task accepts
 
 Each subcommand is one module here (``fit``, ``tasks``, ``contrast``, ``sweep``, ``report``, ``ablate``,
-``patch``, ``explain``) with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; it is listed in
+``patch``, ``explain``, ``compare``) with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; it is listed in
 ``COMMANDS`` and imported only when it runs. Options shared by several subcommands, and every
 default, live in :mod:`chg_lens.cli.options`. Any error is printed as one ``chg-lens CMD: error:
 ...`` line with exit status 2, no traceback (``chg-lens --debug CMD ...`` or ``CHG_LENS_DEBUG=1``
@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "ablate": "ablation sweeps: each head alone, sequential, or the paper's Figure 2 test from a CHG result",
     "patch": "activation patching (causal mediation) of every head: IOI, function vectors, ABA/ABB",
     "explain": "explain what attention heads do, score the explanations, cluster them, join CHG roles",
+    "compare": "compare CHG, attribution, patching, ablation and random head orders: time, faithfulness, agreement",
 }
 """Subcommand name -> one-line help; the module ``chg_lens.cli.<name>`` implements it."""
 

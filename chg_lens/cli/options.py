@@ -29,7 +29,7 @@ SCORING_BATCH_SIZE = 32
 """``--batch-size`` of ``ablate`` and ``patch``: rows of data per forward pass, the library's default
 for every measurement (``scoring.evaluate``, ``score_configs``, the ablation sweeps, ``patch_heads``)."""
 OUT = {"fit": "runs/chg", "contrast": "runs/contrast", "ablate": "runs/ablate", "patch": "runs/patch",
-       "explain": "runs/explain"}
+       "explain": "runs/explain", "compare": "runs/compare"}
 """Default ``--out`` folder of each subcommand."""
 
 

@@ -6,8 +6,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results_dir", help="a CHG results folder (or a folder of them; ablation/patching/"
-                   "contrastive CSV or parquet files inside are plotted too)")
+    p.add_argument("results_dir", help="a CHG results folder (or a folder of them), or a `chg-lens compare` folder; "
+                   "ablation/patching/contrastive CSV or parquet files inside are plotted too")
     p.add_argument("--out", default=None, help="where to write (default: RESULTS_DIR)")
     p.add_argument("--allow-skipped", action="store_true",
                    help="exit 0 even when some results or tables could not be read (they are listed either way)")
