@@ -19,11 +19,13 @@ fit before any work starts::
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
