@@ -45,12 +45,11 @@ from typing import Any, Sequence
 
 import torch
 
-from . import checks, models, scoring
+from . import models, scoring
 from .data import TaskDataset
-from .pairs import (HeadEffectResult, check_pair, effect_frame, metric_values, position_mask,
-                    resolve_metric)
+from .pairs import (HeadEffectResult, check_effect_options, check_pair, effect_frame, effect_heads, metric_values,
+                    position_mask, resolve_metric)
 from .results import library_versions
-from .scoring import all_heads, check_heads
 
 SOURCES = ("auto", "clean", "zero", "mean")
 """``source=`` of :func:`attribute_heads`."""
@@ -96,7 +95,7 @@ def attribute_heads(
     mediating: str = "std",
     n_std: float = 3.0,
     alpha: float = 0.05,
-    batch_size: int = 16,
+    batch_size: int = 32,
     progress: bool = False,
     autocast: str | None = "off",
 ) -> AttributionResult:
@@ -140,21 +139,12 @@ def attribute_heads(
         raise ValueError(f"reference is the data of the mean z (source='mean'); source is {source!r}")
     if reference is not None and not isinstance(reference, TaskDataset):
         raise TypeError(f"reference must be a TaskDataset; got {type(reference).__name__}")
-    checks.finite_float("n_std", n_std, min=0)
-    checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
-    if mediating not in ("std", "significance"):
-        raise ValueError(f"mediating rule must be one of ('std', 'significance'); got {mediating!r}")
-    batch_size = checks.positive_int("batch_size", batch_size)
+    batch_size = check_effect_options(mediating, n_std, alpha, batch_size)
     metric = resolve_metric(metric, clean)
     run = corrupted if corrupted is not None else clean
     ctx = scoring.context(model, clean, corrupted, reference, autocast=autocast)  # model and data, once
     model = ctx.model
-    heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
-    check_heads(model, heads)
-    if not heads:
-        raise ValueError("no heads to attribute")
-    if len(set(heads)) != len(heads):
-        raise ValueError("heads names a head more than once")
+    heads = effect_heads(heads, ctx.n_layers, ctx.n_heads)
     pos = position_mask(run, positions)
     answers = scoring._check_answers(clean, "auto") if metric == "logit_diff" else None
 

@@ -358,7 +358,7 @@ def compare_methods(
     n_random: int = 5,
     top_k: int = 10,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 32,
     rows_per_pass: int = 256,
     progress: bool = True,
     autocast: str | None = "off",

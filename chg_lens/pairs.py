@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from . import checks
 from .data import TaskDataset, first_target_position
 from .results import FrameResult, check_tensor, require
 from .scoring import RowScores
@@ -138,6 +139,32 @@ def metric_values(scores: RowScores, metric: str) -> Float[Tensor, "configs rows
 # --------------------------------------------------------------------------------------------
 # Effects
 # --------------------------------------------------------------------------------------------
+
+
+def check_effect_options(mediating: str, n_std: float, alpha: float, batch_size: int) -> int:
+    """The options every per-head effect analysis (patching, attribution) shares, checked before any
+    pass: the mediating rule, ``n_std`` (finite, >= 0), ``alpha`` (in (0, 1]) and ``batch_size``
+    (a positive int, returned)."""
+    if mediating not in RULES:
+        raise ValueError(f"mediating rule must be one of {RULES}; got {mediating!r}")
+    checks.finite_float("n_std", n_std, min=0)
+    checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
+    return checks.positive_int("batch_size", batch_size)
+
+
+def effect_heads(heads: Sequence[tuple[int, int]] | None, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """``heads`` (default: every head, layer by layer) as ``(layer, head)`` pairs, each inside the
+    model and named once; a ValueError otherwise."""
+    out = [(l, h) for l in range(n_layers) for h in range(n_heads)] if heads is None else \
+        [(int(l), int(h)) for l, h in heads]
+    if not out:
+        raise ValueError("no heads given")
+    bad = [(l, h) for l, h in out if not (0 <= l < n_layers and 0 <= h < n_heads)]
+    if bad:
+        raise ValueError(f"heads {bad[:5]} are outside the model's {n_layers} layers x {n_heads} heads")
+    if len(set(out)) != len(out):
+        raise ValueError("heads names a head more than once")
+    return out
 
 
 def label_mediating(

@@ -33,8 +33,8 @@ from . import checks, models, scoring
 from . import gates as gates_mod
 from .deprecation import keyword_only, renamed
 from .data import TaskDataset
-from .pairs import (METRICS, RULES, HeadEffectResult, check_pair, effect_frame, label_mediating,  # noqa: F401
-                    metric_values, position_mask, resolve_metric)
+from .pairs import (METRICS, RULES, HeadEffectResult, check_effect_options, check_pair, effect_frame,  # noqa: F401
+                    effect_heads, label_mediating, metric_values, position_mask, resolve_metric)
 from .scoring import all_heads, check_heads, collect_z, score_configs  # noqa: F401 (patching.score_configs)
 from .results import library_versions
 from .tasks.symbolic import SYMBOLIC_KINDS, symbolic_pairs  # noqa: F401  (moved to tasks/symbolic.py)
@@ -106,13 +106,10 @@ def patch_heads(
     check_pair(clean, corrupted)
     ctx = scoring.context(model, corrupted, clean, autocast=autocast)  # every check of model and data, once
     model = ctx.model
-    checks.finite_float("n_std", n_std, min=0)
-    checks.finite_float("alpha", alpha, min=0, max=1, min_open=True)
+    batch_size = check_effect_options(mediating, n_std, alpha, batch_size)
+    rows_per_pass = checks.positive_int("rows_per_pass", rows_per_pass)
     metric = resolve_metric(metric, clean)
-    heads = all_heads(model) if heads is None else [(int(l), int(h)) for l, h in heads]
-    check_heads(model, heads)
-    if not heads:
-        raise ValueError("no heads to patch")
+    heads = effect_heads(heads, ctx.n_layers, ctx.n_heads)
     pos = position_mask(corrupted, positions)
     answers = scoring._check_answers(clean, "auto") if metric == "logit_diff" else None
 

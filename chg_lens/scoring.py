@@ -467,7 +467,7 @@ def gate_gradients(
     positions: Bool[Tensor, "rows pos"] | None = None,
     *,
     answers: Any = "auto",
-    batch_size: int = 16,
+    batch_size: int = 32,
     progress: bool = False,
     desc: str = "gradients",
     autocast: str | None = "off",
@@ -506,7 +506,7 @@ def _gate_gradients(
     positions: Bool[Tensor, "rows pos"] | None = None,
     *,
     answers: Int[Tensor, "rows answers"] | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     progress: bool = False,
     desc: str = "gradients",
 ) -> GateGradients:

@@ -67,6 +67,17 @@ def leftovers(path: str | os.PathLike) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- files
+def move_aside(path: str | os.PathLike, to: str | os.PathLike) -> Path:
+    """Move the file or folder ``path`` (a symlink as a link) to the new name ``to`` in one rename,
+    e.g. a damaged result set aside so nothing on disk is lost; a FileExistsError when ``to``
+    exists (it is never replaced)."""
+    path, to = Path(path), Path(to)
+    if to.exists() or to.is_symlink():
+        raise FileExistsError(f"{to} exists: a set-aside entry is never replaced")
+    os.rename(path, to)
+    return to
+
+
 def write_file(path: str | os.PathLike, write: Writer) -> Path:
     """Write one file atomically: ``write(tmp)`` writes it under a temporary name beside ``path``,
     which then replaces ``path`` in one rename (the temporary file is removed if anything fails).

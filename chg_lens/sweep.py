@@ -439,11 +439,11 @@ def _set_aside(folder: Path, problem: str) -> Path:
         n += 1
     aside = folder / f"result.damaged-{n}"
     if (folder / "result").exists() or (folder / "result").is_symlink():
-        os.rename(folder / "result", aside)
+        store.move_aside(folder / "result", aside)
     else:
         aside.mkdir()
     if (folder / DONE).exists():
-        os.rename(folder / DONE, aside / DONE)
+        store.move_aside(folder / DONE, aside / DONE)
     _event(folder, "damaged", problem=problem, moved_to=aside.name)
     return aside
 

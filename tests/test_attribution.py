@@ -215,3 +215,26 @@ def test_bf16_model_attribution_is_close_to_fp32():
     b = attribute_heads(bf16, clean, corrupted).effects
     assert b.dtype == torch.float32
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())  # measured 1.1% (TL 4) and 1.3% (TL 3) of the largest
+
+
+def test_patch_heads_checks_the_shared_options_before_any_pass(llama_model, monkeypatch):
+    """patch_heads and attribute_heads check the same options the same way (pairs.check_effect_options,
+    pairs.effect_heads), before any pass: a bad mediating rule used to surface only after patching."""
+    from chg_lens.patching import patch_heads
+
+    clean, corrupted = ragged_pair(6)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass ran before the input was checked")
+
+    monkeypatch.setattr(scoring, "_collect_z", no_pass)
+    monkeypatch.setattr(scoring, "_score_configs", no_pass)
+    shared = [(dict(mediating="biggest"), "mediating"), (dict(n_std=-1.0), "n_std"), (dict(alpha=0.0), "alpha"),
+              (dict(batch_size=0), "batch_size"), (dict(heads=[(0, 0), (0, 0)]), "more than once"),
+              (dict(heads=[(9, 0)]), "outside"), (dict(heads=[]), "no heads")]
+    for kwargs, match in shared:
+        for analysis in (patch_heads, attribute_heads):
+            with pytest.raises(ValueError, match=match):
+                analysis(llama_model, clean, corrupted, **kwargs)
+    with pytest.raises(ValueError, match="rows_per_pass"):
+        patch_heads(llama_model, clean, corrupted, rows_per_pass=0)

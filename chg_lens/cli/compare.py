@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                    "(default: the faithfulness module's grid)")
     p.add_argument("--n-random", type=int, default=5, help="random orders averaged for 'random' (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=10, help="heads compared by the top-k overlap (default: %(default)s)")
-    p.add_argument("--score-batch-size", type=int, default=16, help="rows per pass of the measurements")
+    p.add_argument("--score-batch-size", type=int, default=options.SCORING_BATCH_SIZE, help="rows per batch of the measurements (default: %(default)s)")
     p.add_argument("--rows-per-pass", type=int, default=256,
                    help="at most N rows (configurations x prompts) per forward pass of the measurements")
     options.add_run(p, out=options.OUT["compare"], purpose="measure")
