@@ -19,6 +19,10 @@ graph; here the components are heads, and the default grid (:func:`default_grid`
 up to 16 and then every 1/32 of the heads, with ``k = 0`` and ``k = n`` always in it. Every
 (method, k) configuration runs batched through :func:`chg_lens.scoring.score_configs`.
 
+The package exports the function under the module's name: ``chg_lens.faithfulness`` is this
+module and, called, :func:`faithfulness` (``chg_lens.faithfulness(model, data, rankings)``).
+An ablation sweep ranks by its drop: pass ``-sweep.tensor("delta_logprob")``.
+
 Example::
 
     from chg_lens.faithfulness import faithfulness

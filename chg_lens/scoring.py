@@ -367,6 +367,9 @@ def gate_gradients(
             value = metric(out).reshape(-1)
             if value.shape[0] != len(idx):
                 raise ValueError(f"metric must give one value per row ({len(idx)}); got {tuple(value.shape)}")
+            if not value.requires_grad:
+                raise ValueError("the metric is not differentiable in the gates (accuracy is not); use the "
+                                 "log-prob, the probability or the logit difference")
             (grad,) = torch.autograd.grad(value.sum(), g)
             values[idx] = value.detach().float().cpu()
             grads[idx] = grad.float().cpu()

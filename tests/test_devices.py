@@ -82,6 +82,10 @@ def test_every_path_keeps_tensors_on_zs_device(tiny_model, tmp_path):
         corrupted.tokens[:, 2] = (corrupted.tokens[:, 2] + 1 - 4) % (len(WORDS) - 4) + 4
         clean.row_meta["answers"] = [[5, 6]] * len(clean)
         patching.patch_heads(tiny_model, clean, corrupted)
+        chg_lens.attribute_heads(tiny_model, clean, corrupted)
+        chg_lens.attribute_heads(tiny_model, data, source="mean", metric="logprob")
+        chg_lens.faithfulness(tiny_model, clean, {"t": torch.rand(2, 4), "r": None}, ablation=corrupted,
+                              n_heads=[2], n_random=1)
         from chg_lens.explain.record import record_batch
 
         record_batch(tiny_model, data.tokens, [(0, 1), (1, 2)])

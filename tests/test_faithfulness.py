@@ -2,7 +2,6 @@
 by hand; rankings from every result type; bad rankings fail before any pass; saving."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -13,7 +12,8 @@ from chg_lens.faithfulness import default_grid, faithfulness, head_order, head_s
 
 import parity_models
 from conftest import word_tokenizer
-from test_attribution import PAD, greedy_pair, plain_metric, plain_z, ragged_pair
+from pair_models import (CIRCUIT, PAD, circuit_hf, greedy_pair, known_pairs, mean_z_by_hand, plain_metric, plain_z,
+                         ragged_pair)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,6 @@ def _tol(metric):
     return 1e-6 * SCALE.get(metric, 1.0)
 
 
-def _mean_z(model, data):
-    zs = plain_z(model, data.tokens)
-    real = (torch.arange(data.tokens.shape[1])[None, :] < data.lengths[:, None]).float()
-    return [(z * real[..., None, None]).sum(dim=(0, 1)) / real.sum() for z in zs]
-
-
 @pytest.mark.parametrize("family,ablation,metric", [
     ("llama_model", "mean", "logprob"), ("llama_model", "zero", "logit_diff"), ("gpt2_model", "corrupted", "logprob"),
     ("gpt2_model", "mean", "accuracy"), ("gpt2_model", "zero", "prob"),
@@ -86,7 +80,7 @@ def test_faithfulness_equals_plain_hook_keep_top_k(family, ablation, metric, req
     res = faithfulness(model, data, {"given": scores, "random": None}, n_heads=grid, n_random=2, seed=3,
                        ablation=corrupted if ablation == "corrupted" else ablation, metric=metric, batch_size=4,
                        rows_per_pass=8)
-    source = {"mean": _mean_z(model, data), "zero": [0.0] * L,
+    source = {"mean": mean_z_by_hand(model, data), "zero": [0.0] * L,
               "corrupted": plain_z(model, corrupted.tokens)}[ablation]
     order = torch.sort(scores.flatten(), descending=True, stable=True).indices
     m_all = plain_keep_top_k(model, data, torch.ones(L, H, dtype=torch.bool), metric, source)
@@ -214,3 +208,34 @@ def test_bad_rankings_fail_before_any_pass(llama_model, monkeypatch):
         faithfulness(llama_model, no_answers, {"a": ok}, metric="logit_diff")
     with pytest.raises(ValueError, match="random orders"):
         head_scores(None, 2, 4)
+
+
+# ----------------------------------------------------------------------------- a known circuit
+def test_every_method_puts_a_known_circuit_first(tmp_path):
+    from chg_lens import ablation
+    from conftest import KNOWN_WORDS, known_answer_data
+
+    model = models.load_model(circuit_hf(), tokenizer=word_tokenizer(KNOWN_WORDS))
+    data = known_answer_data(64)
+    clean, corrupted = known_pairs(32)
+    pat = patching.patch_heads(model, clean, corrupted)
+    atp = chg_lens.attribute_heads(model, clean, corrupted)
+    sweep = ablation.head_sweep(model, data, method="mean")
+    chg = chg_lens.fit_chg(model, data, n_seeds=2, updates=30, reg_updates=30, batch_size=16, progress=False)
+    rankings = {"chg": chg, "chg_any": (chg, "any_facilitation"), "patching": pat, "attribution": atp,
+                "ablation": -sweep.tensor("delta_logprob"), "random": None}
+    for name, r in rankings.items():
+        if r is not None:
+            top = head_order(head_scores(r, 2, 4))[:2].tolist()
+            assert {divmod(i, 4) for i in top} == CIRCUIT, name
+    res = chg_lens.faithfulness(model, data, rankings, ablation="mean", n_random=4)  # the module, called
+    f = res.frame.set_index(["method", "k"])["normalized"]
+    for name in ("chg", "chg_any", "patching", "attribution", "ablation"):
+        assert f[(name, 1)] < 0.2, name        # one half of a serial circuit does nothing (measured 0.07)
+        assert f[(name, 2)] > 0.9, name        # both halves: the behaviour (measured 1.10; the noise hurts)
+    assert f[("random", 2)] < 0.5              # measured 0.23
+    cpr = res.cpr()
+    assert (cpr.drop("random") > cpr["random"] + 0.25).all()  # measured 0.85-0.89 vs 0.50
+    assert (res.cmd().drop("random") < res.cmd()["random"]).all()
+    # the linear estimate of a serial head's patch falls short of the patch (measured 3.7 vs 5.7)
+    assert atp.effects[0, 0] < 0.8 * pat.effects[0, 0]

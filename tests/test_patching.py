@@ -9,7 +9,7 @@ import chg_lens
 from chg_lens import ablation, gates, models, patching
 from chg_lens.scoring import row_logprobs
 
-from conftest import KNOWN_WORDS, known_answer_data
+from pair_models import known_pairs as _known_pairs
 
 
 def _pair(seed=0, rows=5, width=7):
@@ -69,22 +69,6 @@ def test_positions(tiny_model):
     assert at.frame.effect.abs().max() > 1e-4
     with pytest.raises(ValueError, match="positions"):
         patching.position_mask(corrupted, "middle")
-
-
-def _known_pairs(n=32, seed=0):
-    """Clean '<bos> a_i d_j q a_i' and corrupted '<bos> a_k d_j q a_i' (another a token)."""
-    tid = {w: i for i, w in enumerate(KNOWN_WORDS)}
-    clean = known_answer_data(n, seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    corrupt = clean.tokens.clone()
-    a_ids = torch.tensor([tid[f"a{k}"] for k in range(8)])
-    for r in range(n):
-        choices = a_ids[a_ids != clean.tokens[r, 1]]
-        corrupt[r, 1] = choices[torch.randint(len(choices), (1,), generator=g)]
-    corrupted = chg_lens.TaskDataset.from_tokens(corrupt, clean.loss_mask.clone(), pad_token_id=clean.pad_token_id,
-                                                 name="known_corrupted")
-    clean.row_meta["answers"] = [[int(c[-1]), int(k[1])] for c, k in zip(clean.tokens, corrupt)]
-    return clean, corrupted
 
 
 def test_answer_head_has_the_largest_indirect_effect(known_model, tmp_path):

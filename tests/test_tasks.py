@@ -206,6 +206,23 @@ def test_aba_abb_seeded_and_rows_api(gpt2_tok):
         tasks.aba_abb_dataset(gpt2_tok, rows, separator=" ^^^ xyz")
 
 
+def test_symbolic_pairs_live_in_tasks(gpt2_tok):
+    from chg_lens import patching
+
+    assert patching.symbolic_pairs is tasks.symbolic_pairs and patching.SYMBOLIC_KINDS == tasks.SYMBOLIC_KINDS
+    clean, corrupted, pos = tasks.symbolic_pairs(gpt2_tok, "induction", n_prompts=6, seed=2)
+    assert pos == "last" and torch.equal(clean.lengths, corrupted.lengths) and len(clean) == 6
+    # the corrupted prompt has the other rule: its answer is the clean prompt's other query word
+    assert [a[1] for a in clean.row_meta["answers"]] == [a[0] for a in corrupted.row_meta["answers"]]
+    assert clean.row_meta["rule"] == ["ABA", "ABB"] * 3 and corrupted.row_meta["rule"] == ["ABB", "ABA"] * 3
+    _, _, mask = tasks.symbolic_pairs(gpt2_tok, "abstraction", n_prompts=4, seed=2)
+    assert mask.sum(1).tolist() == [4] * 4  # each example's third word
+    swapped, other, pos = tasks.symbolic_pairs(gpt2_tok, "retrieval", n_prompts=4, seed=2)
+    assert pos == "last" and other.row_meta["rule"] == swapped.row_meta["rule"]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        tasks.symbolic_pairs(gpt2_tok, "copying")
+
+
 # ----------------------------------------------------------------------------- CommonsenseQA
 def test_csqa_letters_shuffled_one_example(tok):
     train, val = tasks.commonsense_qa(tok, n_prompts=30, data_dir=FV)
