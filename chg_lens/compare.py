@@ -38,8 +38,7 @@ from torch import Tensor
 
 from . import checks, models
 from .data import TaskDataset
-from .results import (Bundle, Result, frame_from_json, frame_to_json, library_versions, load_parts, require,
-                      write_text_atomic)
+from .results import Bundle, Result, frame_from_json, frame_to_json, library_versions, load_parts, require
 
 METHODS = ("chg", "attribution", "patching", "ablation", "random")
 """Every method :func:`compare_methods` runs, in the default order."""
@@ -283,8 +282,13 @@ def split_pairs(clean: TaskDataset, corrupted: TaskDataset, val_fraction: float 
     return (Pairs(clean.subset(train), corrupted.subset(train)), Pairs(clean.subset(held), corrupted.subset(held)))
 
 
-def _method_names(methods: Sequence[str] | str, chg: Any) -> list[str]:
-    """The methods to run, with "chg" replaced by the names of a mapping of CHG fits."""
+def check_methods(methods: Sequence[str] | str, chg: Any = None) -> list[str]:
+    """The method names :func:`compare_methods` will run, checked (a ValueError for an unknown or
+    repeated name, or ``chg`` given without "chg" among the methods): a list or a comma-separated
+    string; "chg" is replaced by the names of a mapping of CHG fits given as ``chg``.
+
+    Example: ``check_methods("chg,patching", {"chg_2": a, "chg_10": b}) == ["chg_2", "chg_10", "patching"]``.
+    """
     from .chg import CHGResult
 
     if isinstance(methods, str):
@@ -406,7 +410,7 @@ def compare_methods(
     """
     from . import ablation as ablation_mod
     from .attribution import attribute_heads
-    from .chg import CHGResult, check_fit_options, fit_chg
+    from .chg import check_fit_options, fit_chg
     from .faithfulness import faithfulness, head_scores
     from .pairs import check_pair, resolve_metric
     from .patching import patch_heads
@@ -414,7 +418,7 @@ def compare_methods(
     model = models.as_model(model)
     if not isinstance(data, TaskDataset):
         raise TypeError(f"data must be a TaskDataset; got {type(data).__name__} (a task returns (train, validation))")
-    names = _method_names(methods, chg)
+    names = check_methods(methods, chg)
     fits = _chg_fits(chg)
     base = [n if n not in fits else "chg" for n in names]
     if corrupted is None:
@@ -434,6 +438,9 @@ def compare_methods(
         raise ValueError(f"fit_options may not set {clash}: compare_methods passes them itself")
     if "chg" in names and not fits:
         check_fit_options(**fit_options)
+    elif fit_options:
+        raise ValueError("fit_options are given but no CHG fit runs (chg= reuses fits, or 'chg' is not among the "
+                         "methods); drop them")
     eval_data = validation if validation is not None else data
     for d in (data, eval_data, corrupted, reference):
         if d is not None:
@@ -511,5 +518,5 @@ def compare_methods(
                             agreement=agreement_frame(scores, top_k), meta=meta)
 
 
-__all__ = ["METHODS", "ComparisonResult", "Pairs", "agreement_frame", "compare_methods", "spearman", "split_pairs",
-           "top_heads", "top_k_overlap"]
+__all__ = ["METHODS", "ComparisonResult", "Pairs", "agreement_frame", "check_methods", "compare_methods", "spearman",
+           "split_pairs", "top_heads", "top_k_overlap"]

@@ -132,7 +132,7 @@ def test_known_model_ranks_the_answer_head_first(known_model):
     assert (cmp.agreement.top_k_overlap == 1.0).all()
 
 
-def test_reused_fits_keep_their_own_time_and_names(tiny_model, tiny_comparison):
+def test_reused_fits_keep_their_own_time_and_names(tiny_model, known_model, tiny_comparison):
     cmp, data, corrupted, held = tiny_comparison
     fit = cmp.results["chg"]
     other = chg_lens.CHGResult(**{**fit.__dict__, "meta": {**fit.meta, "seconds": {"g0": 2.0, "g_plus": 3.0,
@@ -145,6 +145,10 @@ def test_reused_fits_keep_their_own_time_and_names(tiny_model, tiny_comparison):
     torch.testing.assert_close(again.tensor("chg_a"), again.tensor("chg_b"))
     assert again.agreement.spearman.tolist() == [pytest.approx(1.0)]
     assert "patching" not in again.table().columns.str.cat()
+    with pytest.raises(ValueError, match="no CHG fit runs"):
+        compare_methods(tiny_model, data, methods=["chg", "random"], chg=fit, fit_options=FIT)
+    with pytest.raises(ValueError, match=r"is for \(2, 4\) heads; the model has \(1, 4\)"):
+        compare_methods(known_model, known_answer_data(8), methods="chg", chg=fit)
 
 
 def test_bad_input_fails_before_any_work(tiny_model, monkeypatch):

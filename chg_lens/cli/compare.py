@@ -66,9 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def methods_of(a: argparse.Namespace, task: str) -> list[str]:
     """``--methods`` checked against the task, before anything loads."""
-    from ..compare import NEEDS_PAIRS, _method_names
+    from ..compare import NEEDS_PAIRS, check_methods
 
-    names = _method_names(a.methods, None)
+    names = check_methods(a.methods, None)
     paired = [m for m in names if m in NEEDS_PAIRS]
     if paired and task not in PAIRED:
         raise ValueError(f"--methods {','.join(paired)} needs corrupted pairs, which only --task "
