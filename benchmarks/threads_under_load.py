@@ -9,9 +9,8 @@ each). Settings, each in a fresh process (OpenMP reads its environment once, whe
 * ``passive``: ``OMP_WAIT_POLICY=PASSIVE``, torch's thread count, fixed;
 * ``load-aware``: torch imported first (spin wait), chg_lens's load-aware thread count
   (:class:`chg_lens.runtime.LoadAwareThreads`, the library default inside fits);
-* ``chg_lens default``: what ``chg-lens fit`` does: chg_lens imported first (so
-  ``OMP_WAIT_POLICY=PASSIVE`` when unset, :func:`chg_lens.runtime.prefer_passive_wait`) and the
-  load-aware thread count.
+* ``chg_lens default``: what ``chg-lens fit`` and ``fit_chg`` do: chg_lens imported first (it sets no
+  wait policy: ``OMP_WAIT_POLICY`` stays unset) and the load-aware thread count.
 
 The work: SmolLM2-135M-Instruct (dequantised once to a Hugging Face folder under ``--cache``), IOI
 rows, G0 updates of a 2-seed CHG fit at batch 16 with the default ``autocast="auto"``; the seconds per
@@ -79,18 +78,19 @@ def prepare(cache: Path) -> Path:
     return folder
 
 
-def busy(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+def busy(n: int, nice: int = 0) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=(lambda: os.nice(nice)) if nice
+                             else None) for _ in range(n)]
 
 
-def run(setting: str, n_busy: int, folder: Path, updates: int) -> dict:
+def run(setting: str, n_busy: int, folder: Path, updates: int, nice: int = 0) -> dict:
     spec = SETTINGS[setting]
     env = {k: v for k, v in os.environ.items() if k not in CLEARED}
     env.update(spec["env"])
     cmd = [sys.executable, __file__, "--worker", "--model-dir", str(folder), "--updates", str(updates)]
     if spec["torch_first"]:
         cmd.append("--torch-first")
-    hogs = busy(n_busy)
+    hogs = busy(n_busy, nice)
     try:
         time.sleep(0.5)
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -112,6 +112,7 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=10)
     p.add_argument("--busy", default="0,1,2", help="numbers of other busy processes (default: 0,1,2)")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--busy-nice", type=int, default=0, help="run the busy processes at this nice level (default 0)")
     p.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "chg_lens_bench"))
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -126,9 +127,10 @@ def main() -> None:
     for n_busy in [int(x) for x in a.busy.split(",")]:
         table[n_busy] = {}
         for s in settings:
-            table[n_busy][s] = run(s, n_busy, folder, a.updates)
+            table[n_busy][s] = run(s, n_busy, folder, a.updates, a.busy_nice)
             print(f"  {n_busy} busy, {s:16s}: {table[n_busy][s]['s_per_update']:.2f} s/update", flush=True)
-    print(f"\nseconds per update (ratio to the best setting of the condition); {a.updates} G0 updates, 2 seeds, batch 16")
+    print(f"\nseconds per update (ratio to the best setting of the condition); {a.updates} G0 updates, 2 seeds, batch 16"
+          + (f"; busy processes at nice {a.busy_nice}" if a.busy_nice else ""))
     print(f"| setting | " + " | ".join(f"{n} busy" if n else "quiet" for n in table) + " |")
     print("|---|" + "---|" * len(table))
     for s in settings:
@@ -140,7 +142,7 @@ def main() -> None:
     print(f"precision: {next(iter(next(iter(table.values())).values()))['precision']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"cpu": cpu, "flags": flags, "updates": a.updates, "table": table}, f, indent=2)
+            json.dump({"cpu": cpu, "flags": flags, "updates": a.updates, "busy_nice": a.busy_nice, "table": table}, f, indent=2)
 
 
 if __name__ == "__main__":

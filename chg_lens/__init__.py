@@ -10,12 +10,8 @@ Example::
     result.save("runs/ioi"); chg_lens.load("runs/ioi")   # the saved kind's class (CHGResult here)
 """
 
-from . import runtime
-
-runtime.prefer_passive_wait()  # before torch loads: OpenMP threads sleep, not spin, while they wait (chg_lens.runtime)
-
-from . import gates, models, pairs, results, tasks, taxonomy  # noqa: E402
-from .attribution import AttributionResult, attribute_heads  # noqa: E402
+from . import gates, models, pairs, results, tasks, taxonomy
+from .attribution import AttributionResult, attribute_heads
 from .chg import CHGConfig, CHGResult, fit_chg, validate
 from .contrastive import ContrastiveResult, evaluate_contrastive, fit_contrastive
 from .data import TaskDataset, TaskSplits

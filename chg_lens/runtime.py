@@ -1,21 +1,20 @@
-"""How chg_lens shares the CPU: the OpenMP wait policy and the number of torch threads under load.
+"""How chg_lens shares the CPU: the number of torch threads follows the load.
 
-torch's OpenMP threads spin-wait for work by default. When another process holds one of the cores,
-a spinning thread steals it and every parallel region waits for the descheduled one: measured on a
-2-core machine with one other busy process, one CHG update took 4x longer at torch's default two
-threads than at one thread (benchmarks/threads_under_load.py, benchmarks/README.md). Two rules fix it:
+torch's OpenMP threads spin-wait for work. When another process holds one of the cores, a spinning
+thread steals it and every parallel region waits for the descheduled one: on a 2-core machine with
+one other busy process, one CHG update took 3.6x longer at torch's default two threads than at one
+thread, and 9.3x with two (benchmarks/threads_under_load.py, table in benchmarks/README.md).
 
-* :func:`prefer_passive_wait` sets ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep instead of spinning)
-  when torch is not imported yet and the variable is unset; OpenMP reads it once, when torch loads.
-  The ``chg-lens`` command line does this first thing; in Python, ``import chg_lens`` before torch
-  (or set the variable yourself) to get it.
-* :class:`LoadAwareThreads` (used by every fit, once per update) looks at how much CPU other processes
-  took on this process's cores since the last look (``/proc/stat`` minus this process's own time) and
-  runs torch on the cores left free, never more than the threads torch had when the fit started;
-  the caller's thread count is restored afterwards. ``CHG_LENS_THREADS=fixed`` turns it off (the
-  thread count is then whatever torch has).
+:class:`LoadAwareThreads` (used by every fit once per update, and by the scoring engine once per
+pass: measurements, patching, attribution, sweeps) looks at how much CPU other processes took on this
+process's cores since the last look (``/proc/stat`` minus this process's own time; processes at a
+lower priority (``nice``) do not count unless this one is niced too) and runs torch on the cores left free, never more than the threads torch had at entry; the caller's thread count is
+restored afterwards. ``CHG_LENS_THREADS=fixed`` turns it off (the thread count is then whatever torch
+has). On a machine without ``/proc`` (not Linux) it does nothing.
 
-Both do nothing on a machine without ``/proc`` (not Linux).
+chg_lens does not set ``OMP_WAIT_POLICY``: ``PASSIVE`` (threads sleep at every barrier) made a quiet
+fit 1.2-1.5x slower on the same machine, and with the thread count following the load it gains
+nothing under load (measured in the same table). Set it yourself before torch loads if you want it.
 
 Example::
 
@@ -29,20 +28,10 @@ Example::
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 THREADS_ENV = "CHG_LENS_THREADS"
-"""``auto`` (default: threads follow the load during fits) or ``fixed`` (leave torch's thread count alone)."""
-
-
-def prefer_passive_wait(environ=os.environ, modules=sys.modules) -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` if torch is not imported yet and the variable is unset;
-    returns whether the policy that torch will use (or uses) is passive."""
-    if "torch" not in modules and WAIT_POLICY_ENV not in environ:
-        environ[WAIT_POLICY_ENV] = "PASSIVE"
-    return environ.get(WAIT_POLICY_ENV, "").strip().upper() == "PASSIVE"
+"""``auto`` (default: threads follow the load in fits and scoring passes) or ``fixed`` (leave torch's thread count alone)."""
 
 
 def cores() -> list[int]:
@@ -53,9 +42,10 @@ def cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def busy_seconds(cpus: list[int], path: str = "/proc/stat") -> float | None:
+def busy_seconds(cpus: list[int], path: str = "/proc/stat", *, nice: bool = True) -> float | None:
     """Seconds the CPUs ``cpus`` spent busy (not idle, not waiting for I/O) since boot, from
-    ``/proc/stat``; None where it cannot be read."""
+    ``/proc/stat``; None where it cannot be read. ``nice=False`` leaves out the time of processes
+    at a lower priority (``nice`` > 0): the scheduler gives a normal-priority thread the core first."""
     want = {f"cpu{i}" for i in cpus}
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     total = 0
@@ -66,11 +56,19 @@ def busy_seconds(cpus: list[int], path: str = "/proc/stat") -> float | None:
                 name, _, rest = line.partition(" ")
                 if name in want:
                     v = [int(x) for x in rest.split()]
-                    total += sum(v[:8]) - v[3] - v[4]  # user..steal minus idle and iowait
+                    total += sum(v[:8]) - v[3] - v[4] - (0 if nice else v[1])  # user..steal minus idle, iowait
                     found += 1
     except (OSError, ValueError):
         return None
     return total / tick if found else None
+
+
+def niced() -> bool:
+    """Whether this process runs at a lower priority than normal (its time then counts as nice)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0) > 0
+    except (AttributeError, OSError):
+        return False
 
 
 def own_seconds() -> float:
@@ -108,13 +106,14 @@ class LoadAwareThreads:
         self._torch = torch
         self.start_threads = torch.get_num_threads()
         self._cpus = cores()
+        self._nice = niced()  # a niced process competes with niced ones; a normal one only with normal ones
         self._last = self._sample()
         if self._last is None:
             self.enabled = False
         return self
 
     def _sample(self) -> tuple[float, float, float] | None:
-        busy = busy_seconds(self._cpus)
+        busy = busy_seconds(self._cpus, nice=self._nice)
         return None if busy is None else (time.monotonic(), busy, own_seconds())
 
     def others(self) -> float | None:

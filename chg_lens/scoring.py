@@ -35,7 +35,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import checks, models
+from . import checks, models, runtime
 from . import gates as gates_mod
 from .deprecation import keyword_only, renamed
 from .data import TaskDataset, first_target_position
@@ -420,7 +420,8 @@ def _score_configs(
     chunks = [torch.arange(r, min(r + rows_per, N)) for r in range(0, N, rows_per)]
     steps = sum(len(range(0, len(g), cfg_per)) for g in groups.values()) * len(chunks)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    with torch.no_grad(), ctx.cast_weights():  # the weights cast once for the whole call
+    # the weights cast once for the whole call; torch's threads follow the CPU load (chg_lens.runtime)
+    with torch.no_grad(), ctx.cast_weights(), runtime.LoadAwareThreads() as threads:
         for idx in chunks:
             tokens, mask = data.tokens[idx], data.loss_mask[idx]
             width = int(mask.any(dim=0).nonzero().max()) + 1
@@ -434,6 +435,7 @@ def _score_configs(
                     resid = models.residuals_at(model, tokens[:, :width].to(dev), reuse, base_hooks)
             for k, members in groups.items():
                 for c in range(0, len(members), cfg_per):
+                    threads.adapt()
                     which = members[c : c + cfg_per]
                     out = row_logprobs_unchecked(
                         ctx, tokens, mask, None if cfg is None else cfg[which].to(dev), src, pos,
@@ -518,8 +520,9 @@ def _gate_gradients(
     lp, ok = torch.zeros(1, N), torch.zeros(1, N, dtype=torch.bool)
     al = None if ans is None else torch.zeros(1, N, ans.shape[1])
     chunks = [torch.arange(r, min(r + batch_size, N)) for r in range(0, N, batch_size)]
-    with models.frozen(ctx.model), torch.enable_grad():
+    with models.frozen(ctx.model), torch.enable_grad(), runtime.LoadAwareThreads() as threads:
         for idx in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+            threads.adapt()
             tokens, mask = data.tokens[idx], data.loss_mask[idx]
             width = int(mask.any(dim=0).nonzero().max()) + 1
             g = torch.ones(len(idx), L, H, device=dev, requires_grad=True)
@@ -629,19 +632,26 @@ def _collect_z(ctx: Context, data: TaskDataset, *, mean: bool, batch_size: int =
     total: dict[int, Tensor] = {}
     rows: dict[int, list[Tensor]] = {}
     count = 0
-    for r in range(0, len(data), batch_size):
-        idx = torch.arange(r, min(r + batch_size, len(data)))
-        if mean:
-            width = int(data.lengths[idx].max())
-            real = (torch.arange(width)[None, :] < data.lengths[idx, None]).to(dev)
-            for l, z in models.cache_z(model, data.tokens[idx, :width].to(dev)).items():
-                # z lives on its layer's device (a split model): the mask follows it
-                total[l] = total.get(l, 0) + (z.float() * real.to(z.device)[..., None, None]).sum(dim=(0, 1))
-            count += int(real.sum())
-        else:
-            width = data.tokens.shape[1]
-            for l, z in models.cache_z(model, data.tokens[idx].to(dev)).items():
-                rows.setdefault(l, []).append(z[:, :width].cpu())
+    with runtime.LoadAwareThreads() as threads:
+        for r in range(0, len(data), batch_size):
+            threads.adapt()
+            _collect_batch(model, dev, data, torch.arange(r, min(r + batch_size, len(data))), mean, total, rows)
+            if mean:
+                count += int((data.lengths[r : r + batch_size]).sum())
     if mean:
         return {l: (t / count).cpu() for l, t in total.items()}
     return {l: torch.cat(v) for l, v in rows.items()}
+
+
+def _collect_batch(model, dev, data: TaskDataset, idx: Tensor, mean: bool, total: dict, rows: dict) -> None:
+    """Add one batch's ``z`` to the running sums over real tokens (``mean``) or to the per-row lists."""
+    if mean:
+        width = int(data.lengths[idx].max())
+        real = (torch.arange(width)[None, :] < data.lengths[idx, None]).to(dev)
+        for l, z in models.cache_z(model, data.tokens[idx, :width].to(dev)).items():
+            # z lives on its layer's device (a split model): the mask follows it
+            total[l] = total.get(l, 0) + (z.float() * real.to(z.device)[..., None, None]).sum(dim=(0, 1))
+    else:
+        width = data.tokens.shape[1]
+        for l, z in models.cache_z(model, data.tokens[idx].to(dev)).items():
+            rows.setdefault(l, []).append(z[:, :width].cpu())
