@@ -7,6 +7,7 @@ correlation (and top-10 overlap) with activation patching.
     python experiments/compare_methods.py                          # both models, 160 prompts, chg-lens fit's budget
     python experiments/compare_methods.py --write-readme           # and put the table into experiments/README.md
     python experiments/compare_methods.py --seed-counts 2,4,10     # other CHG seed counts
+    python experiments/compare_methods.py --rank-pairs 32          # the other methods rank from 32 train pairs
 
 Every method runs on the same IOI train pairs (`tasks.ioi_pairs`, ABC corruption, split as `tasks.ioi` splits
 its rows: CHG is fitted on exactly `tasks.ioi`'s train rows); the curves are scored on the held-out 20%. CHG fits
@@ -27,6 +28,7 @@ import platform
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from _common import Config, Timer, load, parse, write_frame
 
@@ -49,7 +51,12 @@ def script_args(argv):
     """This script's own options; the rest goes to ``_common.parse``."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--seed-counts", default=None, help="CHG seed counts, comma-separated (default: 2,10)")
+    p.add_argument("--model-seed-counts", action="append", default=[], metavar="MODEL=COUNTS",
+                   help="CHG seed counts for one model, e.g. gemma-3-270m=2 (repeatable; others use --seed-counts)")
     p.add_argument("--write-readme", action="store_true", help="put the table into experiments/README.md")
+    p.add_argument("--rank-pairs", type=int, default=None,
+                   help="rank heads by attribution, patching and ablation from the first N train pairs (default: all; "
+                        "CHG always fits on every train row)")
     return p.parse_known_args(argv)
 
 
@@ -76,17 +83,23 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(text).name or text)
 
 
-def compare_model(out: Path, cfg: Config, model_name: str, seed_counts: list[int], progress: bool):
-    """One model's comparison (cached in ``out/<model>``) and its rows of the table."""
+def compare_model(out: Path, cfg: Config, model_name: str, seed_counts: list[int], progress: bool,
+                  rank_pairs: int | None = None):
+    """One model's comparison (cached in ``out/<model>``) and its rows of the table; ``rank_pairs``: the
+    other methods rank heads from the first that many train pairs (None: all of them)."""
     model = load(model_name)
     clean, corrupted = chg_lens.tasks.ioi_pairs(model, n_prompts=cfg.n_prompts, seed=0)
     train, held = compare.split_pairs(clean, corrupted, 0.2, 0)
     fits = {f"chg_{s}_seeds": chg_fit(out, cfg, model_name, train.clean, held.clean, s, progress) for s in seed_counts}
+    rank = train if rank_pairs is None else compare.Pairs(*(d.subset(torch.arange(min(rank_pairs, len(d))))
+                                                           for d in (train.clean, train.corrupted)))
     key = {"n_prompts": cfg.n_prompts, "seed_counts": seed_counts, "n_random": cfg.extra["n_random"],
            "fits": {name: fit.identity() for name, fit in fits.items()}}
+    if rank_pairs is not None:
+        key["rank_pairs"] = len(rank.clean)
 
     def run(folder: Path):
-        cmp = compare.compare_methods(model, train.clean, corrupted=train.corrupted, validation=held.clean,
+        cmp = compare.compare_methods(model, rank.clean, corrupted=rank.corrupted, validation=held.clean,
                                       chg=fits, n_random=cfg.extra["n_random"], progress=progress)
         cmp.meta["model"] = model_name
         return cmp
@@ -154,13 +167,21 @@ def main(argv=None) -> None:
     args, cfg, out = parse("compare_methods", __doc__, SMOKE, FULL, rest)
     seed_counts = ([int(s) for s in own.seed_counts.split(",")] if own.seed_counts
                    else list(cfg.extra["seed_counts"]))
+    per_model = {}
+    for spec in own.model_seed_counts:
+        name, sep, counts = spec.partition("=")
+        if not sep or not counts:
+            raise SystemExit(f"--model-seed-counts wants MODEL=COUNTS (e.g. gemma-3-270m=2); got {spec!r}")
+        per_model[name] = [int(c) for c in counts.split(",")]
     timer = Timer(out)
     tables = []
     for model_name in cfg.models:
         if model_name == models.GEMMA3_ALIAS and models.TL_MAJOR < 4:
             print(f"{model_name}: skipped, it needs TransformerLens 4 (this is {models.TL_VERSION})")
             continue
-        _, table = compare_model(out, cfg, model_name, seed_counts, progress=not args.no_progress)
+        _, table = compare_model(out, cfg, model_name, per_model.get(model_name, seed_counts),
+                                 progress=not args.no_progress,
+                                 rank_pairs=own.rank_pairs)
         tables.append(table)
         print(table.to_string(index=False))
     table = pd.concat(tables, ignore_index=True)
