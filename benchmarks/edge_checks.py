@@ -90,6 +90,15 @@ def tiny_pair(n_rows: int = 12, width: int = 6, seed: int = 0) -> tuple[TaskData
 
 
 # ----------------------------------------------------------------------------- (a) counts
+def holders(owner, name: str) -> list:
+    """``owner`` and, for a package such as ``chg_lens.models``, each of its modules that binds the same
+    object under ``name``: a call inside the package looks the name up in its own module."""
+    original = owner.__dict__[name]
+    prefix = getattr(owner, "__name__", "") + "."
+    return [owner] + [m for m in list(sys.modules.values()) if m is not owner and m is not None
+                      and getattr(m, "__name__", "").startswith(prefix) and m.__dict__.get(name) is original]
+
+
 @contextlib.contextmanager
 def counting():
     """Wrap the validating functions with counters; yields the Counter."""
@@ -105,8 +114,9 @@ def counting():
             counts[_label] += 1
             return _original(*args, **kwargs)
 
-        saved.append((owner, name, original))
-        setattr(owner, name, wrapper)
+        for holder in holders(owner, name):
+            saved.append((holder, name, original))
+            setattr(holder, name, wrapper)
     try:
         yield counts
     finally:

@@ -319,6 +319,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the error")
     monkeypatch.setattr(chg_lens, "load_model", refuse)
     monkeypatch.setattr(chg_lens.models, "load_model", refuse)
+    monkeypatch.setattr(chg_lens.models.loading, "load_model", refuse)  # what as_model(name) calls
 
 
 def run_cli(args, capsys):
@@ -533,9 +534,13 @@ def test_load_model_never_trusts_remote_code(model_folder, monkeypatch):
     with pytest.raises(Stop):
         chg_lens.load_model(str(model_folder))
     assert seen and seen[0]["trust_remote_code"] is False
+    import importlib
     import inspect
+    import pkgutil
 
-    src = inspect.getsource(chg_lens.models)
+    src = "".join(inspect.getsource(importlib.import_module(f"chg_lens.models.{m.name}"))
+                  for m in pkgutil.iter_modules(chg_lens.models.__path__))
+    assert ".from_pretrained(" in src
     assert src.count(".from_pretrained(") == src.count("trust_remote_code=False") + src.count('"trust_remote_code": False')
 
 

@@ -153,7 +153,7 @@ def test_models_chg_lens_cannot_drive_are_refused_by_class_name():
 
 def test_a_model_without_hook_z_is_refused_before_any_work(tiny_model, monkeypatch):
     names = [n for n in tiny_model.hook_dict if not n.endswith("attn.hook_z")]
-    monkeypatch.setattr(models, "_hook_names", lambda model: names)
+    monkeypatch.setattr(models.compat, "_hook_names", lambda model: names)
     with pytest.raises(TypeError, match=f"{type(tiny_model).__name__}.*hook_z"):
         chg_lens.evaluate(tiny_model, _data())
 

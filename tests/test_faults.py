@@ -383,6 +383,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the error")
     monkeypatch.setattr(chg_lens, "load_model", refuse)
     monkeypatch.setattr(chg_lens.models, "load_model", refuse)
+    monkeypatch.setattr(chg_lens.models.loading, "load_model", refuse)  # what as_model(name) calls
 
 
 def run_cli(args, capsys):

@@ -70,3 +70,39 @@ def test_frozen_restores_flags(tiny_model):
         assert not any(p.requires_grad for p in tiny_model.parameters())
     flags = {p.requires_grad for p in tiny_model.parameters()}
     assert flags  # restored to whatever they were
+
+
+# Every name `chg_lens.models` had as one module (issue 27 item 4 made it a package), by the module that now holds it.
+MODULE_OF = {
+    "compat": ["TL_MAJOR", "TL_VERSION", "Hook", "HookedTransformer", "TransformerBridge", "get_act_name", "is_tl_model",
+               "is_bridge", "n_layers", "n_heads", "d_head", "n_ctx", "tokenizer", "device", "model_name", "z_hook_name",
+               "pattern_hook_name", "resid_post_hook_name", "resid_pre_hook_name", "W_O", "frozen", "check_model",
+               "_hook_names"],
+    "precision": ["AUTOCAST_MODES", "AUTOCAST_ENV", "BF16_MIN_SPEEDUP", "cpu_flags", "_torch_cpu_bf16", "cpu_native_bf16",
+                  "_matmul_seconds", "_bf16_speedup", "cpu_bf16_speedup", "cpu_bf16_pays", "cuda_native_bf16",
+                  "weight_dtype", "auto_precision", "resolve_autocast", "describe_precision", "precision_meta",
+                  "autocast", "cast_weights_once"],
+    "runners": ["run_until", "run_with_hooks", "final_residual", "residual_at", "residuals_at", "cache_z", "final_norm",
+                "output_transform", "unembed", "_READOUT", "readout_is_exact", "logits_at", "run_until_layer"],
+    "loading": ["SMOLLM2_ALIAS", "SMOLLM2_GGUF", "GEMMA3_ALIAS", "_GEMMA3_PACKAGE", "_GEMMA3_INSTALL", "OFFLINE_ALIASES",
+                "FINGERPRINT_SAMPLE", "weights_fingerprint", "smollm2_gguf_path", "gemma3_gguf_path", "load_model",
+                "placement", "_load_hf", "as_model", "check_hf_model"],
+}
+
+
+def test_every_name_of_the_old_module_is_the_object_of_one_package_module():
+    import importlib
+
+    names = [n for ns in MODULE_OF.values() for n in ns]
+    assert len(names) == len(set(names)) == 69
+    for sub, ns in MODULE_OF.items():
+        module = importlib.import_module(f"chg_lens.models.{sub}")
+        for name in ns:
+            obj = getattr(module, name)
+            assert getattr(models, name) is obj, (sub, name)
+            if str(getattr(obj, "__module__", "")).startswith("chg_lens"):  # defined here, not imported
+                assert obj.__module__ == f"chg_lens.models.{sub}", (sub, name)
+    assert set(models.__all__) == {n for n in names if not n.startswith("_")}
+    # module-level state exists once: the readout cache and the precision announcements
+    assert models._READOUT is models.runners._READOUT and not hasattr(models, "_announced")
+    assert [m for m in MODULE_OF if hasattr(importlib.import_module(f"chg_lens.models.{m}"), "_announced")] == ["precision"]

@@ -82,7 +82,7 @@ def test_without_the_output_transform_gemma2_is_caught_and_scored_by_its_full_fo
         pytest.skip(f"gemma2 does not run on TransformerLens {LINE}")
     from conftest import word_tokenizer
 
-    monkeypatch.setattr(models, "output_transform", lambda model, logits: logits)
+    monkeypatch.setattr(models.runners, "output_transform", lambda model, logits: logits)
     hf = pm.hf_model("gemma2")
     toks = pm.tokens()
     ref = pm.hf_logprobs(hf, toks)

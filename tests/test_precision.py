@@ -37,9 +37,9 @@ def _batch(model, rows=4, pos=7, seed=0):
 
 def _cpu(monkeypatch, flags=(), torch_check=False, speedup=2.0):
     """A CPU with these flags whose bf16 matrix products run ``speedup`` times float32's speed."""
-    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(models, "_torch_cpu_bf16", lambda: torch_check)
-    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(models.precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(models.precision, "_torch_cpu_bf16", lambda: torch_check)
+    monkeypatch.setattr(models.precision, "cpu_bf16_speedup", lambda: speedup)
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -56,7 +56,7 @@ def test_auto_on_a_native_bf16_cpu_takes_bf16_only_where_it_measured_faster(tiny
 def test_the_bf16_probe_measures_once_per_thread_count(monkeypatch):
     calls = []
     real = models._matmul_seconds
-    monkeypatch.setattr(models, "_matmul_seconds", lambda dtype, **kw: calls.append(dtype) or real(dtype, reps=1))
+    monkeypatch.setattr(models.precision, "_matmul_seconds", lambda dtype, **kw: calls.append(dtype) or real(dtype, reps=1))
     models._bf16_speedup.cache_clear()
     try:
         first = models.cpu_bf16_speedup()
@@ -68,7 +68,7 @@ def test_the_bf16_probe_measures_once_per_thread_count(monkeypatch):
 
 def test_an_emulated_bf16_cpu_is_never_measured(tiny_model, monkeypatch):
     _cpu(monkeypatch, ("avx2", "avx512f"))
-    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: pytest.fail("measured bf16 without native bf16"))
+    monkeypatch.setattr(models.precision, "cpu_bf16_speedup", lambda: pytest.fail("measured bf16 without native bf16"))
     assert models.resolve_autocast(tiny_model) is None and not models.cpu_bf16_pays()
 
 
@@ -93,7 +93,7 @@ def test_auto_on_cpu_follows_native_bf16(tiny_model, monkeypatch, flags, torch_c
 @pytest.mark.parametrize("capability, want", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), None)])
 def test_auto_on_cuda_follows_compute_capability(tiny_model, monkeypatch, capability, want):
     _cpu(monkeypatch)  # the CPU's answer must not leak into a CUDA model's
-    monkeypatch.setattr(models, "device", lambda model: torch.device("cuda:0"))
+    monkeypatch.setattr(models.precision, "device", lambda model: torch.device("cuda:0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability)
     assert models.resolve_autocast(tiny_model, "auto") == want
@@ -102,11 +102,11 @@ def test_auto_on_cuda_follows_compute_capability(tiny_model, monkeypatch, capabi
 @hardware
 def test_auto_is_off_for_low_precision_weights_and_other_devices(tiny_model, monkeypatch):
     _cpu(monkeypatch, ("avx512_bf16",))
-    monkeypatch.setattr(models, "weight_dtype", lambda model: torch.bfloat16)
+    monkeypatch.setattr(models.precision, "weight_dtype", lambda model: torch.bfloat16)
     assert models.resolve_autocast(tiny_model, "auto") is None
     assert "bfloat16 weights" in models.describe_precision(tiny_model, "auto")
     monkeypatch.undo()
-    monkeypatch.setattr(models, "device", lambda model: torch.device("mps"))
+    monkeypatch.setattr(models.precision, "device", lambda model: torch.device("mps"))
     assert models.resolve_autocast(tiny_model, "auto") is None
 
 

@@ -56,6 +56,37 @@ def completions(root: Path) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------ config
+SWEEP_MODULE_OF = {  # every name `chg_lens.sweep` had as one module (issue 27 item 4), by the module that holds it now
+    "config": ["EXECUTORS", "ModelEntry", "TaskEntry", "Cell", "SweepConfig", "load_config", "_make_executor"],
+    "checks": ["check_config", "_model_problem"],
+    "cells": ["DONE", "EVENTS", "ERROR", "LOCK", "cell_dir", "run_cells", "result_problem", "run_cell", "_checkpoint_step",
+              "read_events"],
+    "index": ["STATUSES", "_pid_alive", "status"],
+    "launch": ["run_sweep"],
+    "collection": ["collect", "group_columns", "table2", "aggregate"],
+}
+
+
+def test_the_job_function_is_submitted_by_its_module_path_and_every_name_stays_importable():
+    """submitit pickles the job function by reference (cloudpickle): it must name the module it lives in."""
+    import importlib
+
+    import cloudpickle
+
+    blob = cloudpickle.dumps(sweep.run_cells)
+    assert sweep.run_cells.__module__ == "chg_lens.sweep.cells" and b"chg_lens.sweep.cells" in blob
+    assert cloudpickle.loads(blob) is sweep.run_cells
+    for sub, names in SWEEP_MODULE_OF.items():
+        module = importlib.import_module(f"chg_lens.sweep.{sub}")
+        for name in names:
+            if not name.startswith("_") or name in ("_checkpoint_step", "_pid_alive"):
+                assert getattr(sweep, name) is getattr(module, name), (sub, name)
+            obj = getattr(module, name)
+            if str(getattr(obj, "__module__", "")).startswith("chg_lens"):
+                assert obj.__module__ == f"chg_lens.sweep.{sub}", (sub, name)
+    assert callable(sweep.collect) and sweep.collect.__module__ == "chg_lens.sweep.collection"
+
+
 def test_config_files_parse_the_same_and_expand_the_grid(tmp_path):
     (tmp_path / "s.yaml").write_text(
         "out: runs/x\nmodels: [smollm2-135m-instruct]\ntasks: [ioi, {name: short, task: ioi, options: {n_prompts: 8}}]\n"
