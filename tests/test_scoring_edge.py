@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -39,6 +40,15 @@ def _label(owner, name: str) -> str:
     return f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"   # models.as_model, TaskDataset.check_model, ...
 
 
+def _holders(owner, name: str) -> list:
+    """``owner`` and, for a package (``chg_lens.models``), each of its modules that binds the same object:
+    a call inside the package looks the name up in its own module, so the counter goes there too."""
+    original = owner.__dict__[name]
+    prefix = getattr(owner, "__name__", "") + "."
+    return [owner] + [m for m in list(sys.modules.values()) if m is not owner and m is not None
+                      and getattr(m, "__name__", "").startswith(prefix) and m.__dict__.get(name) is original]
+
+
 def _counts(monkeypatch, call) -> dict[str, int]:
     counts: collections.Counter = collections.Counter()
     with monkeypatch.context() as mp:
@@ -50,7 +60,8 @@ def _counts(monkeypatch, call) -> dict[str, int]:
                 counts[_label] += 1
                 return _original(*args, **kwargs)
 
-            mp.setattr(owner, name, wrapper)
+            for holder in _holders(owner, name):
+                mp.setattr(holder, name, wrapper)
         call()
     return {_label(o, n): counts[_label(o, n)] for o, n in COUNTED}
 
