@@ -434,7 +434,7 @@ def fit_chg(model: Any, data: TaskDataset, config: CHGConfig, run: CHGRunOptions
     at a rate above ``lr_end``. The default (``False``) runs the paper's full schedule.
 
     The options are declared once, in :class:`CHGConfig` (the fit) and :class:`CHGRunOptions` (how it
-    runs); the list below is generated from them.
+    runs); the "Options" list below (in ``help()``) is generated from them.
 
     Example::
 

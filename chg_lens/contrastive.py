@@ -412,7 +412,7 @@ def fit_contrastive(model: Any, retain: TaskDataset, forget: TaskDataset, config
     :func:`chg_lens.chg.fit_chg` (default ``"auto"``: bf16 where the hardware has it natively).
 
     The options are declared once, in :class:`ContrastiveConfig` (the fit) and
-    :class:`ContrastiveRunOptions` (how it runs); the list below is generated from them.
+    :class:`ContrastiveRunOptions` (how it runs); the "Options" list below (in ``help()``) is generated from them.
 
     Example::
 
