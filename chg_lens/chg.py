@@ -12,12 +12,10 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -29,12 +27,12 @@ from . import checks, deprecation, models, scoring, taxonomy
 from . import diagnostics as diag
 from .data import TaskDataset
 from .deprecation import keyword_only
-from .fitting import (Checkpointer, DataLoss, SettleRule, Stage, StageResult, StageSpec, check_configs_per_pass,
-                      clipped_logit_mean, run_stages, uniform_gate_logits)
+from .fitting import (DataLoss, FitPlan, RunOptions, SettleRule, Stage, StageResult, StageSpec, clipped_logit_mean,
+                      run_fit, uniform_gate_logits)
+from .options import OptionSet, check_options, option, takes_options
 from .scoring import evaluate
-from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
-                      library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
-                      unpack_stages)
+from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json, pack_stages,
+                      require, require_fields, snapshots_frame, traces_frame, unpack_stages)
 
 STAGES = ("g0", "g_plus", "g_minus")
 
@@ -77,25 +75,30 @@ class StageGates(Mapping):
 
 
 @dataclass
-class CHGConfig:
-    """Every fitting option, with the paper's appendix defaults."""
+class CHGConfig(OptionSet):
+    """Every fitting option of :func:`fit_chg`, declared once (type, default, one-line help), with the
+    paper's appendix defaults: what makes two fits the same fit (a result's ``config``, the
+    checkpoint key). ``check()`` is the validation ``fit_chg``, :func:`check_fit_options`, sweeps,
+    the command line and a loaded result all run."""
 
-    n_seeds: int = 10
-    updates: int = 500
-    reg_updates: int = 500
-    batch_size: int = 64
-    lam: float = 0.1
-    seed: int = 0
-    lr: float = 0.1
-    lr_end: float = 0.01
-    reg_lr: float = 0.5
-    reg_lr_end: float = 0.1
-    clip: float = 4.0
-    grad_accum: int = 1
-    joint: bool = True
-    snapshot_every: int = 10
-    stop_when_settled: bool = False
-    settle_thresholds: dict | None = None  # the diagnostics thresholds stop_when_settled used (None: defaults)
+    n_seeds: int = option(10, "gate masks fitted at once, each from its own U(0, 1) start; they share every pass")
+    updates: int = option(500, "Adam updates of G0 (lambda = 0); the maximum with stop_when_settled")
+    reg_updates: int = option(500, "Adam updates of G+ and of G-; the maximum with stop_when_settled")
+    batch_size: int = option(64, "rows per update")
+    lam: float = option(0.1, "lambda >= 0: the weight of the clipped mean logit, pushing G+ toward 1 and G- toward 0")
+    seed: int = option(0, "seed of the initial gates and of the batches")
+    lr: float = option(0.1, "G0's learning rate at the start (linear decay to lr_end)")
+    lr_end: float = option(0.01, "G0's learning rate at the last update")
+    reg_lr: float = option(0.5, "G+/G-'s learning rate at the start (linear decay to reg_lr_end)")
+    reg_lr_end: float = option(0.1, "G+/G-'s learning rate at the last update")
+    clip: float = option(4.0, "logits are clamped to [-clip, clip] in the regulariser")
+    grad_accum: int = option(1, "micro-batches per update (the same gradient, less memory)")
+    joint: bool = option(True, "fit G+ and G- in the same passes (the same batches either way)")
+    snapshot_every: int = option(10, "updates between two gate snapshots (trajectories, diagnostics)")
+    stop_when_settled: bool | diag.Thresholds = option(
+        False, "end a stage once it settled (True, or a diagnostics.Thresholds to settle by); False: the full schedule")
+    settle_thresholds: dict | None = option(
+        None, "the diagnostics thresholds stop_when_settled used (None: the defaults)", parameter=False)
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad option (see :mod:`chg_lens.checks`)."""
@@ -115,46 +118,53 @@ class CHGConfig:
             checks.finite_float(name, getattr(self, name), min=0)
         if not isinstance(self.joint, bool):
             raise ValueError(f"joint must be true or false; got {self.joint!r}")
+        s = self.stop_when_settled
+        if not isinstance(s, bool):
+            if not isinstance(s, diag.Thresholds):
+                raise TypeError(f"stop_when_settled must be True, False or a diagnostics.Thresholds; got {s!r}")
+            s.check()
+
+    def resolved(self) -> "CHGConfig":
+        """Canonical values; a ``Thresholds`` given as ``stop_when_settled`` becomes
+        ``stop_when_settled=True`` and its values in ``settle_thresholds`` (the config stays JSON)."""
+        out = super().resolved()
+        if isinstance(self.stop_when_settled, diag.Thresholds):
+            out = replace(out, stop_when_settled=True, settle_thresholds=asdict(self.stop_when_settled))
+        return out
+
+
+@dataclass
+class CHGRunOptions(RunOptions):
+    """The run options of :func:`fit_chg` (not part of the fit's identity): those of every fit
+    (:class:`chg_lens.fitting.RunOptions`), the validation data and the task's name."""
+
+    validation: TaskDataset | None = option(
+        None, "held-out rows: the ungated model, G0, G+ and G- of every seed are scored on them (float32)")
+    task: str | None = option(None, "the task's name in the result (default: the data's name)")
+
+    def check(self) -> None:
+        super().check()
+        if self.validation is not None and not isinstance(self.validation, TaskDataset):
+            raise TypeError(f"validation must be a TaskDataset or None; got {type(self.validation).__name__} "
+                            "(a task returns (train, validation): pass the second)")
+        if self.task is not None and not isinstance(self.task, str):
+            raise ValueError(f"task must be a name (text) or None; got {self.task!r}")
+
+
+FIT_OPTIONS = (CHGConfig, CHGRunOptions)
+"""The option sets of :func:`fit_chg`: its keyword-only options are their fields."""
 
 
 def check_fit_options(**options: Any) -> None:
     """Check every :func:`fit_chg` option given (a ValueError naming the first bad one), without a
-    model or data: what ``fit_chg`` itself checks first, and what a sweep checks before submitting.
+    model or data: what ``fit_chg`` itself checks first (``CHGConfig.check``,
+    ``CHGRunOptions.check``), and what a sweep checks before submitting.
 
     Example::
 
         check_fit_options(n_seeds=4, lam=0.1, checkpoint_every=25)
     """
-    import dataclasses
-
-    params = inspect.signature(fit_chg).parameters
-    unknown = sorted(set(options) - set(params) - {"model", "data"})
-    if unknown:
-        raise ValueError(f"fit_chg does not take {unknown}")
-    fields = {f.name for f in dataclasses.fields(CHGConfig)}
-    CHGConfig(**{k: v for k, v in options.items() if k in fields}).check()
-    if "checkpoint_every" in options:
-        checks.positive_int("checkpoint_every", options["checkpoint_every"])
-    check_configs_per_pass(options.get("configs_per_pass"))
-    if options.get("autocast") is not None:
-        _check_autocast(options["autocast"])
-    if options.get("checkpoint_dir") is not None:
-        checks.output_dir(options["checkpoint_dir"], "checkpoint_dir")
-    for name in ("progress",):
-        if name in options and not isinstance(options[name], bool):
-            raise ValueError(f"{name} must be true or false; got {options[name]!r}")
-
-
-def _check_autocast(mode: Any) -> None:
-    """The values :func:`chg_lens.models.resolve_autocast` accepts (checked without a model)."""
-    if isinstance(mode, str) and mode in models.AUTOCAST_MODES:
-        return
-    try:
-        dtype = checks.dtype(mode)
-    except (ValueError, TypeError):
-        dtype = None
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"autocast must be one of {models.AUTOCAST_MODES} or None; got {mode!r}")
+    check_options(FIT_OPTIONS, options, "fit_chg", ignore=("model", "data"))
 
 
 @dataclass
@@ -388,33 +398,8 @@ def nll_loss(model: Any, data: TaskDataset, autocast: str | None = "auto") -> Da
 
 
 @keyword_only("n_seeds", "updates", "reg_updates", "batch_size", "lam", "seed")
-def fit_chg(
-    model: Any,
-    data: TaskDataset,
-    *,
-    n_seeds: int = 10,
-    updates: int = 500,
-    reg_updates: int = 500,
-    batch_size: int = 64,
-    lam: float = 0.1,
-    seed: int = 0,
-    validation: TaskDataset | None = None,
-    lr: float = 0.1,
-    lr_end: float = 0.01,
-    reg_lr: float = 0.5,
-    reg_lr_end: float = 0.1,
-    clip: float = 4.0,
-    grad_accum: int = 1,
-    joint: bool = True,
-    snapshot_every: int = 10,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
-    task: str | None = None,
-    progress: bool = True,
-    autocast: str | None = "auto",
-    configs_per_pass: int | None = None,
-    stop_when_settled: bool | diag.Thresholds = False,
-) -> CHGResult:
+@takes_options(*FIT_OPTIONS)
+def fit_chg(model: Any, data: TaskDataset, config: CHGConfig, run: CHGRunOptions) -> CHGResult:
     """Fit Causal Head Gating: G0 (lambda = 0), then G+ and G- from G0's logits.
 
     Gates are ``sigmoid(logits)``, logits initialised from U(0, 1) gates drawn from ``seed``. G0 runs
@@ -448,95 +433,63 @@ def fit_chg(
     linear decay (from ``lr`` toward ``lr_end`` over ``updates``), so a stage that stops early stops
     at a rate above ``lr_end``. The default (``False``) runs the paper's full schedule.
 
+    The options are declared once, in :class:`CHGConfig` (the fit) and :class:`CHGRunOptions` (how it
+    runs); the "Options" list below (in ``help()``) is generated from them.
+
     Example::
 
         result = fit_chg(model, train, n_seeds=10, validation=val)
         result.g_plus.shape       # [10, n_layers, n_heads]
         result.converged, result.diagnostics()
     """
-    settle_th = None
-    if stop_when_settled is not False and stop_when_settled is not True:
-        if not isinstance(stop_when_settled, diag.Thresholds):
-            raise TypeError(f"stop_when_settled must be True, False or a diagnostics.Thresholds; got {stop_when_settled!r}")
-        stop_when_settled.check()
-        settle_th = stop_when_settled
-    cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, lr, lr_end, reg_lr,
-                    reg_lr_end, clip, grad_accum, joint, snapshot_every)
-    check_fit_options(**{k: v for k, v in asdict(cfg).items() if k != "settle_thresholds"},
-                      checkpoint_every=checkpoint_every, configs_per_pass=configs_per_pass,
-                      autocast=autocast, checkpoint_dir=checkpoint_dir)
-    n_seeds, updates, reg_updates, batch_size = int(n_seeds), int(updates), int(reg_updates), int(batch_size)
-    grad_accum, snapshot_every, seed = int(grad_accum), int(snapshot_every), int(seed)
-    lam, clip = float(lam), float(clip)
-    cfg = CHGConfig(n_seeds, updates, reg_updates, batch_size, lam, seed, float(lr), float(lr_end), float(reg_lr),
-                    float(reg_lr_end), clip, grad_accum, joint, snapshot_every, bool(stop_when_settled),
-                    None if settle_th is None else asdict(settle_th))
-    model = models.as_model(model)
     if not isinstance(data, TaskDataset):
         raise TypeError(f"data must be a TaskDataset; got {type(data).__name__} (a task returns (train, validation))")
-    data.check_model(model)
-    if validation is not None:
-        validation.check_model(model)
-    autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
-    L, H = models.n_layers(model), models.n_heads(model)
-    S = n_seeds
+    S, lam, clip = config.n_seeds, config.lam, config.clip
+    th = diag.Thresholds.of(config.settle_thresholds)
 
-    data_loss = nll_loss(model, data, autocast)
+    def plan(model: Any, autocast: str | None, L: int, H: int) -> FitPlan:
+        def reg(sign: Tensor):
+            def regularizer(logits: Tensor):
+                r = clipped_logit_mean(logits, clip)
+                return sign.to(r.device) * lam * r, {"reg": r}
+            return regularizer
 
-    def reg(sign: Tensor):
-        def regularizer(logits: Tensor):
-            r = clipped_logit_mean(logits, clip)
-            return sign.to(r.device) * lam * r, {"reg": r}
-        return regularizer
+        w0 = diag.window_length(config.updates, th.window, th.min_window)
+        wr = diag.window_length(config.reg_updates, th.window, th.min_window)
+        rule = lambda w: SettleRule(w, th, "nll") if config.stop_when_settled else None
+        plus, minus = -torch.ones(S), torch.ones(S)
+        g0 = Stage("g0", config.updates, config.lr, config.lr_end)
+        specs = [StageSpec(g0, lambda done: uniform_gate_logits((S, L, H), config.seed), window=w0, settle=rule(w0))]
+        reg_stage = lambda name: Stage(name, config.reg_updates, config.reg_lr, config.reg_lr_end, batch_key="reg")
+        if config.joint:
+            specs.append(StageSpec(reg_stage("g_pm"), lambda done: done["g0"].logits.repeat(2, 1, 1),
+                                   reg(torch.cat([plus, minus])), window=wr, settle=rule(wr)))
+        else:
+            for name, sign in (("g_plus", plus), ("g_minus", minus)):
+                specs.append(StageSpec(reg_stage(name), lambda done: done["g0"].logits, reg(sign), window=wr,
+                                       settle=rule(wr)))
+        return FitPlan(specs, nll_loss(model, data, autocast), len(data), {"data": data.fingerprint()})
 
-    th = settle_th or diag.DEFAULT
-    w0, wr = diag.window_length(updates, th.window, th.min_window), diag.window_length(reg_updates, th.window, th.min_window)
-    rule = lambda w: SettleRule(w, th, "nll") if stop_when_settled else None
-    plus, minus = -torch.ones(S), torch.ones(S)
-    g0 = Stage("g0", updates, lr, lr_end)
-    specs = [StageSpec(g0, lambda done: uniform_gate_logits((S, L, H), seed), window=w0, settle=rule(w0))]
-    if joint:
-        specs.append(StageSpec(Stage("g_pm", reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
-                               lambda done: done["g0"].logits.repeat(2, 1, 1), reg(torch.cat([plus, minus])),
-                               window=wr, settle=rule(wr)))
-    else:
-        for name, sign in (("g_plus", plus), ("g_minus", minus)):
-            specs.append(StageSpec(Stage(name, reg_updates, reg_lr, reg_lr_end, batch_key="reg"),
-                                   lambda done: done["g0"].logits, reg(sign), window=wr, settle=rule(wr)))
-    weights = models.weights_fingerprint(model)  # before any cast: the model's own weights
-    ckpt = None
-    if checkpoint_dir is not None:
-        key = {"config": asdict(cfg), "data": data.fingerprint(), "model": models.model_name(model), "shape": [L, H],
-               "weights": weights}
-        if autocast is not None:
-            key["autocast"] = str(autocast)
-        ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
+    def result(done: dict[str, StageResult], meta: dict[str, Any]) -> CHGResult:
+        stages = _split_joint(done, S) if config.joint else done
+        meta.update(task=run.task or data.name, n_train=len(data), data_fingerprint=data.fingerprint(),
+                    seconds={k: v.seconds for k, v in stages.items()},
+                    updates_taken={k: v.updates for k, v in stages.items()})
+        return CHGResult(
+            logits={k: stages[k].logits for k in STAGES},
+            traces={k: stages[k].traces for k in STAGES},
+            snapshots={k: stages[k].snapshots for k in STAGES},
+            snapshot_steps={k: stages[k].snapshot_steps for k in STAGES},
+            config=asdict(config), meta=meta,
+        )
 
-    with models.frozen(model), models.cast_weights_once(model, autocast):
-        done = run_stages(specs, data_loss, len(data), batch_size, seed, grad_accum, snapshot_every, ckpt, progress,
-                          configs_per_pass=configs_per_pass)
-
-    stages = _split_joint(done, S) if joint else done
-    meta = {
-        "model": models.model_name(model), "task": task or data.name, "n_layers": L, "n_heads": H,
-        "n_train": len(data), "data_fingerprint": data.fingerprint(), "weights": weights, "versions": library_versions(),
-        "tl_major": models.TL_MAJOR, "seconds": {k: v.seconds for k, v in stages.items()},
-        **models.precision_meta(model, autocast), "configs_per_pass": configs_per_pass,
-        "updates_taken": {k: v.updates for k, v in stages.items()},
-    }
-    result = CHGResult(
-        logits={k: stages[k].logits for k in STAGES},
-        traces={k: stages[k].traces for k in STAGES},
-        snapshots={k: stages[k].snapshots for k in STAGES},
-        snapshot_steps={k: stages[k].snapshot_steps for k in STAGES},
-        config=asdict(cfg), meta=meta,
-    )
-    if validation is not None:
-        result.validation = validate(model, validation, result)
-        result.meta["n_validation"] = len(validation)
+    def validated(model: Any, result: CHGResult) -> None:
+        result.validation = validate(model, run.validation, result)
+        result.meta["n_validation"] = len(run.validation)
         result.meta["validation_precision"] = "float32"
-    diag.warn_if_not_converged(result.convergence_warning())
-    return result
+
+    datasets = [data] + ([run.validation] if run.validation is not None else [])
+    return run_fit(model, config, run, datasets, plan, result, validated if run.validation is not None else None)
 
 
 @keyword_only("batch_size", "autocast")

@@ -21,7 +21,7 @@ from these pieces in ``experiments/_figure5.py`` (``python experiments/figure5_c
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,32 +35,34 @@ from . import diagnostics as diag
 from .chg import CHGResult
 from .data import TaskDataset
 from .deprecation import keyword_only, renamed
-from .fitting import (Checkpointer, Stage, StageSpec, check_configs_per_pass, clipped_logit_mean, run_stages,
+from .fitting import (FitPlan, RunOptions, Stage, StageResult, StageSpec, clipped_logit_mean, run_fit,
                       uniform_gate_logits)
+from .options import OptionSet, option, takes_options
 from .scoring import Context, context, evaluate, row_logprobs_unchecked
-from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json,
-                      library_versions, pack_stages, require, require_fields, snapshots_frame, traces_frame,
-                      unpack_stages)
+from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json, pack_stages,
+                      require, require_fields, snapshots_frame, traces_frame, unpack_stages)
 from .stats import t_interval, wilson_interval
 
 STAGE = "contrast"
 
 
 @dataclass
-class ContrastiveConfig:
-    """Every fitting option, with the paper's appendix defaults (section 6.2)."""
+class ContrastiveConfig(OptionSet):
+    """Every fitting option of :func:`fit_contrastive`, declared once (type, default, one-line help),
+    with the paper's appendix defaults (section 6.2): what makes two fits the same fit."""
 
-    n_seeds: int = 1
-    updates: int = 500
-    batch_size: int = 64
-    lam: float = 0.1
-    max_diff: float = 5.0
-    lr: float = 0.1
-    lr_end: float = 0.01
-    clip: float = 4.0
-    seed: int = 0
-    grad_accum: int = 1
-    snapshot_every: int = 10
+    n_seeds: int = option(1, "gate masks fitted at once, each from its own U(0, 1) start; they share every pass")
+    updates: int = option(500, "Adam updates")
+    batch_size: int = option(64, "matched row pairs per update")
+    lam: float = option(0.1, "lambda >= 0: the weight of the clipped mean logit, pulling every gate toward 1")
+    max_diff: float = option(5.0, "the forget term stops pushing once the forget log-prob is this far (nats) below "
+                                  "the retain log-prob")
+    lr: float = option(0.1, "learning rate at the start (linear decay to lr_end)")
+    lr_end: float = option(0.01, "learning rate at the last update")
+    clip: float = option(4.0, "logits are clamped to [-clip, clip] in the regulariser")
+    seed: int = option(0, "seed of the initial gates and of the batches")
+    grad_accum: int = option(1, "micro-batches per update (the same gradient, less memory)")
+    snapshot_every: int = option(10, "updates between two gate snapshots (trajectories, diagnostics)")
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad option; ``lam`` follows CHG's rule (finite, >= 0:
@@ -75,6 +77,36 @@ class ContrastiveConfig:
         for name in ("max_diff", "clip", "lr"):
             checks.finite_float(name, getattr(self, name), min=0, min_open=True)
         checks.finite_float("lr_end", self.lr_end, min=0)
+
+
+@dataclass
+class ContrastiveRunOptions(RunOptions):
+    """The run options of :func:`fit_contrastive` (not part of the fit's identity): those of every
+    fit (:class:`chg_lens.fitting.RunOptions`), how the rows share a pass, the pairing check and the
+    validation pair."""
+
+    one_pass: bool | None = option(
+        None, "retain and forget rows in one forward pass (None: when their widths are close, padding <= 25%)")
+    check_pairs: bool = option(True, "check that row i of retain and forget is the same problem (check_matched)")
+    validation: tuple[TaskDataset, TaskDataset] | None = option(
+        None, "(retain_eval, forget_eval), matched: evaluate_contrastive on them is attached (float32)")
+
+    def check(self) -> None:
+        super().check()
+        if self.one_pass is not None and not isinstance(self.one_pass, bool):
+            raise ValueError(f"one_pass must be true, false or None (decide by the rows' widths); got {self.one_pass!r}")
+        if not isinstance(self.check_pairs, bool):
+            raise ValueError(f"check_pairs must be true or false; got {self.check_pairs!r}")
+        if self.validation is not None:
+            check_validation(self.validation)
+
+    def resolved(self) -> "ContrastiveRunOptions":
+        out = super().resolved()
+        return out if self.validation is None else replace(out, validation=tuple(self.validation))
+
+
+FIT_OPTIONS = (ContrastiveConfig, ContrastiveRunOptions)
+"""The option sets of :func:`fit_contrastive`: its keyword-only options are their fields."""
 
 
 # --------------------------------------------------------------------------------------------- pairing
@@ -353,31 +385,9 @@ def _pair_scores(model, retain: TaskDataset, forget: TaskDataset, rows: Tensor, 
 
 @keyword_only("n_seeds", "updates", "batch_size", "lam", "max_diff", "lr", "lr_end", "clip", "seed")
 @renamed(evaluate_on="validation")
-def fit_contrastive(
-    model: Any,
-    retain: TaskDataset,
-    forget: TaskDataset,
-    *,
-    n_seeds: int = 1,
-    updates: int = 500,
-    batch_size: int = 64,
-    lam: float = 0.1,
-    max_diff: float = 5.0,
-    lr: float = 0.1,
-    lr_end: float = 0.01,
-    clip: float = 4.0,
-    seed: int = 0,
-    grad_accum: int = 1,
-    snapshot_every: int = 10,
-    one_pass: bool | None = None,
-    check_pairs: bool = True,
-    validation: tuple[TaskDataset, TaskDataset] | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
-    progress: bool = True,
-    configs_per_pass: int | None = None,
-    autocast: str | None = "auto",
-) -> ContrastiveResult:
+@takes_options(*FIT_OPTIONS)
+def fit_contrastive(model: Any, retain: TaskDataset, forget: TaskDataset, config: ContrastiveConfig,
+                    run: ContrastiveRunOptions) -> ContrastiveResult:
     """Fit contrastive CHG: keep ``retain``, remove ``forget`` (rows matched one to one).
 
     Loss per matched pair ``i`` (mean over the batch), per seed::
@@ -401,79 +411,58 @@ def fit_contrastive(
     ``checkpoint_dir`` the fit resumes where it stopped. ``autocast`` as in
     :func:`chg_lens.chg.fit_chg` (default ``"auto"``: bf16 where the hardware has it natively).
 
+    The options are declared once, in :class:`ContrastiveConfig` (the fit) and
+    :class:`ContrastiveRunOptions` (how it runs); the "Options" list below (in ``help()``) is generated from them.
+
     Example::
 
         result = fit_contrastive(model, f["instruction"], f["icl"], n_seeds=2, updates=200)
         result.gates.shape        # [2, n_layers, n_heads]
     """
-    cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, lr, lr_end, clip, seed, grad_accum,
-                            snapshot_every)
-    cfg.check()
-    check_configs_per_pass(configs_per_pass)
-    checks.positive_int("checkpoint_every", checkpoint_every)
-    if checkpoint_dir is not None:
-        checks.output_dir(checkpoint_dir, "checkpoint_dir")
-    n_seeds, updates, batch_size, seed = int(n_seeds), int(updates), int(batch_size), int(seed)
-    grad_accum, snapshot_every = int(grad_accum), int(snapshot_every)
-    lam, max_diff, clip = float(lam), float(max_diff), float(clip)
-    cfg = ContrastiveConfig(n_seeds, updates, batch_size, lam, max_diff, float(lr), float(lr_end), clip, seed,
-                            grad_accum, snapshot_every)
-    if check_pairs:
+    if run.check_pairs:
         check_matched(retain, forget)
-    elif len(retain) != len(forget):
-        raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
-    validation = None if validation is None else check_validation(validation)
-    model = models.as_model(model)
-    retain.check_model(model)
-    forget.check_model(model)
-    if validation is not None:
-        for d in validation:
-            d.check_model(model)
-    L, H, S = models.n_layers(model), models.n_heads(model), n_seeds
-    autocast = models.resolve_autocast(model, autocast)  # a bad value fails here, before any work
+    else:
+        for name, d in (("retain", retain), ("forget", forget)):
+            if not isinstance(d, TaskDataset):
+                raise TypeError(f"{name} must be a TaskDataset; got {type(d).__name__}")
+        if len(retain) != len(forget):
+            raise ValueError(f"retain has {len(retain)} rows but forget has {len(forget)}: rows must be matched")
+    S, lam, clip, max_diff = config.n_seeds, config.lam, config.clip, config.max_diff
 
-    ctx = context(model, autocast=autocast)  # checked once; every update runs the unchecked engine
+    def plan(model: Any, autocast: str | None, L: int, H: int) -> FitPlan:
+        ctx = context(model, autocast=autocast)  # checked once; every update runs the unchecked engine
 
-    def data_loss(gates: Tensor, rows: Tensor):
-        lr_, lf = _pair_scores(ctx, retain, forget, rows, gates, one_pass)
-        forget_term = (lf - lr_.detach()).clamp(min=-max_diff)
-        loss = (-lr_ + forget_term).mean(dim=1)
-        return loss, {"retain_nll": -lr_.mean(dim=1), "forget_nll": -lf.mean(dim=1),
-                      "forget_term": forget_term.mean(dim=1)}
+        def data_loss(gates: Tensor, rows: Tensor):
+            lr_, lf = _pair_scores(ctx, retain, forget, rows, gates, run.one_pass)
+            forget_term = (lf - lr_.detach()).clamp(min=-max_diff)
+            loss = (-lr_ + forget_term).mean(dim=1)
+            return loss, {"retain_nll": -lr_.mean(dim=1), "forget_nll": -lf.mean(dim=1),
+                          "forget_term": forget_term.mean(dim=1)}
 
-    def regularizer(logits: Tensor):
-        r = clipped_logit_mean(logits, clip)
-        return -lam * r, {"reg": r}
+        def regularizer(logits: Tensor):
+            r = clipped_logit_mean(logits, clip)
+            return -lam * r, {"reg": r}
 
-    spec = StageSpec(Stage(STAGE, updates, lr, lr_end), lambda done: uniform_gate_logits((S, L, H), seed), regularizer,
-                     window=diag.window_length(updates))
-    weights = models.weights_fingerprint(model)  # before any cast: the model's own weights
-    ckpt = None
-    if checkpoint_dir is not None:
-        key = {"kind": "contrastive", "config": asdict(cfg), "retain": retain.fingerprint(),
-               "forget": forget.fingerprint(), "model": models.model_name(model), "shape": [L, H], "weights": weights}
-        if autocast is not None:
-            key["autocast"] = autocast
-        ckpt = Checkpointer(Path(checkpoint_dir), key, every=checkpoint_every)
-    with models.frozen(model), models.cast_weights_once(model, autocast):
-        done = run_stages([spec], data_loss, len(retain), batch_size, seed, grad_accum, snapshot_every, ckpt, progress,
-                          configs_per_pass=configs_per_pass)
-    r = done[STAGE]
-    meta = {
-        "model": models.model_name(model), "retain": retain.name, "forget": forget.name,
-        "retain_format": _format_of(retain), "forget_format": _format_of(forget),
-        "n_layers": L, "n_heads": H, "n_train": len(retain), "logprob": "sum over target tokens",
-        "retain_fingerprint": retain.fingerprint(), "forget_fingerprint": forget.fingerprint(), "weights": weights,
-        "versions": library_versions(), "tl_major": models.TL_MAJOR, "seconds": r.seconds,
-        "configs_per_pass": configs_per_pass, **models.precision_meta(model, autocast),
-    }
-    result = ContrastiveResult(r.logits, r.traces, r.snapshots, r.snapshot_steps, asdict(cfg), meta)
-    if validation is not None:
-        result.validation = evaluate_contrastive(model, result, *validation)
-        result.meta["n_validation"] = len(validation[0])
-        result.meta["validation_fingerprints"] = [d.fingerprint() for d in validation]
-    diag.warn_if_not_converged(result.convergence_warning())
-    return result
+        spec = StageSpec(Stage(STAGE, config.updates, config.lr, config.lr_end),
+                         lambda done: uniform_gate_logits((S, L, H), config.seed), regularizer,
+                         window=diag.window_length(config.updates))
+        return FitPlan([spec], data_loss, len(retain), {"kind": "contrastive", "retain": retain.fingerprint(),
+                                                         "forget": forget.fingerprint()})
+
+    def result(done: dict[str, StageResult], meta: dict[str, Any]) -> ContrastiveResult:
+        r = done[STAGE]
+        meta.update(retain=retain.name, forget=forget.name, retain_format=_format_of(retain),
+                    forget_format=_format_of(forget), n_train=len(retain), logprob="sum over target tokens",
+                    retain_fingerprint=retain.fingerprint(), forget_fingerprint=forget.fingerprint(), seconds=r.seconds)
+        return ContrastiveResult(r.logits, r.traces, r.snapshots, r.snapshot_steps, asdict(config), meta)
+
+    def validated(model: Any, result: ContrastiveResult) -> None:
+        result.validation = evaluate_contrastive(model, result, *run.validation)
+        result.meta["n_validation"] = len(run.validation[0])
+        result.meta["validation_fingerprints"] = [d.fingerprint() for d in run.validation]
+
+    datasets = [retain, forget, *(run.validation or ())]
+    return run_fit(model, config, run, datasets, plan, result, validated if run.validation is not None else None)
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -254,6 +254,13 @@ def remedy(moving: pd.DataFrame, th: Thresholds = DEFAULT) -> str:
 
 
 def warn_if_not_converged(message: str) -> None:
+    """A :class:`NotConvergedWarning` with ``message`` (nothing when it is empty), pointing at the
+    first caller outside chg_lens (the line that called ``fit_chg`` / ``fit_contrastive``, however
+    many of the library's frames lie between)."""
     if message:
-        # stack: this function <- fit_chg / fit_contrastive <- their keyword_only wrapper <- the caller
-        warnings.warn(message, NotConvergedWarning, stacklevel=4)
+        import sys
+
+        frame, level = sys._getframe(1), 2
+        while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "chg_lens":
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, NotConvergedWarning, stacklevel=level)

@@ -20,17 +20,18 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import diagnostics, runtime, store
-from .results import load_bundle
+from . import checks, diagnostics, models, runtime, store
+from .options import OptionSet, option
+from .results import library_versions, load_bundle
 
 DataLoss = Callable[[Float[Tensor, "configs layer head"], Int[Tensor, "rows"]], tuple[Tensor, dict[str, Tensor]]]
 """``(gates, row_index) -> (loss [configs], traces {name: [configs]})``: mean over the rows given."""
@@ -234,6 +235,45 @@ def check_configs_per_pass(configs_per_pass: int | None) -> None:
     if configs_per_pass is not None and (isinstance(configs_per_pass, bool) or not isinstance(configs_per_pass, int)
                                          or configs_per_pass < 1):
         raise ValueError(f"configs_per_pass must be a positive int or None (all in one pass); got {configs_per_pass!r}")
+
+
+def check_autocast(mode: Any) -> None:
+    """The values :func:`chg_lens.models.resolve_autocast` accepts (checked without a model):
+    ``"auto"``, ``"bf16"``, ``"fp16"``, ``"off"``, a bf16/fp16 dtype or its name, or None."""
+    if mode is None or (isinstance(mode, str) and mode in models.AUTOCAST_MODES):
+        return
+    try:
+        dtype = checks.dtype(mode)
+    except (ValueError, TypeError):
+        dtype = None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be one of {models.AUTOCAST_MODES} or None; got {mode!r}")
+
+
+@dataclass
+class RunOptions(OptionSet):
+    """How a fit runs, not what it fits: the options every fit (CHG, contrastive) shares that are
+    not part of a result's identity or of its checkpoint key (a fit resumed with other run options
+    is the same fit). Each fit extends it with its own (:class:`chg_lens.chg.CHGRunOptions`,
+    :class:`chg_lens.contrastive.ContrastiveRunOptions`)."""
+
+    checkpoint_dir: str | os.PathLike | None = option(
+        None, "folder for resumable checkpoints: a fit called again with the same options resumes where it stopped")
+    checkpoint_every: int = option(50, "updates between two checkpoints (with checkpoint_dir)")
+    progress: bool = option(True, "show progress bars")
+    autocast: str | None = option(
+        "auto", "precision of the fit's passes: auto (bf16 where the hardware runs it natively), bf16, fp16 or off")
+    configs_per_pass: int | None = option(
+        None, "at most this many gate configurations per forward pass (the same gradient, less memory; None: all)")
+
+    def check(self) -> None:
+        checks.positive_int("checkpoint_every", self.checkpoint_every)
+        check_configs_per_pass(self.configs_per_pass)
+        check_autocast(self.autocast)
+        if self.checkpoint_dir is not None:
+            checks.output_dir(self.checkpoint_dir, "checkpoint_dir")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be true or false; got {self.progress!r}")
 
 
 def run_stage(
@@ -451,3 +491,68 @@ def _unpack_done(tensors: dict[str, Tensor]) -> dict[str, StageResult]:
             updates=int(tensors[p + "updates"]) if p + "updates" in tensors else -1,
         )
     return done
+
+
+# ----------------------------------------------------------------------------------------- one fit
+@dataclass
+class FitPlan:
+    """What one fit says that differs from another (built by :func:`run_fit`'s ``plan`` once the
+    model is resolved): its stages, its data loss, how many rows the batches are drawn from and the
+    data's part of the checkpoint key (e.g. ``{"data": data.fingerprint()}``)."""
+
+    specs: list[StageSpec]
+    data_loss: DataLoss
+    n_rows: int
+    key: dict[str, Any]
+
+
+def run_fit(
+    model: Any,
+    config: Any,
+    run: RunOptions,
+    datasets: Sequence[Any],
+    plan: Callable[[Any, str | None, int, int], FitPlan],
+    result: Callable[[dict[str, StageResult], dict[str, Any]], Any],
+    validate: Callable[[Any, Any], None] | None = None,
+):
+    """The skeleton every gate fit shares (CHG, contrastive), after its options were checked
+    (:func:`chg_lens.options.takes_options`): the model (:func:`chg_lens.models.as_model`), each of
+    ``datasets`` checked against it, the precision resolved, ``plan(model, autocast, n_layers,
+    n_heads)`` (the fit's stages and loss), a :class:`Checkpointer` keyed by the config, the data's
+    key, the model, its shape and weights (and the precision), :func:`run_stages` with the weights
+    frozen and cast once, ``result(done, meta)`` (the fit's result from the finished stages and the
+    common meta: model, shape, weights, versions, ``tl_major``, ``configs_per_pass``, precision),
+    ``validate(model, result)`` when given, and the convergence warning.
+
+    ``config`` is the fit's option set (a dataclass with ``batch_size``, ``seed``, ``grad_accum``,
+    ``snapshot_every``): what makes two fits the same fit. Returns ``result``'s result.
+
+    Example (what ``fit_contrastive`` does)::
+
+        return run_fit(model, config, run, [retain, forget], plan, result, validate)
+    """
+    model = models.as_model(model)
+    for data in datasets:
+        data.check_model(model)
+    autocast = models.resolve_autocast(model, run.autocast)  # a bad value fails here, before any work
+    L, H = models.n_layers(model), models.n_heads(model)
+    fit = plan(model, autocast, L, H)
+    weights = models.weights_fingerprint(model)  # before any cast: the model's own weights
+    ckpt = None
+    if run.checkpoint_dir is not None:
+        key = {"config": asdict(config), **fit.key, "model": models.model_name(model), "shape": [L, H],
+               "weights": weights}
+        if autocast is not None:
+            key["autocast"] = str(autocast)
+        ckpt = Checkpointer(Path(run.checkpoint_dir), key, every=run.checkpoint_every)
+    with models.frozen(model), models.cast_weights_once(model, autocast):
+        done = run_stages(fit.specs, fit.data_loss, fit.n_rows, config.batch_size, config.seed, config.grad_accum,
+                          config.snapshot_every, ckpt, run.progress, configs_per_pass=run.configs_per_pass)
+    meta = {"model": models.model_name(model), "n_layers": L, "n_heads": H, "weights": weights,
+            "versions": library_versions(), "tl_major": models.TL_MAJOR, "configs_per_pass": run.configs_per_pass,
+            **models.precision_meta(model, autocast)}
+    out = result(done, meta)
+    if validate is not None:
+        validate(model, out)
+    diagnostics.warn_if_not_converged(out.convergence_warning())
+    return out

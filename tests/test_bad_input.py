@@ -212,7 +212,7 @@ def test_a_second_writer_of_the_same_folder_gets_a_clear_error(whole, tmp_path):
     (dict(updates=True), "updates must be a whole number"), (dict(checkpoint_every=0), "checkpoint_every must be at least 1"),
 ])
 def test_non_finite_or_out_of_range_options_fail_before_work(tiny_model, kwargs, match, monkeypatch):
-    monkeypatch.setattr(chg_lens.chg, "run_stages", lambda *a, **k: pytest.fail("fitting started"))
+    monkeypatch.setattr(fitting, "run_stages", lambda *a, **k: pytest.fail("fitting started"))
     with pytest.raises(ValueError, match=match):
         fit_chg(tiny_model, tiny_data(), **{**KW, **kwargs})
 

@@ -453,7 +453,7 @@ def test_fit_contrastive_validation_errors_name_the_validation(tiny_model, monke
     """Faults: fit_contrastive(validation=data.split(0.25)) blamed retain/forget; validation=<one
     TaskDataset> gave "check_matched() argument after * must be an iterable". Both are now a
     TypeError about validation, before any fitting; unmatched validation sets are named as such."""
-    monkeypatch.setattr(chg_lens.contrastive, "run_stages", lambda *a, **k: pytest.fail("fitting started"))
+    monkeypatch.setattr(chg_lens.fitting, "run_stages", lambda *a, **k: pytest.fail("fitting started"))
     d = tiny_data(8)
     fit = lambda validation: chg_lens.fit_contrastive(tiny_model, d, d, updates=2, batch_size=4, progress=False,
                                                       validation=validation)

@@ -18,6 +18,9 @@ import time
 
 from . import options
 
+FIT_FLAGS = ("n_seeds", "updates", "reg_updates", "batch_size", "lam", "lr", "lr_end", "reg_lr", "reg_lr_end")
+"""The CHG fit options offered here (flags, help and types from ``CHGConfig``, defaults from
+``options.FIT_DEFAULTS``, as ``chg-lens fit``); ``--seed`` is shared, ``--fit-autocast`` is the fit's precision."""
 PAIRED = ("ioi",)
 """Tasks whose rows come with corrupted twins here (``tasks.ioi_pairs``)."""
 
@@ -33,17 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
     p.add_argument("--chg", default=None, help="a saved CHG result folder to reuse instead of fitting one "
                                                "(chg-lens fit --out DIR); its model and task are the defaults")
-    d = options.FIT_DEFAULTS
+    from ..chg import CHGConfig
+
     fit = p.add_argument_group("CHG fit (when --chg is not given)")
-    fit.add_argument("--n-seeds", type=int, default=d["n_seeds"])
-    fit.add_argument("--updates", type=int, default=d["updates"])
-    fit.add_argument("--reg-updates", type=int, default=d["reg_updates"])
-    fit.add_argument("--batch-size", type=int, default=d["batch_size"], help="rows per update (default: %(default)s)")
-    fit.add_argument("--lam", type=float, default=0.1)
-    fit.add_argument("--lr", type=float, default=d["lr"])
-    fit.add_argument("--lr-end", type=float, default=d["lr_end"])
-    fit.add_argument("--reg-lr", type=float, default=d["reg_lr"])
-    fit.add_argument("--reg-lr-end", type=float, default=d["reg_lr_end"])
+    options.add_option_flags(fit, (CHGConfig,), options.FIT_DEFAULTS, only=FIT_FLAGS)
     fit.add_argument("--fit-autocast", choices=["auto", "bf16", "fp16", "off"], default=options.AUTOCAST["fit"],
                      help="precision of the CHG fit (default: %(default)s, as chg-lens fit); --autocast sets the "
                           "measurements'")
@@ -91,7 +87,7 @@ def run(a: argparse.Namespace) -> int:
     import warnings
 
     from .. import checks, models, tasks
-    from ..chg import CHGResult, check_fit_options
+    from ..chg import CHGConfig, CHGResult, check_fit_options
     from ..compare import compare_methods, split_pairs
     from ..diagnostics import NotConvergedWarning
     from ..results import write_text_atomic
@@ -110,9 +106,8 @@ def run(a: argparse.Namespace) -> int:
     names = methods_of(a, task)
     if chg is not None and "chg" not in names:
         raise ValueError("--chg gives a fit to reuse, but chg is not in --methods; add it or drop --chg")
-    fit_options = dict(n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates, batch_size=a.batch_size,
-                       lam=a.lam, seed=a.seed, lr=a.lr, lr_end=a.lr_end, reg_lr=a.reg_lr, reg_lr_end=a.reg_lr_end,
-                       autocast=a.fit_autocast, task=task)
+    fit_options = dict(options.option_values(a, (CHGConfig,), only=FIT_FLAGS), seed=a.seed, autocast=a.fit_autocast,
+                       task=task)
     if chg is None and "chg" in names:
         check_fit_options(**fit_options)
     for name in ("n_random", "top_k", "score_batch_size", "rows_per_pass"):

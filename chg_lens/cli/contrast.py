@@ -41,19 +41,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-shots", type=int, default=None, help="--preset only: ICL examples per prompt")
     p.add_argument("--chg-retain", default=None, help="a saved CHG result on the retain data: write overlap.csv")
     p.add_argument("--chg-forget", default=None, help="a saved CHG result on the forget data: write overlap.csv")
-    p.add_argument("--n-seeds", type=int, default=1)
-    p.add_argument("--updates", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lam", type=float, default=0.1)
-    p.add_argument("--max-diff", type=float, default=5.0)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--lr-end", type=float, default=0.01)
     options.add_seed(p)
-    p.add_argument("--configs-per-pass", type=int, default=None,
-                   help="at most N masks per pass (less memory; default: all)")
+    # every fit option's flag, help and type from ContrastiveConfig / ContrastiveRunOptions; defaults from
+    # options.CONTRAST_DEFAULTS
+    options.add_option_flags(p, fit_sets(), options.CONTRAST_DEFAULTS, skip=options.SHARED_FIT_FLAGS + NOT_FLAGS)
     options.add_run(p, out=options.OUT["contrast"], purpose="fit")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after the fit finished")
-    p.add_argument("--checkpoint-every", type=int, default=25)
+
+
+NOT_FLAGS = ("checkpoint_dir", "validation", "one_pass", "check_pairs")
+"""fit_contrastive options the command sets itself (OUT/checkpoint, the held-out pairs; the pairs are checked
+here, on the whole files first) or leaves at the library's default (one_pass)."""
+
+
+def fit_sets() -> tuple:
+    from ..contrastive import FIT_OPTIONS
+
+    return FIT_OPTIONS
+
+
+def fit_kwargs(a: argparse.Namespace) -> dict:
+    """The fit_contrastive options of the parsed flags."""
+    return {**options.option_values(a, fit_sets(), skip=options.SHARED_FIT_FLAGS + NOT_FLAGS),
+            "seed": a.seed, "autocast": a.autocast, "progress": not a.no_progress}
 
 
 def _is_file(spec: str) -> bool:
@@ -121,25 +131,21 @@ def run(a: argparse.Namespace) -> int:
 
     from .. import checks, models
     from ..chg import CHGResult
-    from ..contrastive import ContrastiveConfig, check_matched, facilitation_overlap, fit_contrastive
+    from ..contrastive import FIT_OPTIONS, check_matched, facilitation_overlap, fit_contrastive
     import warnings
 
     from ..data import TaskDataset
     from ..diagnostics import NotConvergedWarning
-    from ..fitting import check_configs_per_pass
+    from ..options import check_options
     from ..store import write_text as write_text_atomic
 
     t0 = time.time()
-    kw = dict(n_seeds=a.n_seeds, updates=a.updates, batch_size=a.batch_size, lam=a.lam, max_diff=a.max_diff,
-              lr=a.lr, lr_end=a.lr_end, seed=a.seed, progress=not a.no_progress,
-              configs_per_pass=a.configs_per_pass, autocast=a.autocast)
+    kw = fit_kwargs(a)
     if not a.retain or not a.forget:
         raise ValueError("give --retain and --forget (a task name or a file each); the paper's Figure 5 is "
                          f"`{FIGURE5}`")
     # every option, input and the output folder are checked before the model loads
-    ContrastiveConfig(**{k: v for k, v in kw.items() if k not in ("progress", "configs_per_pass", "autocast")}).check()
-    check_configs_per_pass(a.configs_per_pass)
-    checks.positive_int("--checkpoint-every", a.checkpoint_every)
+    check_options(FIT_OPTIONS, kw, "fit_contrastive")
     for flag, spec in (("--retain", a.retain), ("--forget", a.forget), ("--chg-retain", a.chg_retain),
                        ("--chg-forget", a.chg_forget)):
         if spec and (_is_file(spec) or flag.startswith("--chg")) and not Path(spec).exists():
@@ -169,7 +175,7 @@ def run(a: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # printed once, last, by options.print_convergence
         warnings.simplefilter("ignore", NotConvergedWarning)
         result = fit_contrastive(model, r_train, f_train, validation=(r_val, f_val), checkpoint_dir=out / "checkpoint",
-                                 checkpoint_every=a.checkpoint_every, **kw)
+                                 **kw)
     result.meta.update(model=a.model, retain_spec=a.retain, forget_spec=a.forget)
     chg = {k: CHGResult.load(p) for k, p in (("retain", a.chg_retain), ("forget", a.chg_forget)) if p}
     result.save(out, overwrite=a.overwrite)  # with validation.csv and gates.csv, atomically

@@ -8,31 +8,31 @@ import time
 from . import options
 
 
+NOT_FLAGS = ("checkpoint_dir", "validation", "task")
+"""fit_chg options the command sets itself: OUT/checkpoint, the task's held-out rows, --task's name."""
+
+
+def fit_sets() -> tuple:
+    from ..chg import FIT_OPTIONS
+
+    return FIT_OPTIONS
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_model(p)
     options.add_task(p)
-    d = options.FIT_DEFAULTS
-    p.add_argument("--n-seeds", type=int, default=d["n_seeds"])
-    p.add_argument("--updates", type=int, default=d["updates"])
-    p.add_argument("--reg-updates", type=int, default=d["reg_updates"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lam", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=d["lr"], help="G0 learning rate at the start (default: %(default)s)")
-    p.add_argument("--lr-end", type=float, default=d["lr_end"], help="G0 learning rate at the end (default: %(default)s)")
-    p.add_argument("--reg-lr", type=float, default=d["reg_lr"], help="G+/G- learning rate at the start (default: %(default)s)")
-    p.add_argument("--reg-lr-end", type=float, default=d["reg_lr_end"],
-                   help="G+/G- learning rate at the end (default: %(default)s)")
-    p.add_argument("--stop-when-settled", action="store_true",
-                   help="end a stage once its diagnostics say it settled (--updates/--reg-updates are then the maximum)")
     options.add_seed(p)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (less memory)")
-    p.add_argument("--configs-per-pass", type=int, default=None,
-                   help="at most N gate configurations per pass (less memory; default: all)")
+    # every fit option's flag, help and type from CHGConfig / CHGRunOptions; defaults from options.FIT_DEFAULTS
+    options.add_option_flags(p, fit_sets(), options.FIT_DEFAULTS, skip=options.SHARED_FIT_FLAGS + NOT_FLAGS)
     options.add_run(p, out=options.OUT["fit"], purpose="fit")
-    p.add_argument("--checkpoint-every", type=int, default=25,
-                   help="write a resumable checkpoint to OUT/checkpoint every N updates")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep OUT/checkpoint after the fit finished (default: removed once the result is saved)")
+
+
+def fit_kwargs(a: argparse.Namespace) -> dict:
+    """The fit_chg options of the parsed flags (all but the data, the checkpoint folder and the task)."""
+    return {**options.option_values(a, fit_sets(), skip=options.SHARED_FIT_FLAGS + NOT_FLAGS),
+            "seed": a.seed, "autocast": a.autocast, "progress": not a.no_progress}
 
 
 def run(a: argparse.Namespace) -> int:
@@ -46,12 +46,11 @@ def run(a: argparse.Namespace) -> int:
     from ..store import write_text as write_text_atomic
 
     # every option and the output folder are checked before the model loads
-    fit_options = dict(n_seeds=a.n_seeds, updates=a.updates, reg_updates=a.reg_updates, batch_size=a.batch_size,
-                       lam=a.lam, seed=a.seed, grad_accum=a.grad_accum, lr=a.lr, lr_end=a.lr_end, reg_lr=a.reg_lr,
-                       reg_lr_end=a.reg_lr_end, stop_when_settled=a.stop_when_settled)
-    check_fit_options(**fit_options, configs_per_pass=a.configs_per_pass, checkpoint_every=a.checkpoint_every)
+    fit_options = fit_kwargs(a)
+    check_fit_options(**fit_options)
     task_kwargs = options.task_kwargs(a.task, a, options.task_options(a.task_option), n=options.n_prompts(a, a.task))
-    out = options.check_run(a, "chg", {"config": asdict(CHGConfig(**fit_options)), "model": a.model})
+    config = CHGConfig.from_options(**{k: v for k, v in fit_options.items() if k in CHGConfig.__dataclass_fields__})
+    out = options.check_run(a, "chg", {"config": asdict(config), "model": a.model})
     options.check_run(a, None, out=out / "checkpoint")
     t0 = time.time()
     model = models.load_model(a.model, device=a.device, dtype=a.dtype)
@@ -60,9 +59,7 @@ def run(a: argparse.Namespace) -> int:
     print(f"precision: {models.describe_precision(model, a.autocast)}")
     with warnings.catch_warnings():  # the CLI prints the convergence warning itself, last
         warnings.simplefilter("ignore", NotConvergedWarning)
-        result = fit_chg(model, train, **fit_options, configs_per_pass=a.configs_per_pass, validation=val,
-                         checkpoint_dir=out / "checkpoint", checkpoint_every=a.checkpoint_every, task=a.task,
-                         progress=not a.no_progress, autocast=a.autocast)
+        result = fit_chg(model, train, **fit_options, validation=val, checkpoint_dir=out / "checkpoint", task=a.task)
     result.meta["model"] = a.model
     result.save(out, overwrite=a.overwrite)
     if not a.keep_checkpoint:

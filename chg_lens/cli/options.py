@@ -18,12 +18,21 @@ TASK = "ioi"
 IOI_PROMPTS = 160
 """Rows of IOI built when ``--n-prompts`` is not given (fit, ablate); other tasks use their own default."""
 FIT_DEFAULTS = dict(n_seeds=2, updates=50, reg_updates=250, batch_size=8, lr=0.5, lr_end=0.05, reg_lr=0.5,
-                    reg_lr_end=0.05)
-"""``chg-lens fit`` with no arguments (and ``make fit``): a CPU-sized budget, measured by
-benchmarks/main_job.py (see benchmarks/README.md). G0 starts at lr 0.5 (the paper: 0.1) so that it
+                    reg_lr_end=0.05, checkpoint_every=25)
+"""Where ``chg-lens fit`` (and ``make fit``, and ``compare``'s CHG fit) departs from :func:`chg_lens.fit_chg`'s
+defaults; every other flag defaults to the library's (:class:`chg_lens.chg.CHGConfig`). A CPU-sized budget,
+measured by benchmarks/main_job.py (see benchmarks/README.md). G0 starts at lr 0.5 (the paper: 0.1) so that it
 recovers the task from its random start within 50 updates; G+/G- run 250 updates from 0.5 to 0.05 (the paper:
 0.5 -> 0.1) so that they settle: on SmolLM2 / IOI this fit reports ``converged`` in about 4 minutes on 2 cores
-where bf16 pays (an AMD Zen 5) and about 7.5 minutes in float32 (an Intel Xeon VM, where float32 is faster)."""
+where bf16 pays (an AMD Zen 5) and about 7.5 minutes in float32 (an Intel Xeon VM, where float32 is faster).
+A checkpoint every 25 updates (the library: 50)."""
+CONTRAST_DEFAULTS = dict(updates=30, batch_size=8, checkpoint_every=25)
+"""Where ``chg-lens contrast`` departs from :func:`chg_lens.fit_contrastive`'s defaults (a smoke-sized
+fit: 30 updates of 8 pairs, a checkpoint every 25); every other flag defaults to the library's
+(:class:`chg_lens.contrastive.ContrastiveConfig`)."""
+SHARED_FIT_FLAGS = ("seed", "autocast", "progress")
+"""Fit options whose flags come from the shared group (``--seed`` from :func:`add_seed`, ``--autocast``
+and ``--no-progress`` from :func:`add_run`), not from :func:`add_option_flags`."""
 SEED = 0
 SCORING_BATCH_SIZE = 32
 """``--batch-size`` of ``ablate`` and ``patch``: rows of data per forward pass, the library's default
@@ -151,3 +160,44 @@ def print_convergence(result) -> None:
         print(f"WARNING: {message}", file=sys.stderr)
     else:
         print("converged: every stage of every seed settled" + (" and G0 kept the task" if hasattr(result, "g0") else ""))
+
+
+# ----------------------------------------------------------------------------- option sets as flags
+def option_flags(sets: tuple, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> list[str]:
+    """The options of the option sets ``sets`` (e.g. ``chg.FIT_OPTIONS``) that :func:`add_option_flags`
+    turns into flags: all but ``skip`` (or only ``only``), in declaration order."""
+    from .. import options as declared
+
+    return [n for n in declared.names(*sets) if n not in skip and (only is None or n in only)]
+
+
+def add_option_flags(p, sets: tuple, defaults: dict, *, skip: tuple[str, ...] = (),
+                     only: tuple[str, ...] | None = None) -> None:
+    """One flag per option of ``sets`` (:func:`option_flags`), generated from its declaration:
+    ``n_seeds`` -> ``--n-seeds``, typed as the option (int, float, text; a bool option is a switch:
+    ``--name`` when it defaults to false, ``--no-name`` when it defaults to true), its one-line help,
+    and its default from ``defaults`` (:data:`FIT_DEFAULTS`, :data:`CONTRAST_DEFAULTS`), else the
+    library's. An option with no command-line form (a folder, a data set) must be in ``skip``."""
+    from .. import options as declared
+
+    fields = {f.name: f for f in declared.option_fields(*sets)}
+    for name in option_flags(sets, skip=skip, only=only):
+        kind = declared.value_type(declared.owner(sets, name), name)
+        default = defaults.get(name, fields[name].default)
+        text = declared.help_of(fields[name]).replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            if default:
+                p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=f"do not: {text}")
+            else:
+                p.add_argument(flag, action="store_true", help=text)
+        elif kind in (int, float, str):
+            p.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
+        else:
+            raise TypeError(f"option {name} has no command-line form; pass it in skip")
+
+
+def option_values(a: argparse.Namespace, sets: tuple, *, skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] | None = None) -> dict:
+    """The values of the flags :func:`add_option_flags` added, by option name (for the library call)."""
+    return {name: getattr(a, name) for name in option_flags(sets, skip=skip, only=only)}
