@@ -162,6 +162,21 @@ def options_doc(*sets: type) -> str:
     return "\n".join(lines) + "\n"
 
 
+def options_table(*sets: type) -> str:
+    """The options of ``sets`` as a Markdown table (option, type, default, help), for the docs::
+
+        print(options_table(*chg_lens.chg.FIT_OPTIONS))   # the table docs/api.md shows for fit_chg
+    """
+    lines = ["| option | type | default | what it is |", "| --- | --- | --- | --- |"]
+    for cls in sets:
+        for f in option_fields(cls):
+            kind = f.type if isinstance(f.type, str) else inspect.formatannotation(f.type)
+            kind = " or ".join(part.strip() for part in kind.split("|"))  # a pipe would end the cell
+            text = help_of(f).replace("|", " or ")
+            lines.append(f"| `{f.name}` | `{kind}` | `{f.default!r}` | {text} |")
+    return "\n".join(lines) + "\n"
+
+
 def takes_options(*sets: type) -> Callable[[Callable], Callable]:
     """Decorator: ``fn(positional..., set_1, ..., set_n)`` becomes the public
     ``fn(positional..., *, <every option of the sets>)``.

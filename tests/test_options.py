@@ -10,6 +10,7 @@ import inspect
 import os
 import pydoc
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +302,18 @@ def test_the_convergence_warning_points_at_the_caller(tiny_model):
         c = contrastive.fit_contrastive(tiny_model, d, d, updates=2, batch_size=4, lr=5.0, progress=False)
     mine = [w for w in got if issubclass(w.category, chg_lens.diagnostics.NotConvergedWarning)]
     assert not c.converged and [os.path.basename(w.filename) for w in mine] == ["test_options.py"] * 2
+
+
+@pytest.mark.parametrize("name, module", [("chg", chg), ("contrastive", contrastive)])
+def test_api_docs_list_every_fit_option_as_declared(name, module):
+    # docs/api.md's tables are generated from the option sets (the reference itself reads the source,
+    # where the signature is the one before takes_options): regenerate them when an option changes
+    api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    start, end = f"<!-- options: {name} -->\n", f"<!-- end options: {name} -->"
+    assert start in api and end in api, f"docs/api.md has no {start.strip()} ... {end} block"
+    shown = api.split(start, 1)[1].split(end, 1)[0]
+    want = options.options_table(*module.FIT_OPTIONS)
+    assert shown == want, (f"docs/api.md's {name} options table is out of date; put there the output of "
+                           f"options.options_table(*chg_lens.{name}.FIT_OPTIONS)")
+    rows = want.splitlines()[2:]
+    assert len(rows) == len(options.option_fields(*module.FIT_OPTIONS)) and all(r.count("|") == 5 for r in rows)
