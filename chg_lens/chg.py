@@ -139,7 +139,7 @@ class CHGRunOptions(RunOptions):
     (:class:`chg_lens.fitting.RunOptions`), the validation data and the task's name."""
 
     validation: TaskDataset | None = option(
-        None, "held-out rows: the ungated model, G0, G+ and G- of every seed are scored on them (float32)")
+        None, "held-out rows: the ungated model, G0, G+ and G- of every seed are scored on them (the model's own dtype)")
     task: str | None = option(None, "the task's name in the result (default: the data's name)")
 
     def check(self) -> None:

@@ -89,7 +89,7 @@ class ContrastiveRunOptions(RunOptions):
         None, "retain and forget rows in one forward pass (None: when their widths are close, padding <= 25%)")
     check_pairs: bool = option(True, "check that row i of retain and forget is the same problem (check_matched)")
     validation: tuple[TaskDataset, TaskDataset] | None = option(
-        None, "(retain_eval, forget_eval), matched: evaluate_contrastive on them is attached (float32)")
+        None, "(retain_eval, forget_eval), matched: evaluate_contrastive on them is attached (the model's own dtype)")
 
     def check(self) -> None:
         super().check()
