@@ -1,20 +1,21 @@
 """How chg_lens shares the CPU: the number of torch threads follows the load.
 
 torch's OpenMP threads spin-wait for work. When another process holds one of the cores, a spinning
-thread steals it and every parallel region waits for the descheduled one: on a 2-core machine with
-one other busy process, one CHG update took 3.6x longer at torch's default two threads than at one
-thread, and 9.3x with two (benchmarks/threads_under_load.py, table in benchmarks/README.md).
+thread steals it and every parallel region waits for the descheduled one: on a 2-core machine, one
+CHG update at torch's default two threads took 1.7-2.0x as long as at one thread with one other busy
+process, and 2.0-3.6x with two (benchmarks/threads_under_load.py, table in benchmarks/README.md).
 
 :class:`LoadAwareThreads` (used by every fit once per update, and by the scoring engine once per
-pass: measurements, patching, attribution, sweeps) looks at how much CPU other processes took on this
-process's cores since the last look (``/proc/stat`` minus this process's own time; processes at a
-lower priority (``nice``) do not count unless this one is niced too) and runs torch on the cores left free, never more than the threads torch had at entry; the caller's thread count is
-restored afterwards. ``CHG_LENS_THREADS=fixed`` turns it off (the thread count is then whatever torch
-has). On a machine without ``/proc`` (not Linux) it does nothing.
+pass: measurements, patching, attribution, sweeps) looks at how much CPU other processes took on
+this process's cores since the last look (``/proc/stat`` minus this process's own time; processes
+at a lower priority (``nice``) do not count unless this one is niced too) and runs torch on the
+cores left free, never more than the threads torch had at entry; the caller's thread count is
+restored afterwards. ``CHG_LENS_THREADS=fixed`` turns it off (the thread count is then whatever
+torch has). On a machine without ``/proc`` (not Linux) it does nothing.
 
-chg_lens does not set ``OMP_WAIT_POLICY``: ``PASSIVE`` (threads sleep at every barrier) made a quiet
-fit 1.2-1.5x slower on the same machine, and with the thread count following the load it gains
-nothing under load (measured in the same table). Set it yourself before torch loads if you want it.
+chg_lens does not set ``OMP_WAIT_POLICY``: ``PASSIVE`` (threads sleep at every barrier) made a
+quiet fit 1.2-1.5x slower on the same machine; it is the best choice only with two busy processes on
+two cores. Set it yourself before torch loads if you want it.
 
 Example::
 
@@ -31,7 +32,8 @@ import os
 import time
 
 THREADS_ENV = "CHG_LENS_THREADS"
-"""``auto`` (default: threads follow the load in fits and scoring passes) or ``fixed`` (leave torch's thread count alone)."""
+"""``auto`` (default: threads follow the load in fits and scoring passes) or ``fixed`` (leave torch's
+thread count alone)."""
 
 
 def cores() -> list[int]:
