@@ -27,8 +27,8 @@ from . import checks, deprecation, models, scoring, taxonomy
 from . import diagnostics as diag
 from .data import TaskDataset
 from .deprecation import keyword_only
-from .fitting import (DataLoss, FitPlan, RunOptions, SettleRule, Stage, StageResult, StageSpec, clipped_logit_mean,
-                      run_fit, uniform_gate_logits)
+from .fitting import (SHARED_HELP, DataLoss, FitPlan, RunOptions, SettleRule, Stage, StageResult, StageSpec,
+                      clipped_logit_mean, run_fit, uniform_gate_logits)
 from .options import OptionSet, check_options, option, takes_options
 from .scoring import evaluate
 from .results import (Bundle, Result, check_config, check_fit_tensors, frame_from_json, frame_to_json, pack_stages,
@@ -81,20 +81,20 @@ class CHGConfig(OptionSet):
     checkpoint key). ``check()`` is the validation ``fit_chg``, :func:`check_fit_options`, sweeps,
     the command line and a loaded result all run."""
 
-    n_seeds: int = option(10, "gate masks fitted at once, each from its own U(0, 1) start; they share every pass")
+    n_seeds: int = option(10, SHARED_HELP["n_seeds"])
     updates: int = option(500, "Adam updates of G0 (lambda = 0); the maximum with stop_when_settled")
     reg_updates: int = option(500, "Adam updates of G+ and of G-; the maximum with stop_when_settled")
     batch_size: int = option(64, "rows per update")
     lam: float = option(0.1, "lambda >= 0: the weight of the clipped mean logit, pushing G+ toward 1 and G- toward 0")
-    seed: int = option(0, "seed of the initial gates and of the batches")
+    seed: int = option(0, SHARED_HELP["seed"])
     lr: float = option(0.1, "G0's learning rate at the start (linear decay to lr_end)")
     lr_end: float = option(0.01, "G0's learning rate at the last update")
     reg_lr: float = option(0.5, "G+/G-'s learning rate at the start (linear decay to reg_lr_end)")
     reg_lr_end: float = option(0.1, "G+/G-'s learning rate at the last update")
-    clip: float = option(4.0, "logits are clamped to [-clip, clip] in the regulariser")
-    grad_accum: int = option(1, "micro-batches per update (the same gradient, less memory)")
+    clip: float = option(4.0, SHARED_HELP["clip"])
+    grad_accum: int = option(1, SHARED_HELP["grad_accum"])
     joint: bool = option(True, "fit G+ and G- in the same passes (the same batches either way)")
-    snapshot_every: int = option(10, "updates between two gate snapshots (trajectories, diagnostics)")
+    snapshot_every: int = option(10, SHARED_HELP["snapshot_every"])
     stop_when_settled: bool | diag.Thresholds = option(
         False, "end a stage once it settled (True, or a diagnostics.Thresholds to settle by); False: the full schedule")
     settle_thresholds: dict | None = option(

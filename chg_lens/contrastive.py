@@ -35,7 +35,7 @@ from . import diagnostics as diag
 from .chg import CHGResult
 from .data import TaskDataset
 from .deprecation import keyword_only, renamed
-from .fitting import (FitPlan, RunOptions, Stage, StageResult, StageSpec, clipped_logit_mean, run_fit,
+from .fitting import (SHARED_HELP, FitPlan, RunOptions, Stage, StageResult, StageSpec, clipped_logit_mean, run_fit,
                       uniform_gate_logits)
 from .options import OptionSet, option, takes_options
 from .scoring import Context, context, evaluate, row_logprobs_unchecked
@@ -51,7 +51,7 @@ class ContrastiveConfig(OptionSet):
     """Every fitting option of :func:`fit_contrastive`, declared once (type, default, one-line help),
     with the paper's appendix defaults (section 6.2): what makes two fits the same fit."""
 
-    n_seeds: int = option(1, "gate masks fitted at once, each from its own U(0, 1) start; they share every pass")
+    n_seeds: int = option(1, SHARED_HELP["n_seeds"])
     updates: int = option(500, "Adam updates")
     batch_size: int = option(64, "matched row pairs per update")
     lam: float = option(0.1, "lambda >= 0: the weight of the clipped mean logit, pulling every gate toward 1")
@@ -59,10 +59,10 @@ class ContrastiveConfig(OptionSet):
                                   "the retain log-prob")
     lr: float = option(0.1, "learning rate at the start (linear decay to lr_end)")
     lr_end: float = option(0.01, "learning rate at the last update")
-    clip: float = option(4.0, "logits are clamped to [-clip, clip] in the regulariser")
-    seed: int = option(0, "seed of the initial gates and of the batches")
-    grad_accum: int = option(1, "micro-batches per update (the same gradient, less memory)")
-    snapshot_every: int = option(10, "updates between two gate snapshots (trajectories, diagnostics)")
+    clip: float = option(4.0, SHARED_HELP["clip"])
+    seed: int = option(0, SHARED_HELP["seed"])
+    grad_accum: int = option(1, SHARED_HELP["grad_accum"])
+    snapshot_every: int = option(10, SHARED_HELP["snapshot_every"])
 
     def check(self) -> None:
         """Raise a ValueError naming the first bad option; ``lam`` follows CHG's rule (finite, >= 0:

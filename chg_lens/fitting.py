@@ -250,6 +250,17 @@ def check_autocast(mode: Any) -> None:
         raise ValueError(f"autocast must be one of {models.AUTOCAST_MODES} or None; got {mode!r}")
 
 
+# The help of the fit options CHG and contrastive CHG both declare (one wording for both; each
+# fit sets its own default): ``option(10, SHARED_HELP["n_seeds"])``.
+SHARED_HELP = {
+    "n_seeds": "gate masks fitted at once, each from its own U(0, 1) start; they share every pass",
+    "seed": "seed of the initial gates and of the batches",
+    "clip": "logits are clamped to [-clip, clip] in the regulariser",
+    "grad_accum": "micro-batches per update (the same gradient, less memory)",
+    "snapshot_every": "updates between two gate snapshots (trajectories, diagnostics)",
+}
+
+
 @dataclass
 class RunOptions(OptionSet):
     """How a fit runs, not what it fits: the options every fit (CHG, contrastive) shares that are
