@@ -658,8 +658,8 @@ def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[
         if want is not None:
             differs = [k for k in {**stored, **want} if stored.get(k) != want.get(k)]
             if differs:
-                raise ValueError(f"{folder} holds a fit with other settings ({', '.join(differs)}); "
-                                 "use another output folder, or delete that one to refit")
+                raise ValueError(f"{folder} holds a {result.kind!r} result made with other settings "
+                                 f"({', '.join(differs)}): use another output folder, or delete that one to recompute")
         return result
     folder.mkdir(parents=True, exist_ok=True)
     result = fn(folder)
