@@ -17,6 +17,40 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CHG_LENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def die_on_call(monkeypatch, owner, name: str, n: int, error: type[BaseException] = Killed) -> None:
+    """Make ``owner.name`` raise ``error`` on its ``n``-th call; the calls before run the real
+    function. Use inside ``monkeypatch.context()`` so the real one is back afterwards::
+
+        with monkeypatch.context() as m:
+            die_on_call(m, fitting, "batch_rows", 6)   # a kill during the 6th batch
+            with pytest.raises(Killed):
+                fit_chg(model, data, checkpoint_dir=ck, checkpoint_every=2)
+    """
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dying)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A test that uses this fails if anything loads a model (errors that must come before the load)."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr(chg_lens, "load_model", refuse)
+    monkeypatch.setattr(chg_lens.models, "load_model", refuse)
+    monkeypatch.setattr(chg_lens.models.loading, "load_model", refuse)  # what as_model(name) calls
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _auto_precision_is_float32():
     """``autocast="auto"`` (the library default) means float32 in every test, fixture and worker

@@ -16,6 +16,24 @@ from conftest import A_TOKENS, KNOWN_WORDS, known_answer_data, tiny_llama_hf
 PAD = 3
 
 
+def random_pair(seed=0, rows=8, width=7, *, corrupted_answers=True):
+    """Random clean rows of ``width`` tokens with targets from position 5, corrupted twins (token 2
+    changed), and random ``answers`` (two ids per row) for a logit difference, on the clean rows and
+    (``corrupted_answers``) the same on the corrupted ones."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, 32, (rows, width), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(4, 32, (rows,), generator=g)
+    mask = torch.zeros_like(clean, dtype=torch.bool)
+    mask[:, 5:] = True
+    a = chg_lens.TaskDataset.from_tokens(clean, mask, name="clean")
+    b = chg_lens.TaskDataset.from_tokens(corrupted, mask, name="corrupted")
+    a.row_meta["answers"] = torch.randint(4, 32, (rows, 2), generator=g).tolist()
+    if corrupted_answers:
+        b.row_meta["answers"] = a.row_meta["answers"]
+    return a, b
+
+
 def ragged_pair(seed=0, rows=6, vocab=parity_models.V):
     """Clean rows of 6-8 tokens (right-padded), two targets at the end; corrupted = token 2 changed."""
     g = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ from chg_lens.cli import main
 from chg_lens.cli.options import task_options as parse_task_options
 from chg_lens.contrastive import fit_contrastive
 
-from conftest import REPO, WORDS, tiny_llama_hf, word_tokenizer
+from conftest import REPO, WORDS, Killed, die_on_call, tiny_llama_hf, word_tokenizer
 
 KW = dict(n_seeds=2, updates=4, reg_updates=4, batch_size=4, progress=False)
 
@@ -55,10 +55,6 @@ def whole(tiny_model):
 
 
 # ============================================================================ 1. atomic writes
-class Killed(BaseException):
-    """Stands for a kill: not an Exception, so nothing on the way catches it."""
-
-
 def count_write_points(monkeypatch, kill_at: int | None):
     """Make every write point of a checkpoint (tensors file, meta.json, the generation rename and
     the clean-up of old generations) count calls, raising Killed at call ``kill_at``."""
@@ -127,17 +123,8 @@ chg_lens.fit_chg(model, tiny_data(), checkpoint_dir={str(ck)!r}, checkpoint_ever
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_model, whole, tmp_path, monkeypatch):
     data = tiny_data()
     ck = tmp_path / "ck"
-    calls = {"n": 0}
-    real = fitting.batch_rows
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 8:  # G+/G- update 3 of 4: generations after g0:done and g_pm@2 exist
-            raise Killed
-        return real(*args)
-
     with monkeypatch.context() as m:
-        m.setattr(fitting, "batch_rows", dying)
+        die_on_call(m, fitting, "batch_rows", 8)  # G+/G- update 3 of 4: generations after g0:done and g_pm@2 exist
         with pytest.raises(Killed):
             fit_chg(tiny_model, data, checkpoint_dir=ck, checkpoint_every=2, **KW)
     newest = sorted(ck.glob("gen-*"))[-1]
@@ -171,17 +158,9 @@ def test_a_result_save_killed_before_its_rename_leaves_the_old_result_whole(whol
 def test_without_an_atomic_exchange_a_kill_between_the_two_renames_is_reported(whole, tmp_path, monkeypatch):
     out = tmp_path / "run"
     whole.save(out)
-    real, calls = os.rename, {"n": 0}
-
-    def dying(a, b):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the old folder moved aside, the new one not yet in place
-            raise Killed
-        return real(a, b)
-
     with monkeypatch.context() as m:
         m.setattr(store, "_exchange", lambda a, b: False)
-        m.setattr(os, "rename", dying)
+        die_on_call(m, os, "rename", 2)  # the old folder moved aside, the new one not yet in place
         with pytest.raises(Killed):
             whole.save(out)
     with pytest.raises(FileNotFoundError, match=r"a save was interrupted .* previous result is at .*\.run\.old-"):
@@ -313,15 +292,6 @@ def test_float_negative_and_out_of_vocabulary_token_ids_are_refused(tiny_model):
 
 
 # ============================================================================ 4/6. early errors, one line
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the error")
-    monkeypatch.setattr(chg_lens, "load_model", refuse)
-    monkeypatch.setattr(chg_lens.models, "load_model", refuse)
-    monkeypatch.setattr(chg_lens.models.loading, "load_model", refuse)  # what as_model(name) calls
-
-
 def run_cli(args, capsys):
     code = main(args)
     cap = capsys.readouterr()

@@ -9,7 +9,7 @@ import chg_lens
 from chg_lens import CHGResult, fit_chg
 from chg_lens.scoring import evaluate
 
-from conftest import known_answer_data
+from conftest import die_on_call, known_answer_data
 
 FAST = dict(n_seeds=2, updates=60, reg_updates=60, batch_size=16, progress=False)
 
@@ -142,19 +142,10 @@ def test_checkpoint_resume_gives_the_same_result(tiny_model, tmp_path, monkeypat
 
     import chg_lens.fitting as fitting
 
-    real = fitting.batch_rows
-    calls = {"n": 0}
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 9:  # during the regularised stage, after a checkpoint at its update 2
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(fitting, "batch_rows", dying)
-    with pytest.raises(KeyboardInterrupt):
-        fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
-    monkeypatch.setattr(fitting, "batch_rows", real)
+    with monkeypatch.context() as m:
+        die_on_call(m, fitting, "batch_rows", 9, KeyboardInterrupt)  # G+/G-, after a checkpoint at its update 2
+        with pytest.raises(KeyboardInterrupt):
+            fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     meta = fitting.checkpoint_meta(tmp_path / "ck")
     assert meta["stage"] == "g_pm" and meta["step"] == 2
     resumed = fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)

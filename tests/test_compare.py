@@ -21,23 +21,9 @@ from chg_lens.compare import ComparisonResult, agreement_frame, compare_methods,
 from chg_lens.diagnostics import NotConvergedWarning
 
 from conftest import A_TOKENS, KNOWN_WORDS, gpt2_tokenizer, known_answer_data, tiny_llama_hf
+from pair_models import random_pair as _pairs
 
 FIT = dict(n_seeds=2, updates=3, reg_updates=3, batch_size=4)
-
-
-def _pairs(seed=0, rows=8, width=7):
-    """Random clean rows, corrupted twins (one token changed), answers for a logit difference."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 32, (rows, width), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(4, 32, (rows,), generator=g)
-    mask = torch.zeros_like(clean, dtype=torch.bool)
-    mask[:, 5:] = True
-    a = chg_lens.TaskDataset.from_tokens(clean, mask, name="clean")
-    b = chg_lens.TaskDataset.from_tokens(corrupted, mask, name="corrupted")
-    a.row_meta["answers"] = torch.randint(4, 32, (rows, 2), generator=g).tolist()
-    b.row_meta["answers"] = a.row_meta["answers"]
-    return a, b
 
 
 def _known_pairs(n=24):

@@ -14,7 +14,7 @@ from chg_lens.contrastive import (ContrastiveResult, check_matched, evaluate_con
                                   fit_contrastive)
 from chg_lens.stats import t_interval, t_quantile, wilson_interval
 
-from conftest import SHARED_DATA, tiny_llama_hf, word_tokenizer
+from conftest import SHARED_DATA, die_on_call, tiny_llama_hf, word_tokenizer
 
 # ----------------------------------------------------------------------------- two-format model
 A = [f"a{i}" for i in range(8)]
@@ -180,18 +180,10 @@ def test_checkpoint_resume_gives_the_same_result(two_format_model, tmp_path, mon
     whole = fit_contrastive(two_format_model, retain, forget, **kw)
     import chg_lens.fitting as fitting
 
-    real, calls = fitting.batch_rows, {"n": 0}
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:  # after the checkpoint at update 2
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(fitting, "batch_rows", dying)
-    with pytest.raises(KeyboardInterrupt):
-        fit_contrastive(two_format_model, retain, forget, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
-    monkeypatch.setattr(fitting, "batch_rows", real)
+    with monkeypatch.context() as m:
+        die_on_call(m, fitting, "batch_rows", 3, KeyboardInterrupt)  # after the checkpoint at update 2
+        with pytest.raises(KeyboardInterrupt):
+            fit_contrastive(two_format_model, retain, forget, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     resumed = fit_contrastive(two_format_model, retain, forget, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     torch.testing.assert_close(resumed.logits, whole.logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(resumed.traces["forget_nll"], whole.traces["forget_nll"], rtol=0, atol=1e-6)

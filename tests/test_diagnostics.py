@@ -14,7 +14,7 @@ import chg_lens
 from chg_lens import diagnostics as diag
 from chg_lens import fit_chg
 from chg_lens.diagnostics import NotConvergedWarning, Thresholds
-from conftest import known_answer_data
+from conftest import die_on_call, known_answer_data
 
 FULL = dict(n_seeds=2, updates=60, reg_updates=60, batch_size=16, progress=False)
 
@@ -166,18 +166,10 @@ def test_stop_when_settled_resumes_from_a_checkpoint(tiny_model, tmp_path, monke
 
     import chg_lens.fitting as fitting
 
-    real, calls = fitting.batch_rows, {"n": 0}
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 6:  # regularised stage, update 2 (after a checkpoint at its update 2)
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(fitting, "batch_rows", dying)
-    with pytest.raises(KeyboardInterrupt):
-        fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
-    monkeypatch.setattr(fitting, "batch_rows", real)
+    with monkeypatch.context() as m:
+        die_on_call(m, fitting, "batch_rows", 6, KeyboardInterrupt)  # G+/G- update 2, after a checkpoint there
+        with pytest.raises(KeyboardInterrupt):
+            fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)
     meta = fitting.checkpoint_meta(tmp_path / "ck")
     assert meta["stage"] == "g_pm" and meta["step"] == 2
     resumed = fit_chg(tiny_model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=2, **kw)

@@ -18,7 +18,7 @@ import chg_lens
 from chg_lens import ablation, results, store
 from chg_lens.chg import CHGResult, fit_chg
 
-from conftest import WORDS, tiny_llama_hf, word_tokenizer
+from conftest import WORDS, Killed, die_on_call, tiny_llama_hf, word_tokenizer
 
 KW = dict(n_seeds=2, updates=4, reg_updates=4, batch_size=4, progress=False)
 
@@ -193,10 +193,6 @@ def test_a_fifo_in_place_of_a_result_file_is_refused_not_read(fit, tmp_path, nam
 
 
 # ============================================================================ a fit's identity covers the weights
-class Killed(BaseException):
-    """Stands for a kill: not an Exception, so nothing on the way catches it."""
-
-
 def save_hf(folder: Path, seed: int) -> None:
     tiny_llama_hf(len(WORDS), seed=seed).save_pretrained(folder)
     word_tokenizer(WORDS).save_pretrained(folder)
@@ -212,16 +208,8 @@ def test_a_killed_fit_never_resumes_on_other_weights_in_the_same_model_folder(tm
     folder, ck = tmp_path / "model", tmp_path / "ck"
     save_hf(folder, seed=0)
     first = chg_lens.load_model(str(folder))
-    real, calls = fitting.batch_rows, {"n": 0}
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise Killed
-        return real(*args)
-
     with monkeypatch.context() as m:
-        m.setattr(fitting, "batch_rows", dying)
+        die_on_call(m, fitting, "batch_rows", 6)
         with pytest.raises(Killed):
             fit_chg(first, tiny_data(), checkpoint_dir=ck, checkpoint_every=2, **KW)
     kept = sorted(p.name for p in ck.iterdir())
@@ -269,16 +257,8 @@ def test_a_contrastive_checkpoint_key_covers_the_weights(tmp_path, monkeypatch):
     save_hf(folder, seed=0)
     d = tiny_data(8)
     kw = dict(updates=4, batch_size=4, progress=False, checkpoint_dir=ck, checkpoint_every=2)
-    real, calls = fitting.batch_rows, {"n": 0}
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Killed
-        return real(*args)
-
     with monkeypatch.context() as m:
-        m.setattr(fitting, "batch_rows", dying)
+        die_on_call(m, fitting, "batch_rows", 3)
         with pytest.raises(Killed):
             chg_lens.fit_contrastive(chg_lens.load_model(str(folder)), d, d, **kw)
     save_hf(folder, seed=1)
@@ -377,15 +357,6 @@ def test_bare_nan_or_infinity_in_function_vector_data_is_refused(word_tok, tmp_p
 
 
 # ============================================================================ options checked before the model loads
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the error")
-    monkeypatch.setattr(chg_lens, "load_model", refuse)
-    monkeypatch.setattr(chg_lens.models, "load_model", refuse)
-    monkeypatch.setattr(chg_lens.models.loading, "load_model", refuse)  # what as_model(name) calls
-
-
 def run_cli(args, capsys):
     from chg_lens.cli import main
 

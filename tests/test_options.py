@@ -131,14 +131,6 @@ def test_compare_offers_the_same_chg_flags_as_fit():
 
 
 # ----------------------------------------------------------------------------- validation = check()
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the error")
-    monkeypatch.setattr(chg_lens, "load_model", refuse)
-    monkeypatch.setattr(chg_lens.models, "load_model", refuse)
-
-
 def cli_error(args, capsys) -> str:
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

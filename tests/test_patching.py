@@ -10,19 +10,12 @@ from chg_lens import ablation, gates, models, patching
 from chg_lens.scoring import row_logprobs
 
 from pair_models import known_pairs as _known_pairs
+from pair_models import random_pair
 
 
 def _pair(seed=0, rows=5, width=7):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 32, (rows, width), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(4, 32, (rows,), generator=g)
-    mask = torch.zeros_like(clean, dtype=torch.bool)
-    mask[:, 5:] = True
-    a = chg_lens.TaskDataset.from_tokens(clean, mask, name="clean")
-    b = chg_lens.TaskDataset.from_tokens(corrupted, mask, name="corrupted")
-    a.row_meta["answers"] = torch.randint(4, 32, (rows, 2), generator=g).tolist()
-    return a, b
+    """Random pairs; only the clean rows have answers (the corrupted rows' answers are optional)."""
+    return random_pair(seed, rows, width, corrupted_answers=False)
 
 
 def test_patching_identities(tiny_model):
