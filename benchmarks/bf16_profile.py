@@ -7,7 +7,7 @@ threads the script prints:
 * seconds per update (median of ``--repeats``) and the achieved GFLOP/s of the useful work (forward +
   backward to the gates through every block at every token, unembedding at targets only: the same
   count as ``compare_reference.update_flops``) against this CPU's measured bf16 and float32 matrix
-  product rates at the same thread count (a 1024^3 product, best of 5);
+  product rates at the same thread count (``compare_reference.matmul_gflops``: a 1024^3 product, best of 5);
 * a torch.profiler breakdown of one update by kind of op: matrix products, attention, norms,
   dtype casts and copies, element-wise, and the rest (hooks, Python), with their share.
 
@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from compare_reference import matmul_gflops  # this CPU's 1024^3 product rate, the one the reference benchmark prints
+
 KINDS = {
     "matmul": ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "_mkldnn", "mkldnn"),
     "attention": ("scaled_dot_product", "softmax", "_softmax", "flash"),
@@ -43,21 +45,6 @@ def kind_of(name: str) -> str:
         if any(op == k or op.startswith(k + "_") or op.startswith(k) for k in keys):
             return kind
     return "other"
-
-
-def matmul_rate(threads: int, n: int = 1024) -> dict[str, float]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    out = {}
-    try:
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            a @ b
-            best = min((lambda t0: (a @ b, time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))
-            out[name] = 2 * n ** 3 / best / 1e9
-    finally:
-        torch.set_num_threads(old)
-    return out
 
 
 def useful_flops(model, tokens: torch.Tensor, mask: torch.Tensor, n_cfg: int) -> float:
@@ -108,7 +95,7 @@ def main() -> None:
                 update()
                 times.append(time.perf_counter() - t0)
             s = statistics.median(times)
-            rate = matmul_rate(threads)
+            rate = matmul_gflops(threads)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 update()
             by_kind: dict[str, float] = {}
