@@ -658,7 +658,7 @@ def cached(folder: str | os.PathLike, key: dict[str, Any] | None, fn: Callable[[
         if want is not None:
             differs = [k for k in {**stored, **want} if stored.get(k) != want.get(k)]
             if differs:
-                raise ValueError(f"{folder} holds a {result.kind!r} result made with other settings "
+                raise ValueError(f"{folder} holds a result of kind {result.kind!r} made with other settings "
                                  f"({', '.join(differs)}): use another output folder, or delete that one to recompute")
         return result
     folder.mkdir(parents=True, exist_ok=True)

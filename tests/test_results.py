@@ -26,7 +26,7 @@ def test_cached_fits_once_then_loads_and_refuses_other_settings(tmp_path):
     assert isinstance(again, AblationResult)
     pd.testing.assert_frame_equal(again.frame, first.frame)
     assert again.meta["cache_key"] == {"tasks": ["a", "b"], "updates": 4}
-    with pytest.raises(ValueError, match=r"other settings \(updates\)"):
+    with pytest.raises(ValueError, match=r"holds a result of kind 'ablation' made with other settings \(updates\)"):
         cached(tmp_path / "fit", {"updates": 5, "tasks": ["a", "b"]}, fit)
     assert len(calls) == 1
 
